@@ -1,0 +1,132 @@
+"""`colodiffusion train | sample | eval`: thin argument parsing over the modules.
+
+A user mistake (bad config key, missing path) prints one sentence and exits with code 2; no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# transformers warns at import about optional image processors we never use.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from colodiffusion.config import ConfigError  # noqa: E402
+
+
+class UsageError(ConfigError):
+    """A bad command-line argument (exit code 2)."""
+
+
+def _threads():
+    # Small CPU runs are dominated by thread overhead past the physical cores.
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+
+
+def cmd_train(args) -> int:
+    from colodiffusion.config import load_config
+    from colodiffusion.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    _threads()
+    run_dir = train(cfg)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from colodiffusion.generate import generate, load_pipeline, make_grid
+
+    _threads()
+    pipe = _load(args.model)
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    images = generate(pipe, prompts, seeds, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                      height=args.height, width=args.width)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, prompt) in enumerate(zip(images, prompts)):
+        img.save(out / f"{i:05d}.png")
+    make_grid(images, cols=args.n).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from colodiffusion.evaluate import evaluate_model
+
+    _threads()
+    pipe = _load(args.model)
+    result = evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps, guidance=args.guidance,
+                            sampler=args.sampler, out_dir=args.out)
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:>16}: {v}")
+    print(json.dumps(result))
+    return 0
+
+
+def _load(model: str):
+    from colodiffusion.generate import load_pipeline
+
+    try:
+        return load_pipeline(model)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{exc}.") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from colodiffusion.diffusion.samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(prog="colodiffusion", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a latent diffusion model (default: tiny model on shapes)")
+    t.add_argument("-c", "--config", help="YAML recipe (only the values that differ from the defaults)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a trained model")
+    s.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")
+    s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--sampler", default="dpm++", choices=sorted(SAMPLERS))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--out", default="samples")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="score a model on held-out shape prompts")
+    e.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")
+    e.add_argument("--json", action="store_true", help="print only the JSON result line")
+    e.add_argument("--per-combo", type=int, default=4, help="images per colour x shape combination")
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=4.0)
+    e.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    e.add_argument("--out", help="also save the generated images here")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""SD's DDPM noise schedule (from diffusers) and the quantities the objectives need."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+
+def build_noise_scheduler(cfg, prediction_type: str) -> DDPMScheduler:
+    """The training schedule; also written into exported pipelines so samplers use the same betas."""
+    d = cfg.diffusion
+    return DDPMScheduler(
+        num_train_timesteps=d.num_train_timesteps,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        beta_schedule=d.beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def alphas_cumprod(scheduler: DDPMScheduler) -> torch.Tensor:
+    return scheduler.alphas_cumprod.to(torch.float32)

@@ -1,0 +1,122 @@
+"""Named model presets: each a few lines of diffusers/transformers configs (DiT's `DiT_models` habit).
+
+A preset builds three modules: the denoising UNet (trained), the CLIP text encoder and the KL
+autoencoder (both frozen). Nothing here touches weights on disk: see `models/io.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+@dataclass(frozen=True)
+class Preset:
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    vae: dict[str, Any]
+    prediction_type: str = "epsilon"
+    scaling_factor: float = 0.18215
+    resolution: int = 512
+    needs_pretrained_tokenizer: bool = True
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+
+PRESETS: dict[str, Preset] = {
+    # CPU-sized: ~4M-parameter UNet on 16x16x4 latents of 64 px images (f4 VAE), 2-layer CLIP.
+    "tiny": Preset(
+        unet=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=128,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        ),
+        text_encoder=dict(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=24, projection_dim=128, vocab_size=1024,
+        ),
+        vae=dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        ),
+        scaling_factor=1.0,  # measured from the data when the first stage is trained
+        resolution=64,
+        needs_pretrained_tokenizer=False,
+    ),
+    # SD 1.x: 860M UNet, CLIP ViT-L/14 text encoder (768-d context), f8 VAE.
+    "sd15": Preset(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        text_encoder=dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        ),
+        vae=_SD_VAE,
+    ),
+    # SD 2.x (768-v): linear-projection transformers, OpenCLIP ViT-H text tower (1024-d, penultimate
+    # layer, hence 23 layers), v-prediction.
+    "sd2": Preset(
+        unet=dict(
+            sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        ),
+        text_encoder=dict(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+        ),
+        vae=dict(_SD_VAE, sample_size=768),
+        prediction_type="v_prediction",
+        resolution=768,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset '{name}'; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_unet(preset: Preset) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**preset.unet)
+
+
+def build_text_encoder(preset: Preset, vocab_size: int | None = None) -> CLIPTextModel:
+    kwargs = dict(preset.text_encoder)
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    # eos_token_id 1 matches the offline tokenizer's "<|endoftext|>" (pooled output picks it).
+    return CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=0, eos_token_id=1 if vocab_size else 49407))
+
+
+def build_vae(preset: Preset) -> AutoencoderKL:
+    return AutoencoderKL(**preset.vae, scaling_factor=preset.scaling_factor)
+
+
+BUILDERS: dict[str, Callable] = {"unet": build_unet, "text_encoder": build_text_encoder, "vae": build_vae}

@@ -1,0 +1,39 @@
+"""An offline CLIP tokenizer for the tiny preset.
+
+Real SD checkpoints ship their CLIP BPE vocabulary; the tiny preset has none and must not download
+one. We train a byte-level BPE with CLIP's exact pre-tokenization and `</w>` end-of-word suffix on
+the dataset's captions, so the result is a genuine `CLIPTokenizer` that diffusers pipelines load.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from tokenizers import pre_tokenizers, trainers
+from transformers import CLIPTokenizer
+
+SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_length: int = 24) -> CLIPTokenizer:
+    """Train a CLIP-compatible BPE vocabulary on `texts` (deterministic for the same texts)."""
+    base = CLIPTokenizer(vocab={s: i for i, s in enumerate(SPECIALS)}, merges=[])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend = base.backend_tokenizer
+    backend.train_from_iterator(list(texts), trainer=trainer)
+    vocab = backend.get_vocab()
+    # Every byte must also exist as a word-final symbol, as in CLIP's vocabulary, so any text encodes.
+    for ch in sorted(alphabet):
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = max_length
+    return tok

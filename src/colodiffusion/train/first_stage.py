@@ -1,0 +1,49 @@
+"""First stage: train the tiny preset's KL autoencoder on the data, then measure its latent scale.
+
+SD's 0.18215 is 1 / std of its VAE's latents on its data; we measure ours the same way so that
+scaled latents have unit variance, which the noise schedule assumes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm import tqdm
+
+from colodiffusion.data.loader import ResumableLoader
+
+
+def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, show_progress: bool = True) -> AutoencoderKL:
+    fs = cfg.first_stage
+    vae = vae.to(device).train()
+    gen = torch.Generator(device).manual_seed(cfg.train.seed + 17)
+    opt = torch.optim.AdamW(vae.parameters(), lr=fs.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / max(1, fs.steps)) ** 0.5)
+    loader = ResumableLoader(dataset, fs.batch_size, seed=cfg.train.seed + 1)
+    bar = tqdm(range(fs.steps), desc="first stage (autoencoder)", disable=not show_progress, mininterval=1.0)
+    for _ in bar:
+        x = next(loader)["pixel_values"].to(device)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=gen)).sample
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        loss = rec + fs.kl_weight * dist.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if bar.n % 25 == 0:
+            bar.set_postfix(recon=f"{rec.item():.4f}", refresh=False)
+    vae.eval()
+    vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, fs.scale_samples, device, gen))
+    return vae.cpu()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, dataset, n: int, device, gen) -> float:
+    loader = ResumableLoader(dataset, min(64, n, len(dataset)), seed=12345)
+    zs, seen = [], 0
+    while seen < min(n, len(dataset)):
+        x = next(loader)["pixel_values"].to(device)
+        zs.append(vae.encode(x).latent_dist.sample(generator=gen).float().cpu())
+        seen += x.shape[0]
+    return float(1.0 / torch.cat(zs).std())

@@ -1,0 +1,241 @@
+"""The training loop: config -> (data, models, backend) -> steps -> checkpoints, metrics, samples -> final/.
+
+Read it top to bottom: `train` builds everything with `build_*` helpers, restores a checkpoint if
+asked, then runs `train_step` until `train.max_steps`. The only host syncs are at the logging
+interval (loss and grad norm are accumulated on the device in between).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from colodiffusion.config import Config, ConfigError, to_yaml
+from colodiffusion.data import build_dataset, caption_corpus
+from colodiffusion.data.loader import ResumableLoader
+from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
+from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
+from colodiffusion.models import Components, build_components, encode_images, encode_prompts
+from colodiffusion.parallel import Backend, build_backend
+from colodiffusion.train import checkpoint
+from colodiffusion.train.first_stage import train_autoencoder
+from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
+from colodiffusion.train.telemetry import Telemetry
+
+
+@dataclass
+class State:
+    """Everything the loop mutates; `checkpoint_state` / `restore` round-trip it exactly."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: Optional[EMA]
+    loader: ResumableLoader
+    noise_gen: torch.Generator  # timesteps, noise, VAE posterior samples (on the device)
+    data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def train(cfg: Config) -> Path:
+    backend = build_backend(cfg)
+    try:
+        run_dir = prepare_run_dir(cfg, backend)
+        dataset = build_dataset(cfg)
+        comps = build_model(cfg, backend, run_dir, dataset)
+        state = build_state(cfg, backend, comps, dataset)
+        resume(cfg, backend, state, run_dir)
+        run_loop(cfg, backend, comps, state, run_dir)
+        export_final(cfg, backend, comps, state, run_dir)
+        backend.barrier()
+        return run_dir
+    finally:
+        backend.shutdown()
+
+
+def prepare_run_dir(cfg: Config, backend: Backend) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if backend.is_main:
+        for sub in ("", "checkpoints", "samples"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    backend.barrier()
+    return run_dir
+
+
+def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:
+    """The main rank builds (and for tiny, trains) the frozen parts first; the others then load them."""
+    def make(show: bool) -> Components:
+        return build_components(
+            cfg, run_dir / "components",
+            captions=lambda: caption_corpus(cfg, dataset),
+            train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, backend.device, show_progress=show),
+        )
+
+    comps = make(True) if backend.is_main else None
+    backend.barrier()
+    if comps is None:
+        comps = make(False)
+    comps.text_encoder.to(backend.device)
+    comps.vae.to(backend.device)
+    if cfg.model.gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    return comps
+
+
+def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> State:
+    t = cfg.train
+    per_rank = t.batch_size // backend.dp_size
+    if t.batch_size % backend.dp_size or per_rank % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must split evenly over {backend.dp_size} data-parallel rank(s) "
+            f"and train.grad_accum ({t.grad_accum}) micro-batches."
+        )
+    model, optimizer = backend.prepare(comps.unet, lambda params: build_optimizer(params, cfg, backend.device))
+    ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
+    loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
+                             world_size=backend.dp_size, num_workers=cfg.data.num_workers)
+    noise_gen = torch.Generator(backend.device).manual_seed(t.seed * 7919 + 1 + backend.dp_rank)
+    data_gen = torch.Generator("cpu").manual_seed(t.seed * 7919 + 2 + backend.dp_rank)
+    return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen)
+
+
+def checkpoint_state(backend: Backend, s: State) -> tuple[dict, dict]:
+    tensors = {"unet": backend.model_state_dict(s.model)}
+    if s.ema is not None:
+        tensors["ema"] = s.ema.state_dict()
+    state = {
+        "step": s.step,
+        "optimizer": backend.optimizer_state_dict(s.model, s.optimizer),
+        "lr_scheduler": s.lr_scheduler.state_dict(),
+        "loader": s.loader.state_dict(),
+        "noise_gen": s.noise_gen.get_state(),
+        "data_gen": s.data_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "backend": backend.extra_state(),
+    }
+    return tensors, state
+
+
+def restore(backend: Backend, s: State, tensors: dict, state: dict) -> None:
+    backend.load_model_state_dict(s.model, tensors["unet"])
+    if s.ema is not None:
+        s.ema.load_state_dict(tensors.get("ema") or tensors["unet"])
+    backend.load_optimizer_state_dict(s.model, s.optimizer, state["optimizer"])
+    s.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    s.loader.load_state_dict(state["loader"])
+    s.noise_gen.set_state(state["noise_gen"])
+    s.data_gen.set_state(state["data_gen"])
+    torch.set_rng_state(state["torch_rng"])
+    backend.load_extra_state(state["backend"])
+    s.step = int(state["step"])
+
+
+def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
+    if not cfg.train.resume:
+        return
+    path = checkpoint.find_latest(run_dir / "checkpoints") if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is None:
+        if backend.is_main:
+            print(f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+        return
+    try:
+        tensors, state = checkpoint.load(path)
+    except Exception as exc:
+        raise ConfigError(f"cannot resume from '{path}': {exc}.") from None
+    restore(backend, s, tensors, state)
+    if backend.is_main:
+        print(f"resumed from {path} at step {s.step}")
+
+
+def save_checkpoint(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
+    tensors, state = checkpoint_state(backend, s)
+    if backend.is_main:
+        checkpoint.save(run_dir / "checkpoints", s.step, tensors, state, keep=cfg.train.keep_checkpoints)
+    backend.barrier()
+
+
+def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: State) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm) as device tensors."""
+    accum = cfg.train.grad_accum
+    total = torch.zeros((), device=backend.device)
+
+    def unet_fn(x_t, t, context):
+        return s.model(x_t, t, context).sample
+
+    for _ in range(accum):
+        batch = next(s.loader)
+        captions = drop_captions(batch["caption"], cfg.diffusion.caption_dropout, s.data_gen)
+        context = encode_prompts(comps.tokenizer, comps.text_encoder, captions, backend.device)
+        latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
+        with backend.autocast():
+            loss = objective.loss(unet_fn, latents, context.float(), s.noise_gen) / accum
+        backend.backward(loss)
+        total += loss.detach()
+    grad_norm = backend.step(s.model, s.optimizer, cfg.train.grad_clip)
+    s.lr_scheduler.step()
+    s.step += 1
+    if s.ema is not None:
+        s.ema.update(backend.unwrap(s.model).parameters(), s.step)
+    return total, grad_norm
+
+
+def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+    t = cfg.train
+    objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
+    tel = Telemetry(run_dir, t.max_steps, s.step, enabled=backend.is_main)
+    s.model.train()
+    loss_sum = torch.zeros((), device=backend.device)
+    n, t0 = 0, time.perf_counter()
+    while s.step < t.max_steps:
+        loss, grad_norm = train_step(cfg, backend, comps, objective, s)
+        loss_sum += loss
+        n += 1
+        tel.advance()
+        if s.step % t.log_every == 0 or s.step == t.max_steps:
+            mean = backend.all_reduce_mean(loss_sum / n)
+            dt = time.perf_counter() - t0
+            tel.log(s.step, {"loss": mean.item(), "lr": s.lr_scheduler.get_last_lr()[0],
+                             "grad_norm": float(grad_norm), "samples_per_s": n * t.batch_size / dt,
+                             "epoch": s.loader.epoch})
+            loss_sum.zero_()
+            n, t0 = 0, time.perf_counter()
+        if t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
+            save_checkpoint(cfg, backend, s, run_dir)
+        if t.sample_every and (s.step % t.sample_every == 0 or s.step == t.max_steps):
+            write_samples(cfg, backend, comps, s, run_dir)
+    tel.close()
+
+
+def inference_unet(backend: Backend, comps: Components, s: State) -> torch.nn.Module:
+    """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA)."""
+    unet = copy.deepcopy(backend.unwrap(s.model)).eval()
+    if s.ema is not None:
+        s.ema.copy_to(unet.named_parameters())
+    return unet
+
+
+def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+    if not backend.is_main:
+        return
+    sc = cfg.sample
+    unet = inference_unet(backend, comps, s)
+    pipe = make_pipeline(comps.tokenizer, comps.text_encoder, comps.vae, unet, comps.noise_scheduler)
+    seeds = [sc.seed + i for i in range(len(sc.prompts))]
+    images = generate(pipe, sc.prompts, seeds, steps=sc.steps, guidance=sc.guidance, sampler=sc.sampler)
+    make_grid(images, cols=len(images)).save(run_dir / "samples" / f"step_{s.step:08d}.png")
+    del pipe, unet
+    s.model.train()
+
+
+def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+    if not backend.is_main:
+        return
+    unet = inference_unet(backend, comps, s)
+    export_diffusers(run_dir / "final", comps.tokenizer, comps.text_encoder, comps.vae, unet, comps.noise_scheduler)
+    print(f"final model (EMA weights) written to {run_dir / 'final'}")
