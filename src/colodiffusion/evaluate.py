@@ -267,3 +267,28 @@ def score(images: Sequence, targets: Sequence[tuple[str, str]]) -> dict:
         both += got_color == color and got_shape == shape
     div = max(n, 1)
     return {"prompt_accuracy": both / div, "color_accuracy": col / div, "shape_accuracy": shp / div, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving a model: generate the held-out prompts and judge the images.
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_model(pipe, per_combo: int = 4, steps: int = 25, guidance: float = 4.0, sampler: str = "ddim",
+                   out_dir: str | None = None) -> dict:
+    """Generate one image per held-out prompt (wordings, positions and seeds never used in
+    training) and score colour and shape with the pixel judge."""
+    from colodiffusion.data.shapes import eval_prompts
+    from colodiffusion.generate import generate, make_grid
+
+    items = eval_prompts(per_combo)
+    images = generate(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], steps=steps,
+                      guidance=guidance, sampler=sampler)
+    if out_dir:
+        from pathlib import Path
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=per_combo * 3).save(Path(out_dir) / "eval_grid.png")
+    result = score(images, [(it["color"], it["shape"]) for it in items])
+    result.update(steps=steps, guidance=guidance, sampler=sampler)
+    return result

@@ -8,11 +8,13 @@ checkpoints. `single` is one process; the distributed backends live in their own
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from colodiffusion.config import Config
+from colodiffusion.train import checkpoint
 
 
 class Backend:
@@ -78,18 +80,36 @@ class Backend:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    # -- checkpoint state ---------------------------------------------------------------------
-    def model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # -- checkpoints ----------------------------------------------------------------------------
+    # `save` is called on every rank with the same temporary folder; `shared` is identical on all
+    # ranks (written once), `per_rank` differs (RNG streams) and is written by each rank.
+    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict) -> None:
+        if self.is_main:
+            checkpoint.save_tensors(folder / "unet.safetensors", self.unwrap(model).state_dict())
+            if ema is not None:
+                checkpoint.save_tensors(folder / "ema.safetensors", ema)
+            torch.save({**shared, "optimizer": optimizer.state_dict(), "backend": self.extra_state()},
+                       folder / "state.pt")
+        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+
+    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
+        """Restore model, optimizer and EMA (in place); return (shared, per_rank) state."""
+        self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
+        if ema is not None:
+            ema_file = folder / "ema.safetensors"
+            src = checkpoint.load_tensors(ema_file if ema_file.exists() else folder / "unet.safetensors")
+            for k, v in ema.items():
+                v.copy_(src[k])
+        shared = checkpoint.load_state(folder / "state.pt")
+        optimizer.load_state_dict(shared.pop("optimizer"))
+        self.load_extra_state(shared.pop("backend", {}))
+        rank_file = folder / f"rank_{self.rank}.pt"
+        per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
+        return shared, per_rank
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Full (unsharded) UNet weights for export; meaningful on the main rank."""
         return self.unwrap(model).state_dict()
-
-    def load_model_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self.unwrap(model).load_state_dict(state)
-
-    def optimizer_state_dict(self, model, optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_optimizer_state_dict(self, model, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
 
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

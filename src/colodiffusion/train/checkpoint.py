@@ -1,6 +1,7 @@
-"""Checkpoints as folders: `<name>.safetensors` weights plus `state.pt` (optimizer, RNG, data
-position, schedule), written to a temporary folder, fsynced and renamed into place, so a crash
-mid-write never leaves a half checkpoint under a real name. `latest` names the newest one.
+"""Checkpoints as folders, written to a temporary folder by the backend (every rank writes its
+part), fsynced and renamed into place, so a crash mid-write never leaves a half checkpoint under a
+real name. `latest` names the newest one. What goes inside is the backend's business: the single
+process writes `unet.safetensors`, `ema.safetensors`, `state.pt` and one `rank_<r>.pt` per rank.
 State files are read with `torch.load(weights_only=True)`: loading never runs code.
 """
 
@@ -10,7 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,28 +35,45 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def save(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
-         keep: int) -> Path:
-    """Write checkpoint `root/step_XXXXXXXX`; keep the newest `keep` complete ones."""
-    root.mkdir(parents=True, exist_ok=True)
+def save(root: Path, step: int, write: Callable[[Path], None], keep: int, is_main: bool = True,
+         barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write checkpoint `root/step_XXXXXXXX` through `write(folder)` (called on every rank, into
+    one temporary folder), then publish it atomically; keep the newest `keep` complete ones."""
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write(tmp)
+    barrier()
+    if is_main:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def load_state(path: Path) -> Any:
+    """Read a `.pt` state file without executing code (tensors, numbers, strings, containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -69,10 +87,13 @@ def find_latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+def resolve(path: Path) -> Path:
+    """A checkpoint folder, or a run/checkpoints folder whose newest checkpoint is meant."""
     path = Path(path)
-    if not (path / "state.pt").exists():
-        raise FileNotFoundError(f"'{path}' is not a checkpoint folder (no state.pt)")
-    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    return tensors, state
+    if (path / "state.pt").exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = find_latest(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"'{path}' is not a checkpoint folder (no state.pt) and holds no checkpoints")

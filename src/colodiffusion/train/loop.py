@@ -105,59 +105,47 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen)
 
 
-def checkpoint_state(backend: Backend, s: State) -> tuple[dict, dict]:
-    tensors = {"unet": backend.model_state_dict(s.model)}
-    if s.ema is not None:
-        tensors["ema"] = s.ema.state_dict()
-    state = {
-        "step": s.step,
-        "optimizer": backend.optimizer_state_dict(s.model, s.optimizer),
-        "lr_scheduler": s.lr_scheduler.state_dict(),
-        "loader": s.loader.state_dict(),
-        "noise_gen": s.noise_gen.get_state(),
-        "data_gen": s.data_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "backend": backend.extra_state(),
-    }
-    return tensors, state
+def shared_state(s: State) -> dict:
+    return {"step": s.step, "lr_scheduler": s.lr_scheduler.state_dict(), "loader": s.loader.state_dict()}
 
 
-def restore(backend: Backend, s: State, tensors: dict, state: dict) -> None:
-    backend.load_model_state_dict(s.model, tensors["unet"])
-    if s.ema is not None:
-        s.ema.load_state_dict(tensors.get("ema") or tensors["unet"])
-    backend.load_optimizer_state_dict(s.model, s.optimizer, state["optimizer"])
-    s.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    s.loader.load_state_dict(state["loader"])
-    s.noise_gen.set_state(state["noise_gen"])
-    s.data_gen.set_state(state["data_gen"])
-    torch.set_rng_state(state["torch_rng"])
-    backend.load_extra_state(state["backend"])
-    s.step = int(state["step"])
+def rank_state(s: State) -> dict:
+    return {"noise_gen": s.noise_gen.get_state(), "data_gen": s.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state()}
 
 
 def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
     if not cfg.train.resume:
         return
-    path = checkpoint.find_latest(run_dir / "checkpoints") if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    root = run_dir / "checkpoints"
+    path = checkpoint.find_latest(root) if cfg.train.resume == "auto" else Path(cfg.train.resume)
     if path is None:
         if backend.is_main:
-            print(f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+            print(f"train.resume=auto: no checkpoint in {root}, starting from step 0")
         return
     try:
-        tensors, state = checkpoint.load(path)
+        path = checkpoint.resolve(path)
+        shared, per_rank = backend.load(path, s.model, s.optimizer, s.ema.state_dict() if s.ema else None)
     except Exception as exc:
         raise ConfigError(f"cannot resume from '{path}': {exc}.") from None
-    restore(backend, s, tensors, state)
+    s.step = int(shared["step"])
+    s.lr_scheduler.load_state_dict(shared["lr_scheduler"])
+    s.loader.load_state_dict(shared["loader"])
+    if per_rank:
+        s.noise_gen.set_state(per_rank["noise_gen"])
+        s.data_gen.set_state(per_rank["data_gen"])
+        torch.set_rng_state(per_rank["torch_rng"])
     if backend.is_main:
         print(f"resumed from {path} at step {s.step}")
 
 
 def save_checkpoint(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
-    tensors, state = checkpoint_state(backend, s)
-    if backend.is_main:
-        checkpoint.save(run_dir / "checkpoints", s.step, tensors, state, keep=cfg.train.keep_checkpoints)
-    backend.barrier()
+    ema = s.ema.state_dict() if s.ema is not None else None
+    checkpoint.save(
+        run_dir / "checkpoints", s.step,
+        lambda folder: backend.save(folder, s.model, s.optimizer, ema, shared_state(s), rank_state(s)),
+        keep=cfg.train.keep_checkpoints, is_main=backend.is_main, barrier=backend.barrier,
+    )
 
 
 def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: State) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,10 +202,10 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
 
 def inference_unet(backend: Backend, comps: Components, s: State) -> torch.nn.Module:
     """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA)."""
-    unet = copy.deepcopy(backend.unwrap(s.model)).eval()
+    unet = copy.deepcopy(backend.unwrap(s.model))
     if s.ema is not None:
         s.ema.copy_to(unet.named_parameters())
-    return unet
+    return unet.to(backend.device).eval()
 
 
 def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
