@@ -31,6 +31,9 @@ def main(argv=None) -> None:
     from colodiffusion.cli import main as cli_main
 
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    # `-b` takes several words (as the seed's did); key=value words after it are overrides.
+    overrides = [b for b in args.base if "=" in b] + overrides
+    args.base = [b for b in args.base if "=" not in b]
     if not args.train:
         print("error: pass -t to train (the seed's test-only mode is `colodiffusion eval`).", file=sys.stderr)
         sys.exit(2)

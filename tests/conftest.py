@@ -1,0 +1,43 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The smallest run that still exercises every part of the trainer.
+TINY = [
+    "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
+    "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory) -> Path:
+    """Frozen parts (tokenizer, text encoder, first-stage VAE) built once and copied into runs."""
+    import torch
+
+    from colodiffusion.config import load_config
+    from colodiffusion.data import build_dataset, caption_corpus
+    from colodiffusion.models import build_components
+    from colodiffusion.train.first_stage import train_autoencoder
+
+    torch.set_num_threads(2)
+    folder = tmp_path_factory.mktemp("components")
+    cfg = load_config(None, TINY)
+    ds = build_dataset(cfg)
+    build_components(cfg, folder, lambda: caption_corpus(cfg, ds),
+                     lambda vae: train_autoencoder(vae, ds, cfg, torch.device("cpu"), show_progress=False))
+    return folder
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_components) -> Path:
+    """A run folder that already holds the shared frozen components."""
+    d = tmp_path / "run"
+    shutil.copytree(tiny_components, d / "components")
+    return d

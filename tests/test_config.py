@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from colodiffusion.config import ConfigError, load_config, to_yaml
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.max_steps=7", "precision=bf16", "sample.prompts=[a,b]"])
+    assert cfg.train.max_steps == 7 and cfg.precision == "bf16" and cfg.sample.prompts == ["a", "b"]
+    assert cfg.model.preset == "tiny" and cfg.data.source == "shapes"
+
+
+def test_yaml_file_and_roundtrip(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  batch_size: 16\nmodel:\n  preset: tiny\n")
+    cfg = load_config(p, ["train.seed=3"])
+    assert cfg.train.batch_size == 16 and cfg.train.seed == 3
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("train.max_steps=abc", "'train.max_steps'"),
+    ("precision=fp8", "allowed values are: fp32, bf16, fp16"),
+    ("train.lr=-1", "'train.lr'"),
+    ("data.resolution=30", "multiple of 8"),
+    ("model.pretrained=/does/not/exist", "does not exist"),
+    ("data.source=folder", "data.path"),
+    ("train.resume=/no/such/ckpt", "train.resume"),
+    ("train", "key=value"),
+])
+def test_bad_input_is_one_sentence(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match="train.batchsize.*bad.yaml"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train.max_stepz=3"], "train.max_stepz"),
+    (["train.batch_size=many"], "train.batch_size"),
+    (["data.source=folder", "data.path=/nonexistent/folder"], "data.path"),
+    (["-c", "/nonexistent.yaml"], "does not exist"),
+])
+def test_cli_exits_2_without_traceback(tmp_path, args, fragment):
+    out = subprocess.run([sys.executable, "-m", "colodiffusion", "train", f"run.dir={tmp_path / 'r'}", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert fragment in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists(), "nothing may be written before the config is valid"
