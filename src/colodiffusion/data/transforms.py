@@ -115,7 +115,7 @@ def buckets(resolution: int, max_aspect: float, step: int = 64) -> list[tuple[in
     while w <= resolution * max_aspect:
         h = max(step, int(area / w) // step * step)
         if max(w / h, h / w) <= max_aspect + 1e-6:
-            out.add((w, h))
+            out.update({(w, h), (h, w)})  # landscape and portrait
         w += step
     out.add((resolution, resolution))
     return sorted(out)

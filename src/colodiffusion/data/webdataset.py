@@ -77,31 +77,46 @@ def scan_shard(url: str) -> dict:
         entry["bad"].append({"source": "webdataset", "key": url, "reason": "unreadable_shard", "detail": str(exc)[:200]})
         return entry
     samples: dict[str, dict] = {}
-    expected = 0  # where the next header should start; a jump means skipped (corrupt) blocks
-    try:
-        with f, tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tf:
-            for m in tf:
-                if m.offset > expected:
-                    entry["bad"].append({"source": "webdataset", "key": f"{url}@{expected}", "reason": "corrupt_tar",
-                                         "detail": f"unreadable tar header(s) at bytes {expected}-{m.offset}"})
-                expected = m.offset_data + (m.size + 511) // 512 * 512
-                if not m.isfile():
-                    continue
-                match = _KEY_EXT.match(m.name)
-                if not match:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                complete = m.offset_data + m.size <= size
-                samples.setdefault(key, {})[ext] = [m.offset_data, m.size if complete else -1]
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        if not samples:
-            entry["bad"].append({"source": "webdataset", "key": url, "reason": "unreadable_shard",
-                                 "detail": str(exc)[:200]})
-            return entry
-        entry["bad"].append({"source": "webdataset", "key": f"{url}@{expected}", "reason": "corrupt_tar",
-                             "detail": str(exc)[:200]})
+    expected, pos = 0, 0  # expected: where the next header should start; a jump means skipped blocks
+    with f:
+        while pos is not None:
+            try:
+                f.seek(pos)
+                for m in tarfile.open(fileobj=f, mode="r:", ignore_zeros=True):
+                    if m.offset > expected:
+                        entry["bad"].append(_corrupt(url, expected, f"unreadable tar header(s) at bytes {expected}-{m.offset}"))
+                    expected = m.offset_data + (m.size + 511) // 512 * 512
+                    match = _KEY_EXT.match(m.name)
+                    if m.isfile() and match:
+                        complete = m.offset_data + m.size <= size
+                        samples.setdefault(match.group(1), {})[match.group(2).lower()] = [m.offset_data, m.size if complete else -1]
+                pos = None
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                if pos == 0 and not samples and expected == 0:
+                    entry["bad"].append({"source": "webdataset", "key": url, "reason": "unreadable_shard",
+                                         "detail": str(exc)[:200]})
+                    return entry
+                entry["bad"].append(_corrupt(url, expected, str(exc)[:200]))
+                pos = _next_header(f, max(expected, pos) + 512, size)  # resynchronise on the next good header
+                expected = pos or size
     entry["samples"] = [[k, v] for k, v in samples.items()]
     return entry
+
+
+def _corrupt(url: str, offset: int, detail: str) -> dict:
+    return {"source": "webdataset", "key": f"{url}@{offset}", "reason": "corrupt_tar", "detail": detail}
+
+
+def _next_header(f, pos: int, size: int) -> Optional[int]:
+    """The offset of the next block that parses as a tar header (checksum included), or None."""
+    while pos + 512 <= size:
+        f.seek(pos)
+        try:
+            tarfile.TarInfo.frombuf(f.read(512), tarfile.ENCODING, "surrogateescape")
+            return pos
+        except tarfile.HeaderError:
+            pos += 512
+    return None
 
 
 def build_index(urls: list[str], cache_file: Optional[Path], threads: int = 16) -> list[dict]:
