@@ -41,6 +41,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from colodiffusion.config import load_config
+    from colodiffusion.data.cache import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise UsageError("--shard-size and --batch-size must be at least 1.")
+    _threads()
+    out = build_cache(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"latent cache: {out} (train from it with data.source=latents data.path={out})")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from colodiffusion.generate import generate, load_pipeline, make_grid
 
@@ -92,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML recipe (only the values that differ from the defaults)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("cache", help="precompute VAE latents and text embeddings (parallel under torchrun, resumable)")
+    c.add_argument("-c", "--config", help="YAML recipe: the data.* and model.* of the training run")
+    c.add_argument("--out", required=True, help="cache folder (train with data.source=latents data.path=OUT)")
+    c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    c.add_argument("--batch-size", type=int, default=32, help="images per VAE/text-encoder forward")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=webdataset")
+    c.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("sample", help="generate images from a trained model")
     s.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")

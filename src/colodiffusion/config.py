@@ -80,10 +80,12 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = choice("shapes", "shapes", "folder")
-    """Where training images come from: built-in synthetic shapes, or a folder of images + .txt captions."""
+    source: str = choice("shapes", "shapes", "folder", "webdataset", "parquet", "latents")
+    """Where training images come from: built-in synthetic shapes, a folder of images + .txt captions (or
+    captions.jsonl/csv), webdataset tar shards, parquet files, or a latent cache made by `colodiffusion cache`."""
     path: Optional[str] = None
-    """Dataset location for sources that read files (folder)."""
+    """Dataset location: a folder; tar shards as a brace pattern (shards/{00000..00099}.tar), folder or
+    fsspec URL (s3://...); parquet file(s) or folder; or the latent cache folder."""
     resolution: int = 64
     """Square training resolution in pixels (latents are resolution / VAE factor)."""
     num_samples: int = 20000
@@ -91,7 +93,33 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes (0 reads in the training process)."""
     random_flip: bool = False
-    """Random horizontal flips (folder source)."""
+    """Random horizontal flips (image sources; seeded by seed, epoch and sample)."""
+    crop: str = choice("center", "center", "random")
+    """Crop after resizing the short side: center, or random (seeded by seed, epoch and sample)."""
+    min_size: int = 0
+    """Skip (and count) images whose shorter side is below this many pixels; 0 keeps all."""
+    max_aspect: float = 0.0
+    """Skip (and count) images with long/short side ratio above this; 0 keeps all."""
+    max_punsafe: Optional[float] = None
+    """Skip samples whose metadata punsafe (LAION NSFW score) is above this; null keeps all."""
+    max_pwatermark: Optional[float] = None
+    """Skip samples whose metadata pwatermark (LAION watermark score) is above this; null keeps all."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels are decompression bombs: skipped as bad samples (Pillow's default limit)."""
+    bucketing: bool = False
+    """Aspect-ratio bucketing: each batch has one shape, about resolution^2 pixels, sides multiples of 64."""
+    bucket_max_aspect: float = 2.0
+    """Most elongated bucket (long/short side) when bucketing."""
+    image_column: str = "image"
+    """Parquet column with the encoded image bytes (or a {bytes, path} struct)."""
+    caption_column: str = "caption"
+    """Parquet column with the caption text."""
+    shuffle: str = choice("sample", "sample", "block")
+    """Shuffle all samples (sample), or shards/row groups then samples within them (block: local reads)."""
+    max_bad_fraction: float = 0.01
+    """Stop the run when more than this fraction of the samples read are bad (they are skipped below it)."""
+    index_dir: Optional[str] = None
+    """Where the webdataset tar index is cached; null: RUN_DIR/data_index."""
 
 
 @dataclass
@@ -194,6 +222,11 @@ _RANGES = {
     "data.resolution": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, at least 8"),
     "data.num_samples": (lambda v: v >= 1, "a whole number >= 1"),
     "data.num_workers": (lambda v: v >= 0, "a whole number >= 0"),
+    "data.min_size": (lambda v: v >= 0, "a whole number >= 0"),
+    "data.max_aspect": (lambda v: v == 0 or v >= 1, "0 (off) or a ratio >= 1"),
+    "data.bucket_max_aspect": (lambda v: v >= 1, "a ratio >= 1"),
+    "data.max_image_pixels": (lambda v: v >= 1, "a whole number >= 1"),
+    "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "diffusion.caption_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "diffusion.offset_noise": (lambda v: v >= 0, "a number >= 0"),
     "diffusion.min_snr_gamma": (lambda v: v is None or v > 0, "a number > 0 or null"),
@@ -263,6 +296,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions.")
         if not Path(cfg.data.path).is_dir():
             raise ConfigError(f"config key 'data.path' points to '{cfg.data.path}', which is not a folder.")
+    if cfg.data.source in ("webdataset", "parquet", "latents") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (see docs/data.md).")
+    if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
+        raise ConfigError(f"data.path '{cfg.data.path}' is not a finished latent cache (no manifest.json); "
+                          "make one with `colodiffusion cache`.")
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")

@@ -13,13 +13,34 @@ def build_dataset(cfg: Config) -> Dataset:
         from colodiffusion.data.shapes import ShapesDataset
 
         return ShapesDataset(d.num_samples, resolution=d.resolution, seed=cfg.train.seed)
+    try:
+        return _build_files_dataset(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc).rstrip(".") + ".") from None
+
+
+def _build_files_dataset(cfg: Config) -> Dataset:
+    from colodiffusion.data.transforms import ImageTransform
+
+    d = cfg.data
+    if d.source == "latents":
+        from colodiffusion.data.latents import LatentDataset
+
+        return LatentDataset(d.path)
+    transform = ImageTransform.from_config(cfg)
     if d.source == "folder":
         from colodiffusion.data.folder import FolderDataset
 
-        try:
-            return FolderDataset(d.path, d.resolution, d.random_flip)
-        except ValueError as exc:
-            raise ConfigError(str(exc) + ".") from None
+        return FolderDataset(d.path, transform)
+    if d.source == "webdataset":
+        from colodiffusion.data.webdataset import WebDataset, index_file_for
+
+        index_file = index_file_for(d.index_dir or cfg.run.dir + "/data_index", d.path)
+        return WebDataset(d.path, transform, index_file)
+    if d.source == "parquet":
+        from colodiffusion.data.parquet import ParquetDataset
+
+        return ParquetDataset(d.path, transform, d.image_column, d.caption_column)
     raise ConfigError(f"data.source '{d.source}' is not supported.")
 
 

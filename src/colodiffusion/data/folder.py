@@ -1,50 +1,79 @@
-"""A folder of images with same-name .txt captions (a.jpg + a.txt)."""
+"""A folder of images with captions: same-name .txt files (a.jpg + a.txt), or a captions.jsonl /
+captions.csv beside the images (fields: file name relative to that file's folder, and caption).
+
+Images are found by extension (.jpg .jpeg .png .webp .bmp) but decoded by content; a file that
+is empty, truncated, not an image, or has no readable caption is a bad sample (skipped, listed).
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from colodiffusion.data.source import ImageSource
+from colodiffusion.data.transforms import IMAGE_EXTS, BadSample, ImageTransform
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-
-
-def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, center-crop, scale to [-1, 1] CHW float32."""
-    img = img.convert("RGB")
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+CAPTION_FIELDS = ("caption", "text", "prompt")
+FILE_FIELDS = ("file", "file_name", "image", "path")
 
 
-class FolderDataset(Dataset):
-    def __init__(self, path: str, resolution: int, random_flip: bool = False):
-        self.root, self.resolution, self.random_flip = Path(path), resolution, random_flip
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+def _pick(row: dict, names: tuple[str, ...]) -> Optional[str]:
+    return next((row[n] for n in names if n in row and row[n] is not None), None)
+
+
+def read_caption_table(table: Path) -> dict[Path, str]:
+    """{image path: caption} from a captions.jsonl or captions.csv (paths relative to its folder)."""
+    rows: list[dict] = []
+    if table.suffix == ".jsonl":
+        for n, line in enumerate(table.read_text(encoding="utf-8", errors="replace").splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"line {n + 1} of '{table}' is not JSON") from None
+    else:
+        with open(table, newline="", encoding="utf-8", errors="replace") as f:
+            rows = list(csv.DictReader(f))
+    out = {}
+    for row in rows:
+        name, text = _pick(row, FILE_FIELDS), _pick(row, CAPTION_FIELDS)
+        if name is None:
+            raise ValueError(f"'{table}' needs a file column ({', '.join(FILE_FIELDS)}) on every row")
+        if text is not None:
+            out[(table.parent / name).resolve()] = str(text)
+    return out
+
+
+class FolderDataset(ImageSource):
+    name = "folder"
+
+    def __init__(self, path: str, transform: ImageTransform):
+        super().__init__(transform)
+        self.root = Path(path)
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not self.files:
-            raise ValueError(f"data.path '{path}' holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+            raise ValueError(f"data.path '{path}' holds no images ({', '.join(IMAGE_EXTS)})")
+        self.table: dict[Path, str] = {}
+        for name in ("captions.jsonl", "captions.csv"):
+            for table in sorted(self.root.rglob(name)):
+                self.table.update(read_caption_table(table))
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def caption(self, i: int) -> str:
-        txt = self.files[i].with_suffix(".txt")
-        return txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
+    def key(self, i: int) -> str:
+        return str(self.files[i].relative_to(self.root))
 
-    def __getitem__(self, i: int):
-        with Image.open(self.files[i]) as img:
-            x = to_tensor(img, self.resolution)
-        if self.random_flip and torch.rand(1, generator=torch.Generator().manual_seed(i)).item() < 0.5:
-            x = x.flip(-1)
-        return {"pixel_values": x, "caption": self.caption(i)}
-
-    def captions(self):
-        return [self.caption(i) for i in range(len(self))]
+    def raw(self, i: int):
+        path = self.files[i]
+        try:
+            image = path.read_bytes()
+        except OSError as exc:
+            raise BadSample("unreadable_file", str(exc)[:200]) from None
+        caption = self.table.get(path.resolve())
+        if caption is None:
+            txt = path.with_suffix(".txt")
+            caption = txt.read_bytes() if txt.is_file() else None
+        return image, caption, None

@@ -4,58 +4,156 @@ The sample order is a pure function of (seed, epoch): a seeded permutation, deal
 the data-parallel ranks so that their slices are disjoint. The loader counts the samples it has
 *handed out* (not the ones workers prefetched), so its `state_dict` is the exact position to
 continue from mid-epoch.
+
+Bad samples never stop a run: `SkipBad` replaces a sample that fails to load by the next good index
+(i+1, i+2, ... in dataset order, a pure function of the data), so batches keep their size and resume
+stays exact. The failure travels back with the batch (workers cannot write the run's files); the
+loader counts it by reason, appends it to `bad_log` (RUN_DIR/bad_samples.jsonl) and stops the run
+with one sentence once more than `max_bad_fraction` of the samples dealt were bad.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from colodiffusion.config import ConfigError
+from colodiffusion.data.transforms import BadSample, Filtered
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+MAX_PROBE = 1024  # consecutive unreadable samples before a slot gives up
+MIN_CHECKED = 256  # samples dealt before the bad-sample rate is judged (or one epoch, if shorter)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Optional[list[int]] = None) -> torch.Tensor:
+    """A seeded permutation; with `blocks` (sizes of consecutive runs: shards, row groups) the blocks
+    are shuffled and then the samples within each, so reads stay local to one block at a time."""
     if not shuffle:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    if not blocks:
+        return torch.randperm(n, generator=g)
+    starts = [0]
+    for size in blocks[:-1]:
+        starts.append(starts[-1] + size)
+    parts = [starts[b] + torch.randperm(blocks[b], generator=g) for b in torch.randperm(len(blocks), generator=g).tolist()]
+    return torch.cat(parts)
 
 
-def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> list[int]:
+def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True,
+                 blocks: Optional[list[int]] = None) -> list[int]:
     """This rank's indices for the epoch: disjoint across ranks, together the first
     n - n % world_size samples of the permutation (each rank gets the same count)."""
-    order = epoch_order(n, seed, epoch, shuffle)
+    order = epoch_order(n, seed, epoch, shuffle, blocks)
     usable = n - n % world_size
     return order[:usable][rank::world_size].tolist()
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
+    """Stack tensors, list everything else; `_skips` (bad/filtered records) are gathered per batch."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        values = [s[k] for s in samples]
+        out[k] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class SkipBad(Dataset):
+    """Item i, or if it is bad (or filtered) the next good index with the same bucket."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.epoch = 0
+        self.groups: Optional[list] = None  # bucket per index (aspect-ratio bucketing), else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def record(self, i: int, exc: BadSample) -> dict:
+        key = self.dataset.key(i) if hasattr(self.dataset, "key") else str(i)
+        rec = {"source": getattr(self.dataset, "name", type(self.dataset).__name__), "key": key,
+               "reason": exc.reason, "epoch": self.epoch}
+        if exc.detail:
+            rec["detail"] = exc.detail
+        return rec
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n, bad, filtered = len(self.dataset), [], {}
+        for k in range(min(n, MAX_PROBE)):
+            j = (i + k) % n
+            if k and self.groups is not None and self.groups[j] != self.groups[i]:
+                continue
+            try:
+                sample = dict(self.dataset[j])
+            except BadSample as exc:
+                if k == 0:  # only the slot's own sample is reported: each bad sample once per epoch
+                    bad.append(self.record(j, exc))
+                continue
+            except Filtered as exc:
+                if k == 0:
+                    filtered[exc.reason] = 1
+                continue
+            sample["_skips"] = (bad, filtered)
+            return sample
+        raise RuntimeError(f"{MAX_PROBE} samples in a row from index {i} are unreadable or filtered out")
 
 
 class ResumableLoader:
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, shuffle: bool = True, collate_fn: Callable = collate):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+                 num_workers: int = 0, shuffle: bool = True, collate_fn: Callable = collate,
+                 bad_log: Optional[str | Path] = None, max_bad_fraction: float = 1.0, block_shuffle: bool = False):
+        self.dataset = dataset if isinstance(dataset, SkipBad) else SkipBad(dataset)
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.num_workers, self.shuffle = rank, world_size, num_workers, shuffle
         self.collate_fn = collate_fn
         self.epoch, self.consumed = 0, 0  # consumed: samples of this epoch handed out on this rank
         self._it: Optional[Any] = None
+        self.bad_log, self.max_bad_fraction = (Path(bad_log) if bad_log else None), max_bad_fraction
+        self.bad: Counter = Counter()  # bad samples by reason (cumulative over the run)
+        self.filtered: Counter = Counter()  # samples the filters rejected, by filter
+        self.dealt = 0  # samples dealt on this rank over the run (bad ones included)
+        sizes = getattr(dataset, "block_sizes", None)
+        self.blocks = sizes() if block_shuffle and sizes is not None else None
         if len(dataset) // world_size < batch_size:
             raise ValueError(
                 f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per rank "
                 f"on {world_size} rank(s)"
             )
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of an epoch: whole batches only; with bucketing, each of one bucket."""
+        idx = rank_indices(len(self.dataset), self.seed, epoch, self.rank, self.world_size, self.shuffle, self.blocks)
+        groups, bs = self.dataset.groups, self.batch_size
+        if groups is None:
+            return [idx[k:k + bs] for k in range(0, len(idx) - len(idx) % bs, bs)]
+        batches, queues = [], {}
+        for i in idx:
+            q = queues.setdefault(groups[i], [])
+            q.append(i)
+            if len(q) == bs:
+                batches.append(q)
+                queues[groups[i]] = []
+        return batches
+
     def _start(self):
-        idx = rank_indices(len(self.dataset), self.seed, self.epoch, self.rank, self.world_size, self.shuffle)
-        idx = idx[: len(idx) - len(idx) % self.batch_size][self.consumed:]  # whole batches only
-        self._it = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=idx,
-                                   num_workers=self.num_workers, collate_fn=self.collate_fn,
-                                   persistent_workers=False))
+        source = self.dataset.dataset
+        if getattr(source, "bucketing", False) and self.dataset.groups is None:
+            self.dataset.groups = source.assign_buckets()
+        if self.epoch == 0 and self.consumed == 0 and self.dealt == 0:
+            self._account([(list(getattr(source, "index_bad", [])), {})])
+        self.dataset.set_epoch(self.epoch)
+        batches = self.epoch_batches(self.epoch)[self.consumed // self.batch_size:]
+        self._it = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                   collate_fn=self.collate_fn, persistent_workers=False))
 
     def __iter__(self):
         return self
@@ -70,11 +168,41 @@ class ResumableLoader:
             self._start()
             batch = next(self._it)
         self.consumed += self.batch_size
+        self.dealt += self.batch_size
+        self._account(batch.pop("_skips", ()))
+        extras = getattr(self.dataset.dataset, "batch_extras", None)
+        if extras is not None:
+            batch.update(extras())
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+    def _account(self, skips) -> None:
+        records = [r for bad, filtered in skips for r in bad]
+        for _, filtered in skips:
+            self.filtered.update(filtered)
+        self.bad.update(r["reason"] for r in records)
+        if records and self.bad_log is not None:
+            with open(self.bad_log, "a", encoding="utf-8") as f:  # O_APPEND: one write per line
+                for r in records:
+                    f.write(json.dumps({**r, "rank": self.rank}) + "\n")
+        epoch_len = len(self.dataset) // self.world_size
+        total = sum(self.bad.values())
+        if self.dealt >= min(MIN_CHECKED, epoch_len) and total > self.max_bad_fraction * max(self.dealt, 1):
+            where = f" (listed in {self.bad_log})" if self.bad_log else ""
+            raise ConfigError(
+                f"{total} of the {self.dealt} samples read so far are bad{where}, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}; fix the data or raise the limit.")
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def bad_counts(self) -> dict[str, int]:
+        """Counts for the metrics: bad samples by reason ("bad/<reason>") and filtered ("filtered/<filter>")."""
+        return {**{f"bad/{k}": v for k, v in sorted(self.bad.items())},
+                **{f"filtered/{k}": v for k, v in sorted(self.filtered.items())}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "dealt": self.dealt,
+                "bad": dict(self.bad), "filtered": dict(self.filtered)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.dealt = int(state.get("dealt", 0))
+        self.bad, self.filtered = Counter(state.get("bad", {})), Counter(state.get("filtered", {}))
         self._it = None

@@ -17,6 +17,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError, to_yaml
 from colodiffusion.data import build_dataset, caption_corpus
+from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
 from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
@@ -72,7 +73,7 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     """The main rank builds (and for tiny, trains) the frozen parts first; the others then load them."""
     def make(show: bool) -> Components:
         return build_components(
-            cfg, run_dir / "components",
+            cfg, cached_components(cfg) or run_dir / "components",
             captions=lambda: caption_corpus(cfg, dataset),
             train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, backend.device, show_progress=show),
         )
@@ -81,8 +82,9 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     backend.barrier()
     if comps is None:
         comps = make(False)
-    comps.text_encoder.to(backend.device)
-    comps.vae.to(backend.device)
+    if cfg.data.source != "latents":  # training from the latent cache needs neither on the accelerator
+        comps.text_encoder.to(backend.device)
+        comps.vae.to(backend.device)
     if cfg.model.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     return comps
@@ -99,10 +101,16 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     model, optimizer = backend.prepare(comps.unet, lambda params: build_optimizer(params, cfg, backend.device))
     ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
-                             world_size=backend.dp_size, num_workers=cfg.data.num_workers)
+                             world_size=backend.dp_size, num_workers=cfg.data.num_workers,
+                             bad_log=run_dir_of(cfg) / "bad_samples.jsonl", max_bad_fraction=cfg.data.max_bad_fraction,
+                             block_shuffle=cfg.data.shuffle == "block")
     noise_gen = torch.Generator(backend.device).manual_seed(t.seed * 7919 + 1 + backend.dp_rank)
     data_gen = torch.Generator("cpu").manual_seed(t.seed * 7919 + 2 + backend.dp_rank)
     return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.dir)
 
 
 def shared_state(s: State) -> dict:
@@ -159,8 +167,11 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
     for _ in range(accum):
         batch = next(s.loader)
         captions = drop_captions(batch["caption"], cfg.diffusion.caption_dropout, s.data_gen)
-        context = encode_prompts(comps.tokenizer, comps.text_encoder, captions, backend.device)
-        latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
+        if "latent_mean" in batch:  # from the latent cache: no VAE or text encoder in the step
+            latents, context = latents_and_context(batch, captions, comps.scaling_factor, backend.device, s.noise_gen)
+        else:
+            context = encode_prompts(comps.tokenizer, comps.text_encoder, captions, backend.device)
+            latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
         with backend.autocast():
             loss = objective.loss(unet_fn, latents, context.float(), s.noise_gen) / accum
         backend.backward(loss)
@@ -190,7 +201,7 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             dt = time.perf_counter() - t0
             tel.log(s.step, {"loss": mean.item(), "lr": s.lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm), "samples_per_s": n * t.batch_size / dt,
-                             "epoch": s.loader.epoch})
+                             "epoch": s.loader.epoch, **s.loader.bad_counts()})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
         if t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
@@ -214,9 +225,13 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
     sc = cfg.sample
     unet = inference_unet(backend, comps, s)
     pipe = make_pipeline(comps.tokenizer, comps.text_encoder, comps.vae, unet, comps.noise_scheduler)
+    pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
     seeds = [sc.seed + i for i in range(len(sc.prompts))]
     images = generate(pipe, sc.prompts, seeds, steps=sc.steps, guidance=sc.guidance, sampler=sc.sampler)
     make_grid(images, cols=len(images)).save(run_dir / "samples" / f"step_{s.step:08d}.png")
+    if cfg.data.source == "latents":
+        comps.text_encoder.to("cpu")
+        comps.vae.to("cpu")
     del pipe, unet
     s.model.train()
 

@@ -1,0 +1,212 @@
+"""`colodiffusion cache`: precompute VAE posterior moments and text-encoder outputs once.
+
+The dataset (in its own order, no shuffle) is cut into shards of `shard_size` samples; under
+`torchrun` rank r encodes shards r, r + world, ... Each finished shard is published atomically
+(written to a temporary name, then renamed) with a marker shard-NNNNN.json holding its sample count,
+size and SHA-256. A rerun keeps every shard whose file still matches its marker and recomputes the
+rest, so a cache killed part way resumes where it stopped. Bad samples are skipped (not replaced)
+and listed in CACHE/bad_samples.jsonl. The last step writes manifest.json, which training reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.data.latents import MANIFEST
+from colodiffusion.data.transforms import BadSample, Filtered
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_done(out: Path, k: int) -> bool:
+    """A shard counts as done only if its marker exists and the file matches its size and hash."""
+    marker, data = out / f"shard-{k:05d}.json", out / f"shard-{k:05d}.safetensors"
+    try:
+        m = json.loads(marker.read_text())
+        return data.stat().st_size == m["bytes"] and sha256(data) == m["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class _Ranks:
+    """Rank, world size and barrier from torchrun's environment (gloo: works on CPU and GPU hosts)."""
+
+    def __init__(self):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+@torch.no_grad()
+def encode_shard(comps, dataset, indices: range, device, batch_size: int, bad_log: Path) -> dict:
+    from colodiffusion.models import encode_prompts
+
+    means, logvars, contexts, captions, keys = [], [], [], [], []
+    pending: list[tuple[int, dict]] = []
+
+    def flush():
+        if not pending:
+            return
+        x = torch.stack([s["pixel_values"] for _, s in pending]).to(device, comps.vae.dtype)
+        dist = comps.vae.encode(x).latent_dist
+        text = [s["caption"] for _, s in pending]
+        means.append(dist.mean.half().cpu())
+        logvars.append(dist.logvar.half().cpu())
+        contexts.append(encode_prompts(comps.tokenizer, comps.text_encoder, text, device).half().cpu())
+        captions.extend(text)
+        keys.extend(dataset.key(i) if hasattr(dataset, "key") else str(i) for i, _ in pending)
+        pending.clear()
+
+    for i in indices:
+        try:
+            pending.append((i, dataset[i]))
+        except BadSample as exc:
+            with open(bad_log, "a", encoding="utf-8") as f:
+                key = dataset.key(i) if hasattr(dataset, "key") else str(i)
+                f.write(json.dumps({"source": getattr(dataset, "name", "?"), "key": key, "reason": exc.reason}) + "\n")
+        except Filtered:
+            pass
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not captions:
+        return {"count": 0}
+    return {"tensors": {"mean": torch.cat(means).contiguous(), "logvar": torch.cat(logvars).contiguous(),
+                        "context": torch.cat(contexts).contiguous()},
+            "metadata": {"captions": json.dumps(captions), "keys": json.dumps(keys)}, "count": len(captions)}
+
+
+def write_shard(out: Path, k: int, result: dict) -> None:
+    data = out / f"shard-{k:05d}.safetensors"
+    if result["count"]:
+        tmp = data.with_name(data.name + f".tmp{os.getpid()}")
+        save_file(result["tensors"], str(tmp), metadata=result["metadata"])
+        os.replace(tmp, data)
+    else:  # every sample of the shard was bad: an empty marker, no file
+        data.write_bytes(b"")
+    _atomic_json(out / f"shard-{k:05d}.json",
+                 {"count": result["count"], "bytes": data.stat().st_size, "sha256": sha256(data)})
+
+
+def build_cache(cfg: Config, out: str | Path, shard_size: int = 1000, batch_size: int = 32) -> Path:
+    from colodiffusion.data import build_dataset, caption_corpus
+    from colodiffusion.models import build_components, encode_prompts
+    from colodiffusion.train.first_stage import train_autoencoder
+
+    if cfg.data.source == "latents":
+        raise ConfigError("colodiffusion cache reads images: set data.source to folder, webdataset, parquet or shapes.")
+    if cfg.data.bucketing:
+        raise ConfigError("colodiffusion cache stores one resolution: turn data.bucketing off.")
+    out = Path(out)
+    ranks = _Ranks()
+    try:
+        dataset = build_dataset(cfg)
+        run_dir = Path(cfg.run.dir)
+
+        def make(show: bool):
+            return build_components(cfg, run_dir / "components", captions=lambda: caption_corpus(cfg, dataset),
+                                    train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, ranks.device, show))
+
+        comps = make(True) if ranks.is_main else None
+        ranks.barrier()
+        comps = comps or make(False)
+        comps.vae.to(ranks.device)
+        comps.text_encoder.to(ranks.device)
+        if ranks.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a finished cache
+            _save_components(comps, out / "components")
+            empty = encode_prompts(comps.tokenizer, comps.text_encoder, [""], ranks.device)[0].half().cpu()
+            save_file({"context": empty.contiguous()}, str(out / "empty_context.safetensors"))
+        ranks.barrier()
+        n = len(dataset)
+        shards = (n + shard_size - 1) // shard_size
+        mine = list(range(ranks.rank, shards, ranks.world))
+        todo = [k for k in mine if not shard_done(out, k)]
+        if len(todo) < len(mine):
+            print(f"rank {ranks.rank}: kept {len(mine) - len(todo)} finished shard(s), {len(todo)} to do")
+        total = sum(len(range(k * shard_size, min(n, (k + 1) * shard_size))) for k in todo)
+        bar = tqdm(total=total, desc=f"cache (rank {ranks.rank})", unit="img", position=ranks.rank,
+                   mininterval=1.0, disable=total == 0)
+        crash_after = int(os.environ.get("COLODIFFUSION_CACHE_CRASH_AFTER", "-1"))  # tests: die like a kill
+        for done, k in enumerate(todo):
+            if done == crash_after:
+                (out / f"shard-{k:05d}.safetensors.tmp{os.getpid()}").write_bytes(b"partial")
+                os._exit(137)
+            idx = range(k * shard_size, min(n, (k + 1) * shard_size))
+            write_shard(out, k, encode_shard(comps, dataset, idx, ranks.device, batch_size, out / "bad_samples.jsonl"))
+            bar.update(len(idx))
+        bar.close()
+        ranks.barrier()
+        if ranks.is_main:
+            _write_manifest(cfg, comps, out, shards, n)
+        ranks.barrier()
+        return out
+    finally:
+        ranks.close()
+
+
+def _save_components(comps, folder: Path) -> None:
+    if (folder / "vae").is_dir():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    comps.tokenizer.save_pretrained(tmp / "tokenizer")
+    comps.text_encoder.save_pretrained(tmp / "text_encoder")
+    comps.vae.save_pretrained(tmp / "vae")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _write_manifest(cfg: Config, comps, out: Path, shards: int, n: int) -> None:
+    entries = []
+    for k in range(shards):
+        m = json.loads((out / f"shard-{k:05d}.json").read_text())
+        for tmp in out.glob(f"shard-{k:05d}.safetensors.tmp*"):  # leftovers of a killed run
+            tmp.unlink()
+        if m["count"]:
+            entries.append({"file": f"shard-{k:05d}.safetensors", **m})
+    factor = comps.vae.config.get("scaling_factor", 1.0)
+    _atomic_json(out / MANIFEST, {
+        "version": 1, "source": cfg.data.source, "path": cfg.data.path, "resolution": cfg.data.resolution,
+        "num_samples": sum(e["count"] for e in entries), "dataset_size": n, "scaling_factor": factor,
+        "shards": entries,
+    })

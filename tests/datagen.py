@@ -1,0 +1,108 @@
+"""Small datasets on disk for the data tests: shapes images as folder / webdataset / parquet,
+and the corrupt inputs of the bad-sample suite."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from colodiffusion.data.shapes import ShapesDataset
+
+
+def shapes_items(n: int, resolution: int = 16, seed: int = 0):
+    """n (jpeg bytes, caption) pairs; images vary in size so resize/crop are exercised."""
+    ds = ShapesDataset(n, resolution=resolution, seed=seed)
+    for i in range(n):
+        x = ds[i]
+        arr = ((x["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr).resize((resolution + 4 * (i % 3), resolution))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG" if i % 4 else "PNG", quality=95)
+        yield f"{i:06d}", buf.getvalue(), x["caption"]
+
+
+def make_folder(root: Path, n: int, resolution: int = 16, captions: str = "txt") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    table = []
+    for key, data, cap in shapes_items(n, resolution):
+        ext = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+        (root / f"{key}{ext}").write_bytes(data)
+        if captions == "txt":
+            (root / f"{key}.txt").write_text(cap)
+        else:
+            table.append({"file": f"{key}{ext}", "caption": cap})
+    if captions == "jsonl":
+        (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table))
+    elif captions == "csv":
+        import csv
+
+        with open(root / "captions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["file", "caption"])
+            w.writeheader()
+            w.writerows(table)
+    return root
+
+
+def make_webdataset(root: Path, n: int, per_shard: int, resolution: int = 16, extra=()) -> str:
+    """Shards written by webdataset's own ShardWriter, img2dataset layout (jpg/png + txt + json)."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    items = list(shapes_items(n, resolution)) + list(extra)
+    with wds.ShardWriter(str(root / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for key, data, cap, *meta in items:
+            ext = "jpg" if data[:2] == b"\xff\xd8" or data[:1] != b"\x89" else "png"
+            sample = {"__key__": key, ext: data, "json": json.dumps(meta[0] if meta else {"key": key}).encode()}
+            if cap is not None:
+                sample["txt"] = cap if isinstance(cap, bytes) else cap.encode()
+            sink.write(sample)
+    shards = sorted(root.glob("*.tar"))
+    return str(root / f"{{00000..{len(shards) - 1:05d}}}.tar")
+
+
+def make_parquet(path: Path, n: int, resolution: int = 16, row_group: int = 16, extra=()) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(shapes_items(n, resolution)) + list(extra)
+    table = pa.table({
+        "key": [r[0] for r in rows],
+        "jpg": [r[1] for r in rows],
+        "text": [r[2] for r in rows],
+        "punsafe": [float(r[3]["punsafe"]) if len(r) > 3 else 0.01 for r in rows],
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+# -- corrupt inputs --------------------------------------------------------------------------------
+def truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    return data[: len(data) // 2]
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A PNG whose header claims side x side pixels (a decompression bomb's signature)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # signature, then length + b"IHDR" + data + crc
+    data[ihdr + 8:ihdr + 16] = struct.pack(">II", side, side)
+    crc = zlib.crc32(bytes(data[ihdr + 4:ihdr + 8 + 13])) & 0xFFFFFFFF
+    data[ihdr + 8 + 13:ihdr + 8 + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def good_png_bytes(seed: int = 1, size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
