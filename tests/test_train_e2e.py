@@ -107,3 +107,31 @@ def test_seed_command_line_trains(tmp_path, tiny_components):
     runs = list(logdir.iterdir())
     assert len(runs) == 1 and runs[0].name.endswith("_recipe_test")
     assert (runs[0] / "final" / "model_index.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_resumes(run_dir, precision):
+    loop.train(cfg_for(run_dir, "train.max_steps=2", "train.checkpoint_every=1", f"precision={precision}"))
+    state = torch.load(run_dir / "checkpoints/step_00000002/state.pt", weights_only=True)
+    assert ("scaler" in state["backend"]) == (precision == "fp16")
+    loop.train(cfg_for(run_dir, "train.max_steps=3", f"precision={precision}", "train.resume=auto"))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_local_diffusers_folder(run_dir, tmp_path):
+    loop.train(cfg_for(run_dir, "train.max_steps=1"))
+    base = load_file(str(run_dir / "final/unet/diffusion_pytorch_model.safetensors"))
+    tuned_dir = tmp_path / "tuned"
+    loop.train(cfg_for(tuned_dir, "train.max_steps=2", f"model.pretrained={run_dir / 'final'}",
+                       "train.ema.enabled=false"))
+    assert not (tuned_dir / "components").exists()  # nothing rebuilt: everything came from the folder
+    tuned = load_file(str(tuned_dir / "final/unet/diffusion_pytorch_model.safetensors"))
+    assert tuned.keys() == base.keys()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    te_a = load_file(str(run_dir / "final/text_encoder/model.safetensors"))
+    te_b = load_file(str(tuned_dir / "final/text_encoder/model.safetensors"))
+    assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)  # frozen: unchanged
