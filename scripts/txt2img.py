@@ -37,6 +37,7 @@ def parse(argv):
     p.add_argument("--n_rows", type=int, default=0, help="columns in the grid (default: n_samples)")
     p.add_argument("--scale", type=float, default=7.5, help="unconditional guidance scale")
     p.add_argument("--config", default=None, help="original LDM YAML of a single-file --ckpt (default: inferred)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single file that carries none")
     p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder or run folder")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     return p.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     else:
         prompts = [opt.prompt]
     try:
-        pipe = load_pipeline(opt.ckpt, original_config=opt.config)
+        pipe = load_pipeline(opt.ckpt, original_config=opt.config, tokenizer=opt.tokenizer)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

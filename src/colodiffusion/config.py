@@ -291,6 +291,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions.")
         if not Path(cfg.data.path).is_dir():
             raise ConfigError(f"config key 'data.path' points to '{cfg.data.path}', which is not a folder.")
+    lora = cfg.train.lora
+    if lora.text_encoder and not lora.rank:
+        raise ConfigError("train.lora.text_encoder=true needs train.lora.rank > 0 (the adapter rank).")
+    if lora.rank and not lora.target_modules:
+        raise ConfigError("train.lora.target_modules is empty; name the UNet modules to adapt (e.g. [to_q, to_v]).")
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")

@@ -31,14 +31,14 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype=None,
-                  original_config: Optional[str] = None) -> StableDiffusionPipeline:
+                  original_config: Optional[str] = None, tokenizer: Optional[str] = None) -> StableDiffusionPipeline:
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if Path(path).is_file():  # a single-file LDM checkpoint (original_config: its YAML, if any)
         from colodiffusion.models.export import load_model
 
-        m = load_model(path, original_config=original_config)
+        m = load_model(path, original_config=original_config, tokenizer=tokenizer)
         pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(

@@ -39,7 +39,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional
     """(state dict, our metadata or None); a pickle that would need code to load is refused."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path)), read_meta(path)
+        try:
+            return load_file(str(path)), read_meta(path)
+        except Exception as exc:  # SafetensorError, JSON errors in the header
+            raise ConfigError(f"'{path}' is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
