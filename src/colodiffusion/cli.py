@@ -1,4 +1,4 @@
-"""`colodiffusion train | sample | eval`: thin argument parsing over the modules.
+"""`colodiffusion train | sample | export | eval`: thin argument parsing over the modules.
 
 A user mistake (bad config key, missing path) prints one sentence and exits with code 2; no
 traceback. Anything else is a bug and keeps its traceback.
@@ -87,6 +87,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from colodiffusion.models.export import export
+
+    out = export(args.source, args.format, args.out, ema=args.ema, dtype=args.dtype, merge_lora=args.merge_lora,
+                 original_config=args.original_config, tokenizer=args.tokenizer)
+    print(f"wrote {args.format} model to {out}")
+    return 0
+
+
 def _load(model: str):
     from colodiffusion.generate import load_pipeline
 
@@ -127,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int)
     s.add_argument("--out", default="samples")
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("export", help="write a run, checkpoint or model as diffusers / single-file / LoRA")
+    x.add_argument("source", help="run folder, checkpoint folder, diffusers folder or single-file checkpoint")
+    x.add_argument("--format", required=True, choices=["diffusers", "single-file", "lora"],
+                   help="diffusers folder, one LDM-layout .safetensors/.ckpt file, or the LoRA adapter file")
+    x.add_argument("--out", required=True, help="output folder (diffusers, lora) or file (single-file)")
+    x.add_argument("--ema", action="store_true", help="write the EMA weights instead of the raw ones")
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    x.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapter into the base weights")
+    x.add_argument("--original-config", help="original LDM YAML of a single-file source (default: inferred)")
+    x.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file source that carries none")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="score a model on held-out shape prompts")
     e.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")

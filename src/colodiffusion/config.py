@@ -37,7 +37,18 @@ class ModelConfig:
     preset: str = choice("tiny", "tiny", "sd15", "sd2")
     """Architecture from the preset registry: tiny (CPU-sized), sd15 (SD 1.x), sd2 (SD 2.x, v-prediction)."""
     pretrained: Optional[str] = None
-    """Local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/) to start from."""
+    """Local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/) or single-file checkpoint
+    (.safetensors/.ckpt in the original LDM layout, SD 1.x/2.x) to start from."""
+    original_config: Optional[str] = None
+    """The original LDM YAML (e.g. v1-inference.yaml) of a single-file `pretrained`; None infers it from the keys."""
+    tokenizer: Optional[str] = None
+    """Local CLIP tokenizer folder (or diffusers folder with tokenizer/) for single-file checkpoints that carry none."""
+    pretrained_ema: bool = False
+    """Start from the EMA weights (model_ema.*) of a single-file `pretrained` instead of its raw weights."""
+    train_text_encoder: bool = False
+    """Fine-tune the text encoder too (its own param group; it is then saved and exported with the UNet)."""
+    text_encoder_lr: Optional[float] = None
+    """Learning rate of the text encoder's param group; None uses train.lr."""
     vae: Optional[str] = None
     """Local diffusers AutoencoderKL folder; for tiny without it, the first stage is trained from the data."""
     prediction_type: Optional[str] = choice(None, "epsilon", "v_prediction")
@@ -149,6 +160,18 @@ class SampleConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank (through peft); 0 trains the full UNet. With LoRA only the adapters get gradients."""
+    alpha: Optional[float] = None
+    """LoRA alpha (the update is scaled by alpha / rank); None uses the rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet modules that get adapters (names as in diffusers' attention layers)."""
+    text_encoder: bool = False
+    """Also put adapters on the text encoder's attention projections (q_proj, k_proj, v_proj, out_proj)."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1500
     """Optimizer steps to train for."""
@@ -184,6 +207,8 @@ class TrainConfig:
     """Write a sample grid every N steps (and at the end); 0 disables."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """EMA of the UNet."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters instead of full fine-tuning."""
 
 
 @dataclass
@@ -234,6 +259,9 @@ _RANGES = {
     "first_stage.steps": (lambda v: v >= 0, "a whole number >= 0"),
     "first_stage.batch_size": (lambda v: v >= 1, "a whole number >= 1"),
     "sample.steps": (lambda v: v >= 1, "a whole number >= 1"),
+    "train.lora.rank": (lambda v: v >= 0, "a whole number >= 0 (0 disables LoRA)"),
+    "train.lora.alpha": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "model.text_encoder_lr": (lambda v: v is None or v > 0, "a number > 0 or null"),
 }
 
 
@@ -287,7 +315,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.grad_accum ({cfg.train.grad_accum})."
         )
-    for key in ("model.pretrained", "model.vae"):
+    for key in ("model.pretrained", "model.vae", "model.original_config", "model.tokenizer"):
         value = _get(cfg, key)
         if value and not Path(value).exists():
             raise ConfigError(f"config key '{key}' points to '{value}', which does not exist.")
@@ -301,6 +329,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path '{cfg.data.path}' is not a finished latent cache (no manifest.json); "
                           "make one with `colodiffusion cache`.")
+    lora = cfg.train.lora
+    if lora.text_encoder and not lora.rank:
+        raise ConfigError("train.lora.text_encoder=true needs train.lora.rank > 0 (the adapter rank).")
+    if lora.rank and not lora.target_modules:
+        raise ConfigError("train.lora.target_modules is empty; name the UNet modules to adapt (e.g. [to_q, to_v]).")
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")

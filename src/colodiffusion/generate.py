@@ -21,7 +21,7 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler) -> Stable
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A diffusers folder, or a run folder (whose final/ is used)."""
+    """A diffusers folder, or a run folder (whose final/ is used); single files are loaded by `load_pipeline`."""
     p = Path(path)
     if (p / "model_index.json").exists():
         return p
@@ -30,13 +30,20 @@ def resolve_model_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"'{p}' is neither a diffusers model folder nor a run folder with final/")
 
 
-def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype=None) -> StableDiffusionPipeline:
+def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype=None,
+                  original_config: Optional[str] = None, tokenizer: Optional[str] = None) -> StableDiffusionPipeline:
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        resolve_model_path(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    if Path(path).is_file():  # a single-file LDM checkpoint (original_config: its YAML, if any)
+        from colodiffusion.models.export import load_model
+
+        m = load_model(path, original_config=original_config, tokenizer=tokenizer)
+        pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            resolve_model_path(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

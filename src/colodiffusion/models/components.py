@@ -50,8 +50,13 @@ def _has(folder: Path, sub: str) -> bool:
 
 
 def load_pretrained(path: str | Path, cfg: Config) -> Components:
-    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/])."""
+    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or a
+    single-file LDM checkpoint (`models/single_file.py`)."""
     root = Path(path)
+    if root.is_file():
+        from colodiffusion.models.single_file import load_single_file
+
+        return load_single_file(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
         raise ConfigError(

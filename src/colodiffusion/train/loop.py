@@ -21,7 +21,9 @@ from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
 from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
-from colodiffusion.models import Components, build_components, encode_images, encode_prompts
+from colodiffusion.models import Components, build_components, encode_images
+from colodiffusion.models.lora import has_lora, merged, save_lora
+from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.train import checkpoint
 from colodiffusion.train.first_stage import train_autoencoder
@@ -98,7 +100,9 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
             f"train.batch_size ({t.batch_size}) must split evenly over {backend.dp_size} data-parallel rank(s) "
             f"and train.grad_accum ({t.grad_accum}) micro-batches."
         )
-    model, optimizer = backend.prepare(comps.unet, lambda params: build_optimizer(params, cfg, backend.device))
+    trainable = build_trainable(cfg, comps)  # the UNet, with LoRA adapters and/or the text encoder if configured
+    te_params = frozenset(text_encoder_param_ids(trainable))
+    model, optimizer = backend.prepare(trainable, lambda params: build_optimizer(params, cfg, backend.device, te_params))
     ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,
@@ -170,10 +174,10 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
         if "latent_mean" in batch:  # from the latent cache: no VAE or text encoder in the step
             latents, context = latents_and_context(batch, captions, comps.scaling_factor, backend.device, s.noise_gen)
         else:
-            context = encode_prompts(comps.tokenizer, comps.text_encoder, captions, backend.device)
+            context = text_input(cfg, comps, captions, backend.device)
             latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
         with backend.autocast():
-            loss = objective.loss(unet_fn, latents, context.float(), s.noise_gen) / accum
+            loss = objective.loss(unet_fn, latents, context, s.noise_gen) / accum
         backend.backward(loss)
         total += loss.detach()
     grad_norm = backend.step(s.model, s.optimizer, cfg.train.grad_clip)
@@ -223,8 +227,8 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
     if not backend.is_main:
         return
     sc = cfg.sample
-    unet = inference_unet(backend, comps, s)
-    pipe = make_pipeline(comps.tokenizer, comps.text_encoder, comps.vae, unet, comps.noise_scheduler)
+    unet, text_encoder = split(inference_unet(backend, comps, s), comps)
+    pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
     pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
     seeds = [sc.seed + i for i in range(len(sc.prompts))]
     images = generate(pipe, sc.prompts, seeds, steps=sc.steps, guidance=sc.guidance, sampler=sc.sampler)
@@ -239,6 +243,9 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
 def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
     if not backend.is_main:
         return
-    unet = inference_unet(backend, comps, s)
-    export_diffusers(run_dir / "final", comps.tokenizer, comps.text_encoder, comps.vae, unet, comps.noise_scheduler)
+    unet, text_encoder = split(inference_unet(backend, comps, s), comps)
+    if has_lora(unet) or has_lora(text_encoder):  # the adapter alone, and final/ with it merged in
+        save_lora(run_dir / "lora", unet, text_encoder)
+        unet, text_encoder = merged(unet), merged(text_encoder)
+    export_diffusers(run_dir / "final", comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
     print(f"final model (EMA weights) written to {run_dir / 'final'}")

@@ -7,14 +7,20 @@ import math
 import torch
 
 
-def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset()) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; those whose id is in `text_encoder_params` form their own
+    param group (learning rate model.text_encoder_lr)."""
     t = cfg.train
     params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in text_encoder_params]}]
+    te = [p for p in params if id(p) in text_encoder_params]
+    if te:
+        groups.append({"params": te, "lr": cfg.model.text_encoder_lr or t.lr})
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     # Fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
     if device.type == "cuda":
         kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_lambda(cfg):

@@ -1,0 +1,168 @@
+"""Single-file checkpoints in the original LDM layout (`.safetensors` or `.ckpt`): read and write.
+
+Reading never runs code: `.safetensors` holds tensors only, and `.ckpt` goes through
+`torch.load(weights_only=True)`; a pickle that needs anything else is refused. Our own exports
+also carry, in the file's metadata, the exact diffusers configs and the tokenizer, so that models
+whose shapes an LDM YAML cannot describe (the tiny preset) round-trip exactly. Files from
+elsewhere are described by the original YAML (`model.original_config`) or by configs inferred
+from their keys, and need a tokenizer folder (`model.tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.models import ldm_convert
+from colodiffusion.models.presets import get_preset
+
+META_KEY = "colodiffusion"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def is_single_file(path: str | Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix in SINGLE_FILE_SUFFIXES
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """(state dict, our metadata or None); a pickle that would need code to load is refused."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), read_meta(path)
+        except Exception as exc:  # SafetensorError, JSON errors in the header
+            raise ConfigError(f"'{path}' is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"'{path}' needs more than tensors to unpickle (it could run code), so it is refused; convert it "
+            "to .safetensors with a tool you trust, or re-save only its state_dict."
+        ) from None
+    except Exception as exc:
+        raise ConfigError(f"'{path}' is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    meta = obj.get(META_KEY) if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"'{path}' does not hold a state dict.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, json.loads(meta) if meta else None
+
+
+def read_meta(path: str | Path) -> Optional[dict]:
+    """Our metadata only (for `.safetensors` without reading the tensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+        return json.loads(meta) if meta else None
+    return read_checkpoint(path)[1]
+
+
+def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
+    if meta and "tokenizer" in meta:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in meta["tokenizer"].items():
+                (Path(tmp) / name).write_text(text)
+            return CLIPTokenizer.from_pretrained(tmp)
+    if not cfg.model.tokenizer:
+        raise ConfigError(
+            f"'{path}' carries no tokenizer: set model.tokenizer to a local CLIP tokenizer folder "
+            "(e.g. the tokenizer/ folder of a diffusers Stable Diffusion model)."
+        )
+    root = Path(cfg.model.tokenizer)
+    return CLIPTokenizer.from_pretrained(root / "tokenizer" if (root / "tokenizer").is_dir() else root)
+
+
+def _load(module: torch.nn.Module, sd: dict, what: str, path: Path) -> torch.nn.Module:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    wrong = [k for k in own if k in sd and own[k].numel() != sd[k].numel()]
+    if missing or wrong:
+        key = (missing or wrong)[0]
+        raise ConfigError(
+            f"'{path}' does not fit the {what} its config describes ({len(missing)} missing, {len(wrong)} misshaped "
+            f"weights, e.g. '{key}'); pass the original YAML as model.original_config."
+        )
+    module.load_state_dict({k: sd[k].reshape(own[k].shape).float() for k in own})
+    return module
+
+
+def load_single_file(path: str | Path, cfg: Config):
+    """Components from a single-file checkpoint; raises ConfigError with one sentence on a bad file."""
+    from colodiffusion.diffusion import build_noise_scheduler
+    from colodiffusion.models.components import Components, freeze
+
+    path = Path(path)
+    conv, meta = convert_file(path, cfg)
+    unet = _load(UNet2DConditionModel.from_config(conv.unet_config), conv.unet, "UNet", path)
+    vae = (AutoencoderKL.from_pretrained(cfg.model.vae) if cfg.model.vae
+           else _load(AutoencoderKL.from_config(conv.vae_config), conv.vae, "VAE", path))
+    text_encoder = _load(CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text, "text encoder", path)
+    tokenizer = _tokenizer(meta, cfg, path)
+    guessed = get_preset("sd2" if ldm_convert.is_openclip(conv.text_config) else "sd15").prediction_type
+    prediction_type = cfg.model.prediction_type or conv.prediction_type or guessed
+    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet, build_noise_scheduler(cfg, prediction_type))
+
+
+def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, Optional[dict]]:
+    """The file's weights as diffusers state dicts (and our metadata, if it is our export); every key
+    must be converted or a known buffer."""
+    path = Path(path)
+    sd, meta = read_checkpoint(path)
+    original = None
+    if cfg.model.original_config:
+        from omegaconf import OmegaConf
+
+        original = OmegaConf.to_container(OmegaConf.load(cfg.model.original_config), resolve=True)
+    if not any(k.startswith(ldm_convert.UNET) for k in sd):
+        raise ConfigError(f"'{path}' is not a Stable Diffusion checkpoint in the LDM layout (no model.diffusion_model.* keys).")
+    try:
+        conv = ldm_convert.from_ldm(sd, original=original, configs=meta, use_ema=cfg.model.pretrained_ema)
+    except (KeyError, ValueError, StopIteration) as exc:
+        raise ConfigError(f"cannot read '{path}' as an SD 1.x/2.x checkpoint: {exc}.") from None
+    if conv.unused:
+        raise ConfigError(
+            f"'{path}' has {len(conv.unused)} keys this loader does not understand (e.g. '{conv.unused[0]}'); "
+            "only SD 1.x/2.x checkpoints in the LDM layout are supported."
+        )
+    return conv, meta
+
+
+def save_single_file(out: str | Path, unet, vae, text_encoder, tokenizer, noise_scheduler,
+                     ema_unet: Optional[dict] = None, dtype: str = "fp32") -> Path:
+    """Write the LDM-layout file (`.safetensors`, or a `{"state_dict": ...}` pickle for `.ckpt`)."""
+    out = Path(out)
+    sd = ldm_convert.to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), dict(unet.config),
+                            dict(vae.config), text_encoder.config.to_dict(), ema=ema_unet)
+    sd = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
+    meta = json.dumps({"unet": _plain(unet.config), "vae": _plain(vae.config),
+                       "text_encoder": text_encoder.config.to_dict(), "scheduler": _plain(noise_scheduler.config),
+                       "tokenizer": _tokenizer_files(tokenizer)}, default=str)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        save_file(sd, str(out), metadata={META_KEY: meta, "format": "pt"})
+    else:
+        torch.save({"state_dict": sd, META_KEY: meta}, out)
+    return out
+
+
+def _plain(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
