@@ -9,8 +9,6 @@ All parallel cases run in ONE torchrun launch (imports dominate on a small CPU b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +30,6 @@ CASES = {
     # TP only (dp size 1: both ranks take the whole batch); an asynchronous checkpoint after step 10
     "tp2": "parallel.strategy=fsdp:parallel.tp=2:parallel.async_checkpoint=true:save=10",
 }
-
-
-def torchrun(nproc: int, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", "0", *args]  # port 0: torchrun picks a free one (parallel test runs)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
