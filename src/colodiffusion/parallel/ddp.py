@@ -15,8 +15,7 @@ class DDPBackend(DistributedBackend):
         self.remember_architecture(model)
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Buffers are constants here (no batch norm), so skip their per-step broadcast.
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = DistributedDataParallel(model, device_ids=ids)
         return ddp, make_optimizer(ddp.parameters())
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
