@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     _threads()
     run_dir = train(cfg)
-    print(f"run folder: {run_dir}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -161,13 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_tag() -> str:
+    """' (rank N)' under torchrun with several processes, so every rank's failure names its rank."""
+    return f" (rank {os.environ.get('RANK', 0)})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+
+    def run(args) -> int:
+        try:
+            return args.func(args)
+        except ConfigError as exc:
+            print(f"error{_rank_tag()}: {exc}", file=sys.stderr)
+            return 2
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: a crash also lands in its per-rank error file
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run)
     try:
-        code = args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
+        code = run(args)
+    except Exception as exc:
+        if _rank_tag():
+            print(f"error{_rank_tag()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
     sys.exit(code)
 
 

@@ -213,8 +213,19 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = choice("single", "single")
-    """How the model is distributed over processes."""
+    strategy: str = choice("single", "single", "ddp", "fsdp")
+    """How the model is distributed over processes: single (one process), ddp (replicated weights,
+    all-reduced gradients), fsdp (FSDP2: weights, gradients and optimizer state sharded)."""
+    zero: int = 3
+    """fsdp only: 3 frees the gathered weights after forward (ZeRO-3), 2 keeps them until backward (ZeRO-2)."""
+    offload: str = choice("none", "none", "cpu")
+    """fsdp only: 'cpu' keeps sharded weights, gradients and optimizer state in host memory."""
+    dp_replicate: int = 1
+    """fsdp only: replica groups for hybrid sharding (HSDP), e.g. the number of nodes; shards inside each."""
+    tp: int = 1
+    """Tensor-parallel degree over the UNet's attention and feed-forward layers (fsdp only)."""
+    async_checkpoint: bool = False
+    """ddp/fsdp: write sharded checkpoints in a background thread (published when the write completes)."""
 
 
 @dataclass
@@ -262,6 +273,9 @@ _RANGES = {
     "train.lora.rank": (lambda v: v >= 0, "a whole number >= 0 (0 disables LoRA)"),
     "train.lora.alpha": (lambda v: v is None or v > 0, "a number > 0 or null"),
     "model.text_encoder_lr": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "parallel.zero": (lambda v: v in (2, 3), "2 or 3"),
+    "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
+    "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),
 }
 
 

@@ -8,12 +8,14 @@ checkpoints. `single` is one process; the distributed backends live in their own
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from colodiffusion.config import Config
+from colodiffusion.config import Config, ConfigError
 from colodiffusion.train import checkpoint
 
 
@@ -94,6 +96,14 @@ class Backend:
 
     def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
         """Restore model, optimizer and EMA (in place); return (shared, per_rank) state."""
+        from colodiffusion.parallel.sharded_checkpoint import is_sharded, load_sharded
+
+        if is_sharded(folder):  # written by ddp/fsdp: DCP reshards it into this one process
+            load_sharded(folder, self.unwrap(model), optimizer, ema)
+            shared = checkpoint.load_state(folder / "state.pt")
+            self.load_extra_state(shared.pop("backend", {}))
+            rank_file = folder / f"rank_{self.rank}.pt"
+            return shared, (checkpoint.load_state(rank_file) if rank_file.exists() else {})
         self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
         if ema is not None:
             ema_file = folder / "ema.safetensors"
@@ -111,6 +121,14 @@ class Backend:
         """Full (unsharded) UNet weights for export; meaningful on the main rank."""
         return self.unwrap(model).state_dict()
 
+    def full_ema_state_dict(self, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full (unsharded) EMA tensors for export; every rank calls it, meaningful on the main rank."""
+        return ema
+
+    def plain_model(self, model) -> torch.nn.Module:
+        """A plain (unwrapped, unsharded) module of the same architecture, for inference and export."""
+        return copy.deepcopy(self.unwrap(model))
+
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
@@ -122,5 +140,19 @@ class Backend:
 BACKENDS: dict[str, type[Backend]] = {"single": Backend}
 
 
+def _register_distributed() -> None:
+    from colodiffusion.parallel.ddp import DDPBackend
+    from colodiffusion.parallel.fsdp import FSDPBackend
+
+    BACKENDS.update(ddp=DDPBackend, fsdp=FSDPBackend)
+
+
 def build_backend(cfg: Config) -> Backend:
+    if cfg.parallel.strategy not in BACKENDS:
+        _register_distributed()
+    if cfg.parallel.strategy == "single" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(
+            f"parallel.strategy=single runs one process, but {os.environ['WORLD_SIZE']} were launched "
+            "(torchrun); set parallel.strategy=ddp or fsdp."
+        )
     return BACKENDS[cfg.parallel.strategy](cfg)

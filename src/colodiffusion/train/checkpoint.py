@@ -32,6 +32,8 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+        elif p.is_dir():  # e.g. a sharded checkpoint's dcp/
+            _fsync_tree(p)
     _fsync_dir(path)
 
 
@@ -39,6 +41,7 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int, is_mai
          barrier: Callable[[], None] = lambda: None) -> Path:
     """Write checkpoint `root/step_XXXXXXXX` through `write(folder)` (called on every rank, into
     one temporary folder), then publish it atomically; keep the newest `keep` complete ones."""
+    finish_pending()
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     if is_main:
@@ -46,21 +49,42 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int, is_mai
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    write(tmp)
+    pending = write(tmp)
     barrier()
+    if pending is not None:
+        # An asynchronous write (a Future): publish once it is done, at the next save or at
+        # shutdown. DCP's coordinator (rank 0) completes last, after every rank's shards are written.
+        _PENDING.append((pending, (lambda: _publish(root, tmp, final, keep)) if is_main else None))
+        return final
     if is_main:
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(root, tmp, final, keep)
     barrier()
     return final
+
+
+_PENDING: list = []
+
+
+def finish_pending() -> None:
+    """Wait for asynchronous checkpoint writes and publish them (in order)."""
+    while _PENDING:
+        future, publish = _PENDING.pop(0)
+        future.result()
+        if publish is not None:
+            publish()
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

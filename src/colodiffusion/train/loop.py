@@ -7,7 +7,6 @@ interval (loss and grad norm are accumulated on the device in between).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,19 +214,25 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
     tel.close()
 
 
-def inference_unet(backend: Backend, comps: Components, s: State) -> torch.nn.Module:
-    """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA)."""
-    unet = copy.deepcopy(backend.unwrap(s.model))
+def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[torch.nn.Module]:
+    """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA).
+    Every rank calls it (gathering sharded weights is collective); off the main rank it is None."""
+    weights = dict(backend.full_state_dict(s.model))
     if s.ema is not None:
-        s.ema.copy_to(unet.named_parameters())
+        weights.update(backend.full_ema_state_dict(s.ema.state_dict()))
+    if not backend.is_main:
+        return None
+    unet = backend.plain_model(s.model)
+    unet.load_state_dict(weights)
     return unet.to(backend.device).eval()
 
 
 def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+    unet = inference_unet(backend, comps, s)
     if not backend.is_main:
         return
     sc = cfg.sample
-    unet, text_encoder = split(inference_unet(backend, comps, s), comps)
+    unet, text_encoder = split(unet, comps)
     pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
     pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
     seeds = [sc.seed + i for i in range(len(sc.prompts))]
@@ -241,9 +246,10 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
 
 
 def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+    unet = inference_unet(backend, comps, s)
     if not backend.is_main:
         return
-    unet, text_encoder = split(inference_unet(backend, comps, s), comps)
+    unet, text_encoder = split(unet, comps)
     if has_lora(unet) or has_lora(text_encoder):  # the adapter alone, and final/ with it merged in
         save_lora(run_dir / "lora", unet, text_encoder)
         unet, text_encoder = merged(unet), merged(text_encoder)

@@ -18,7 +18,8 @@ def build_optimizer(params, cfg, device: torch.device, text_encoder_params: froz
         groups.append({"params": te, "lr": cfg.model.text_encoder_lr or t.lr})
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     # Fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
-    if device.type == "cuda":
+    # (Not with CPU-offloaded FSDP parameters: those step on the host.)
+    if device.type == "cuda" and all(p.device.type == "cuda" for p in params):
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 

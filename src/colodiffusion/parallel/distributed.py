@@ -1,0 +1,141 @@
+"""What every torch.distributed backend shares: the process group and mesh (from `ParallelDims`),
+collectives, gradient clipping over (possibly sharded) gradients, DCP checkpoints and gathering full
+weights for export. `ddp.py` and `fsdp.py` only say how the model is wrapped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.parallel import Backend
+from colodiffusion.parallel.dims import ParallelDims, destroy_process_group, init_process_group
+from colodiffusion.parallel.sharded_checkpoint import (
+    full_model_state,
+    full_tensors,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+)
+from colodiffusion.train import checkpoint
+
+
+class DistributedBackend(Backend):
+    name = "distributed"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.device = init_process_group()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        try:
+            self.dims = ParallelDims.from_config(cfg, self.world_size)
+        except ConfigError:
+            dist.destroy_process_group()
+            raise
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self._dp_rank = self.dims.dp_rank(self.rank)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        # Background checkpoint writes talk over their own (CPU) group, never the training one.
+        self._ckpt_group = dist.new_group(backend="gloo") if cfg.parallel.async_checkpoint else None
+        self._model_factory = None
+
+    # -- topology -----------------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        return self._dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def shutdown(self) -> None:
+        checkpoint.finish_pending()
+        destroy_process_group()
+
+    def remember_architecture(self, model: torch.nn.Module) -> None:
+        """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""
+        cls, config = type(model), getattr(model, "config", None)
+        self._model_factory = (lambda: cls.from_config(config)) if config is not None and hasattr(cls, "from_config") else None
+
+    # -- step -----------------------------------------------------------------------------------
+    def step(self, model, optimizer, grad_clip: float) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        norm = clip_grad_norm(list(model.parameters()), grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+        pending = save_sharded(folder, model, optimizer, ema, async_group=self._ckpt_group)
+        if self.is_main:
+            torch.save({**shared, "backend": self.extra_state(), "format": "dcp",
+                        "saved_by": {"strategy": self.name, "world_size": self.world_size}}, folder / "state.pt")
+        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+        return pending
+
+    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
+        if not is_sharded(folder):
+            raise ValueError(
+                f"it was written by the single-process backend (unet.safetensors); resume it with "
+                f"parallel.strategy=single, or start {self.name} from its weights via model.pretrained"
+            )
+        load_sharded(folder, model, optimizer, ema)
+        shared = checkpoint.load_state(folder / "state.pt")
+        self.load_extra_state(shared.pop("backend", {}))
+        rank_file = folder / f"rank_{self.rank}.pt"
+        # A rank the saving run did not have (new world size) starts fresh RNG streams.
+        per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
+        return shared, per_rank
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        return full_model_state(model)
+
+    def full_ema_state_dict(self, ema: dict) -> dict[str, torch.Tensor]:
+        return full_tensors(ema, keep=self.is_main)
+
+    def plain_model(self, model) -> torch.nn.Module:
+        if self._model_factory is None:
+            return super().plain_model(model)
+        return self._model_factory()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient norm over plain and sharded (DTensor) gradients, then clip to `max_norm` (0: no
+    clipping). Gradients are grouped by device mesh (TP and FSDP params can live on different ones):
+    one reduction per mesh, no host sync."""
+    groups: dict = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p)
+    norms = []
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if not norms:
+        return torch.zeros(())
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if max_norm > 0:
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
