@@ -25,6 +25,7 @@ from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.train import checkpoint
 from colodiffusion.train.first_stage import train_autoencoder
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
+from colodiffusion.train.perf import apply_perf, plain_copy
 from colodiffusion.train.telemetry import Telemetry
 
 
@@ -85,6 +86,8 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     comps.vae.to(backend.device)
     if cfg.model.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
+    # Speed/memory levers go on before the backend wraps the model (TP, AC, compile, then FSDP).
+    apply_perf(comps.unet, cfg, backend.device)
     return comps
 
 
@@ -202,7 +205,7 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
 
 def inference_unet(backend: Backend, comps: Components, s: State) -> torch.nn.Module:
     """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA)."""
-    unet = copy.deepcopy(backend.unwrap(s.model))
+    unet = plain_copy(backend.unwrap(s.model), s.optimizer)  # eager fp32, from the masters if kept
     if s.ema is not None:
         s.ema.copy_to(unet.named_parameters())
     return unet.to(backend.device).eval()

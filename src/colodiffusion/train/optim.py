@@ -8,13 +8,48 @@ import torch
 
 
 def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
-    t = cfg.train
+    """AdamW (or 8-bit AdamW, `perf.optimizer`); over fp32 master copies when the parameters are not
+    fp32 (`perf.param_dtype`) or when the optimizer lives on the CPU (`perf.optimizer_offload`)."""
     params = [p for p in params if p.requires_grad]
+    perf = getattr(cfg, "perf", None)
+    low_precision = any(p.dtype != torch.float32 for p in params)
+    if perf is None or not (low_precision or perf.optimizer_offload):
+        return make_adamw(params, cfg, device)
+    from colodiffusion.train.master_weights import MasterWeightOptimizer
+
+    master_device = torch.device("cpu") if perf.optimizer_offload else device
+    return MasterWeightOptimizer(params, lambda masters: make_adamw(masters, cfg, master_device), master_device)
+
+
+def make_adamw(params, cfg, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if getattr(cfg, "perf", None) is not None and cfg.perf.optimizer == "adamw8bit":
+        return make_adamw8bit(params, device, kwargs)
     # Fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
     if device.type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW(params, **kwargs)
+
+
+def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Optimizer:
+    """AdamW with block-wise 8-bit moment states: bitsandbytes on CUDA, else torchao."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except ImportError:
+            pass
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        from colodiffusion.config import ConfigError
+
+        raise ConfigError(
+            "perf.optimizer=adamw8bit needs bitsandbytes (CUDA) or torchao: pip install bitsandbytes or torchao."
+        ) from None
+    return AdamW8bit(params, **kwargs)
 
 
 def lr_lambda(cfg):
