@@ -95,6 +95,11 @@ def cmd_export(args) -> int:
                  original_config=args.original_config, tokenizer=args.tokenizer)
     print(f"wrote {args.format} model to {out}")
     return 0
+def cmd_bench(args) -> int:
+    from colodiffusion.bench import main_args
+
+    _threads()
+    return main_args(args)
 
 
 def _load(model: str):
@@ -159,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     e.add_argument("--out", help="also save the generated images here")
     e.set_defaults(func=cmd_eval)
+
+    from colodiffusion.bench import build_parser as bench_parser
+
+    b = sub.add_parser("bench", help="time the UNet training step on synthetic latents (JSON lines)")
+    bench_parser(b).set_defaults(func=cmd_bench)
     return p
 
 

@@ -229,6 +229,36 @@ class ParallelConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed and memory levers for the UNet training step (applied by `train/perf.py` and
+    `train/optim.py`). Defaults are the plain eager path; `docs/performance.md` says what each buys."""
+    compile: str = choice("none", "none", "blocks", "full")
+    """torch.compile the UNet: each down/mid/up block on its own (short compile), the whole model, or not."""
+    compile_mode: str = choice(
+        "default", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"
+    )
+    """torch.compile mode; reduce-overhead and max-autotune also capture CUDA graphs."""
+    channels_last: bool = False
+    """Keep UNet weights and activations in NHWC (channels-last) memory format (faster cuDNN convs in bf16)."""
+    sdpa_backend: str = choice("auto", "auto", "flash", "cudnn", "efficient", "math")
+    """Attention kernel for scaled_dot_product_attention; auto lets PyTorch choose per call."""
+    fuse_qkv: bool = False
+    """One matmul for the q/k/v (self-attention) and k/v (cross-attention) projections; weights keep their names."""
+    param_dtype: str = choice("fp32", "fp32", "bf16")
+    """UNet parameters and gradients in this dtype; bf16 keeps fp32 master weights inside the optimizer
+    (needs precision=bf16)."""
+    fp8: bool = False
+    """Train the UNet's nn.Linear layers in float8 (torchao; Hopper/Ada GPUs only)."""
+    activation_checkpointing: str = choice("none", "none", "full", "attention", "resnets")
+    """Recompute activations in backward: all blocks, only the transformer (attention) blocks, or only the
+    resnets; model.gradient_checkpointing=true is the same as full."""
+    optimizer: str = choice("adamw", "adamw", "adamw8bit")
+    """AdamW with fp32 states, or 8-bit states (bitsandbytes on CUDA, else torchao)."""
+    optimizer_offload: bool = False
+    """Keep fp32 master weights and optimizer states in (pinned) CPU memory and run the optimizer step there."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,6 +268,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     """Compute precision: fp32, or bf16/fp16 autocast over fp32 weights (fp16 with a grad scaler)."""
 
@@ -348,9 +379,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.lora.text_encoder=true needs train.lora.rank > 0 (the adapter rank).")
     if lora.rank and not lora.target_modules:
         raise ConfigError("train.lora.target_modules is empty; name the UNet modules to adapt (e.g. [to_q, to_v]).")
+    _check_perf(cfg)
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")
+
+
+def _check_perf(cfg: Config) -> None:
+    if cfg.perf.param_dtype == "bf16" and cfg.precision != "bf16":
+        raise ConfigError(
+            f"perf.param_dtype=bf16 needs precision=bf16 (precision is {cfg.precision}): bf16 weights compute in bf16."
+        )
 
 
 def _get(cfg: Any, path: str) -> Any:

@@ -8,7 +8,6 @@ checkpoints. `single` is one process; the distributed backends live in their own
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,17 +116,23 @@ class Backend:
         per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
         return shared, per_rank
 
-    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
-        """Full (unsharded) UNet weights for export; meaningful on the main rank."""
-        return self.unwrap(model).state_dict()
+    def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
+        """Full (unsharded) UNet weights for export, in fp32 (from the optimizer's master copies when it
+        keeps them); meaningful on the main rank."""
+        from colodiffusion.train.perf import plain_copy
+
+        return plain_copy(self.unwrap(model), optimizer).state_dict()
 
     def full_ema_state_dict(self, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full (unsharded) EMA tensors for export; every rank calls it, meaningful on the main rank."""
         return ema
 
     def plain_model(self, model) -> torch.nn.Module:
-        """A plain (unwrapped, unsharded) module of the same architecture, for inference and export."""
-        return copy.deepcopy(self.unwrap(model))
+        """A plain (unwrapped, unsharded, uncompiled, fp32) module of the same architecture, for
+        inference and export."""
+        from colodiffusion.train.perf import plain_copy
+
+        return plain_copy(self.unwrap(model))
 
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

@@ -107,7 +107,7 @@ class DistributedBackend(Backend):
         per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
         return shared, per_rank
 
-    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
         return full_model_state(model)
 
     def full_ema_state_dict(self, ema: dict) -> dict[str, torch.Tensor]:

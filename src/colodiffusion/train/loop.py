@@ -27,6 +27,7 @@ from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.train import checkpoint
 from colodiffusion.train.first_stage import train_autoencoder
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
+from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.telemetry import Telemetry
 
 
@@ -88,6 +89,8 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
         comps.vae.to(backend.device)
     if cfg.model.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
+    # Speed/memory levers go on before the backend wraps the model (TP, AC, compile, then FSDP).
+    apply_perf(comps.unet, cfg, backend.device)
     return comps
 
 
@@ -217,7 +220,7 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
 def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[torch.nn.Module]:
     """A plain copy of the UNet carrying the EMA weights (or the live weights without EMA).
     Every rank calls it (gathering sharded weights is collective); off the main rank it is None."""
-    weights = dict(backend.full_state_dict(s.model))
+    weights = dict(backend.full_state_dict(s.model, s.optimizer))
     if s.ema is not None:
         weights.update(backend.full_ema_state_dict(s.ema.state_dict()))
     if not backend.is_main:

@@ -8,20 +8,61 @@ import torch
 
 
 def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset()) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; those whose id is in `text_encoder_params` form their own
-    param group (learning rate model.text_encoder_lr)."""
-    t = cfg.train
+    """AdamW (or 8-bit AdamW, `perf.optimizer`) over the trainable parameters; those whose id is in
+    `text_encoder_params` form their own param group (learning rate model.text_encoder_lr). Runs over
+    fp32 master copies when the parameters are not fp32 (`perf.param_dtype`) or when the optimizer
+    lives on the CPU (`perf.optimizer_offload`)."""
     params = [p for p in params if p.requires_grad]
+    perf = getattr(cfg, "perf", None)
+    low_precision = any(p.dtype != torch.float32 for p in params)
+    if perf is None or not (low_precision or perf.optimizer_offload):
+        return make_adamw(param_groups(params, cfg, text_encoder_params), cfg, device)
+    from colodiffusion.train.master_weights import MasterWeightOptimizer
+
+    master_device = torch.device("cpu") if perf.optimizer_offload else device
+    return MasterWeightOptimizer(params, lambda masters: make_adamw(masters, cfg, master_device), master_device)
+
+
+def param_groups(params: list, cfg, text_encoder_params: frozenset) -> list[dict]:
     groups = [{"params": [p for p in params if id(p) not in text_encoder_params]}]
     te = [p for p in params if id(p) in text_encoder_params]
     if te:
-        groups.append({"params": te, "lr": cfg.model.text_encoder_lr or t.lr})
+        groups.append({"params": te, "lr": cfg.model.text_encoder_lr or cfg.train.lr})
+    return groups
+
+
+def make_adamw(params, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """`params`: tensors or param-group dicts."""
+    t = cfg.train
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if getattr(cfg, "perf", None) is not None and cfg.perf.optimizer == "adamw8bit":
+        return make_adamw8bit(params, device, kwargs)
     # Fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
     # (Not with CPU-offloaded FSDP parameters: those step on the host.)
-    if device.type == "cuda" and all(p.device.type == "cuda" for p in params):
+    if device.type == "cuda" and all(p.device.type == "cuda" for p in flat):
         kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Optimizer:
+    """AdamW with block-wise 8-bit moment states: bitsandbytes on CUDA, else torchao."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except ImportError:
+            pass
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        from colodiffusion.config import ConfigError
+
+        raise ConfigError(
+            "perf.optimizer=adamw8bit needs bitsandbytes (CUDA) or torchao: pip install bitsandbytes or torchao."
+        ) from None
+    return AdamW8bit(params, **kwargs)
 
 
 def lr_lambda(cfg):

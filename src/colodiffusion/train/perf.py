@@ -1,0 +1,196 @@
+"""Speed and memory levers for the UNet, applied from outside the model in one place.
+
+`apply_perf(unet, cfg, device)` runs where the trainer builds the model, before the backend wraps
+it, in torchtitan's order: model conversions (fp8 linears, attention kernels, dtype, memory
+format), then activation checkpointing, then torch.compile; data-parallel sharding (FSDP) comes
+after, in the backend. The optimizer side (fp32 master weights, CPU offload, 8-bit states) is in
+`train/optim.py` / `train/master_weights.py`. `docs/performance.md` says what each lever buys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from colodiffusion.config import Config, ConfigError
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None = None) -> torch.nn.Module:
+    """Apply `cfg.perf` to the UNet in place (and return it)."""
+    p = cfg.perf
+    if p.fp8:
+        convert_fp8(unet, device)
+    if p.fuse_qkv or p.sdpa_backend != "auto":
+        unet.set_attn_processor(FastAttnProcessor(fuse_qkv=p.fuse_qkv, sdpa_backend=p.sdpa_backend))
+    if p.param_dtype == "bf16":
+        unet.to(torch.bfloat16)
+    if p.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    select_checkpointing(unet, p.activation_checkpointing)
+    compile_unet(unet, p.compile, p.compile_mode)
+    return unet
+
+
+class FastAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention with a chosen SDPA kernel and, optionally, fused projections.
+
+    Fusion concatenates the q/k/v (or cross-attention k/v) weights on the fly into one matmul, so
+    the parameters keep their names and shapes: checkpoints, EMA and exports are unchanged (diffusers'
+    own `fuse_qkv_projections` adds new `to_qkv` parameters beside the old ones). Anything this fast
+    path does not cover (masks, group/spatial norms, 4-D inputs, wrapped or fp8 linears) goes
+    through diffusers' processor."""
+
+    def __init__(self, fuse_qkv: bool = True, sdpa_backend: str = "auto"):
+        super().__init__()
+        if sdpa_backend != "auto" and sdpa_backend not in SDPA_BACKENDS:
+            raise ConfigError(f"perf.sdpa_backend '{sdpa_backend}' is unknown; use auto or {', '.join(SDPA_BACKENDS)}.")
+        self.fuse_qkv = fuse_qkv
+        self.sdpa_backend = sdpa_backend
+
+    def _kernel(self):
+        if self.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPA_BACKENDS[self.sdpa_backend]])
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        with self._kernel():
+            if self.fuse_qkv and _fusable(attn, hidden_states, attention_mask):
+                return _fused_attention(attn, hidden_states, encoder_hidden_states)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def _fusable(attn: Attention, x, mask) -> bool:
+    plain = all(type(getattr(attn, n)) is torch.nn.Linear for n in ("to_q", "to_k", "to_v"))
+    extras = (attn.spatial_norm, attn.group_norm, attn.norm_q, attn.norm_k)
+    return (plain and mask is None and x.ndim == 3 and not attn.norm_cross and not attn.residual_connection
+            and all(e is None for e in extras))
+
+
+def _cat_linear(x: torch.Tensor, layers: list[torch.nn.Linear]) -> list[torch.Tensor]:
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    return F.linear(x, weight, bias).chunk(len(layers), dim=-1)
+
+
+def _fused_attention(attn: Attention, x_BNC: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    B = x_BNC.shape[0]
+    if context is None:
+        q, k, v = _cat_linear(x_BNC, [attn.to_q, attn.to_k, attn.to_v])
+    else:
+        q = attn.to_q(x_BNC)
+        k, v = _cat_linear(context, [attn.to_k, attn.to_v])
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.reshape(B, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out / attn.rescale_output_factor
+
+
+def select_checkpointing(unet: torch.nn.Module, mode: str) -> None:
+    """Activation checkpointing through diffusers' own flags: `full` sets them all; `attention` only
+    the transformer models (each BasicTransformerBlock is recomputed); `resnets` only the UNet blocks
+    (each ResnetBlock2D is recomputed)."""
+    if mode == "none":
+        return
+    if mode not in ("full", "attention", "resnets"):
+        raise ConfigError(f"perf.activation_checkpointing '{mode}' is unknown; use none, full, attention or resnets.")
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    unet.enable_gradient_checkpointing()
+    if mode == "full":
+        return
+    for module in unet.modules():
+        if module is unet or not hasattr(module, "gradient_checkpointing"):
+            continue
+        is_attention = isinstance(module, Transformer2DModel)
+        module.gradient_checkpointing = is_attention if mode == "attention" else not is_attention
+
+
+def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [b for b in blocks if b is not None]
+
+
+def compile_unet(unet: torch.nn.Module, how: str, mode: str = "default", backend: str = "inductor") -> None:
+    """torch.compile in place (`nn.Module.compile`, so parameter names stay as they are).
+
+    `blocks` compiles each down/mid/up block separately: the blocks hold nearly all the FLOPs, each
+    graph is small, and compile time stays a fraction of compiling the whole UNet. Shapes are
+    static (dynamic=False): blocks of one class see different shapes, which must not turn on
+    dynamic-shape kernels."""
+    if how == "none":
+        return
+    kwargs = {"dynamic": False, "backend": backend}
+    if mode != "default":
+        kwargs["mode"] = mode
+    if how == "full":
+        unet.compile(**kwargs)
+    elif how == "blocks":
+        for block in unet_blocks(unet):
+            block.compile(**kwargs)
+    else:
+        raise ConfigError(f"perf.compile '{how}' is unknown; use none, blocks or full.")
+
+
+def convert_fp8(unet: torch.nn.Module, device: torch.device | None = None) -> int:
+    """Swap the UNet's large nn.Linear layers for torchao Float8Linear (dynamic per-tensor scaling).
+
+    Returns how many layers were converted. Needs torchao, and at run time a CUDA GPU with
+    compute capability >= 8.9 (Ada, Hopper)."""
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"perf.fp8 needs a GPU with compute capability >= 8.9 (this one is {major}.{minor}).")
+    elif device is not None:
+        raise ConfigError(f"perf.fp8 needs a CUDA GPU (Ada or Hopper); the device here is {device.type}.")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ConfigError("perf.fp8 needs torchao: pip install torchao (a version built for your torch).") from None
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        # fp8 matmuls need both dims divisible by 16; tiny layers (time embedding) gain nothing.
+        return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
+                and module.out_features % 16 == 0 and module.in_features * module.out_features >= 2**16)
+
+    before = sum(type(m) is torch.nn.Linear for m in unet.modules())
+    convert_to_float8_training(unet, module_filter_fn=wanted)
+    return before - sum(type(m) is torch.nn.Linear for m in unet.modules())
+
+
+def plain_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> torch.nn.Module:
+    """An eager fp32 copy of the UNet for sampling and export: no compiled wrappers (they would
+    still call the original module), weights from the optimizer's fp32 masters when it keeps them."""
+    from colodiffusion.train.master_weights import MasterWeightOptimizer
+
+    compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        out = copy.deepcopy(model)
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
+    out.float().to(memory_format=torch.contiguous_format)
+    if isinstance(optimizer, MasterWeightOptimizer):
+        masters = optimizer.master_of()
+        with torch.no_grad():
+            for src, dst in zip(model.parameters(), out.parameters()):
+                if id(src) in masters:
+                    dst.copy_(masters[id(src)])
+    return out
