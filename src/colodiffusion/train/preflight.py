@@ -50,7 +50,10 @@ def _writable(folder: Path) -> Optional[str]:
     except OSError as exc:
         return f"the run folder '{folder}' is not writable ({exc.strerror or exc}); choose another run.dir"
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
     return None
 
 
