@@ -48,7 +48,7 @@ def _wait(proc, ready, what: str, timeout: float = 180) -> None:
 
 
 def _log_tail(run_dir: Path, since: int) -> str:
-    return (run_dir.parent / f"{run_dir.name}.log").read_text()[since:]
+    return (run_dir.parent / f"{run_dir.name}.log").read_bytes()[since:].decode(errors="replace")
 
 
 def _log_size(run_dir: Path) -> int:
