@@ -53,9 +53,12 @@ class ResumableLoader:
     def _start(self):
         idx = rank_indices(len(self.dataset), self.seed, self.epoch, self.rank, self.world_size, self.shuffle)
         idx = idx[: len(idx) - len(idx) % self.batch_size][self.consumed:]  # whole batches only
+        # Own generator: DataLoader draws its worker base seed from it, not from the global RNG
+        # (a resume starts an iterator mid-epoch, which would otherwise shift the global stream).
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self._it = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=idx,
                                    num_workers=self.num_workers, collate_fn=self.collate_fn,
-                                   persistent_workers=False))
+                                   persistent_workers=False, generator=gen))
 
     def __iter__(self):
         return self
