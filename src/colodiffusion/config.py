@@ -209,6 +209,12 @@ class TrainConfig:
     """EMA of the UNet."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters instead of full fine-tuning."""
+    max_bad_steps: int = 10
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (their updates are skipped); 0 never stops."""
+    preempt_check_every: int = 10
+    """In distributed runs, agree on a SIGTERM/SIGUSR1 stop every N steps (one tiny all-reduce); single-process runs check every step."""
+    debug_nan_steps: list[int] = field(default_factory=list)
+    """Test hook: make the loss of these steps (1-based) NaN, to exercise the numerical guard."""
 
 
 @dataclass
@@ -285,6 +291,8 @@ _RANGES = {
     "train.keep_checkpoints": (lambda v: v >= 1, "a whole number >= 1"),
     "train.log_every": (lambda v: v >= 1, "a whole number >= 1"),
     "train.sample_every": (lambda v: v >= 0, "a whole number >= 0"),
+    "train.max_bad_steps": (lambda v: v >= 0, "a whole number >= 0"),
+    "train.preempt_check_every": (lambda v: v >= 1, "a whole number >= 1"),
     "train.ema.decay": (lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "data.resolution": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, at least 8"),
     "data.num_samples": (lambda v: v >= 1, "a whole number >= 1"),

@@ -152,8 +152,11 @@ class ResumableLoader:
             self._account([(list(getattr(source, "index_bad", [])), {})])
         self.dataset.set_epoch(self.epoch)
         batches = self.epoch_batches(self.epoch)[self.consumed // self.batch_size:]
+        # Own generator: DataLoader draws its worker base seed from it, not from the global RNG
+        # (a resume starts an iterator mid-epoch, which would otherwise shift the global stream).
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self._it = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                   collate_fn=self.collate_fn, persistent_workers=False))
+                                   collate_fn=self.collate_fn, persistent_workers=False, generator=gen))
 
     def __iter__(self):
         return self

@@ -1,13 +1,28 @@
-"""Checkpoints as folders, written to a temporary folder by the backend (every rank writes its
-part), fsynced and renamed into place, so a crash mid-write never leaves a half checkpoint under a
-real name. `latest` names the newest one. What goes inside is the backend's business: the single
-process writes `unet.safetensors`, `ema.safetensors`, `state.pt` and one `rank_<r>.pt` per rank.
-State files are read with `torch.load(weights_only=True)`: loading never runs code.
+"""Checkpoints as folders that are either complete and verified, or ignored.
+
+A save writes everything into `.tmp-step_XXXXXXXX/` through the backend (every rank writes its
+part), fsyncs it, writes `manifest.json` last (size and SHA-256 of every file), fsyncs again and
+renames the folder to `step_XXXXXXXX/` in one atomic `os.replace`; `latest` is updated after that
+and is only a hint for people: readers scan the folders and trust the manifest, not the pointer.
+A kill -9 at any moment therefore leaves either the new checkpoint complete or none of it under a
+real name, and the previous one untouched:
+
+- killed while writing: a stale `.tmp-*` folder, removed by the next save or resume;
+- re-saving a step that exists: the old folder is renamed to `.replaced-*` before the new one
+  takes its name, and renamed back by `recover` if the kill came in between;
+- pruning old checkpoints renames them to `.deleted-*` first, so a half-deleted folder never
+  carries a real name.
+
+Loading verifies the manifest (a truncated or garbled file is refused with one sentence) and
+reads state files with `torch.load(weights_only=True)`: loading never runs code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +31,16 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from colodiffusion.config import ConfigError
+from colodiffusion.train import faults, signals
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or used, in one sentence (exit code 2 in the CLI)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,39 +51,168 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
 def _fsync_tree(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():  # e.g. a sharded checkpoint's dcp/
-            _fsync_tree(p)
-    _fsync_dir(path)
+    for p in _files(path):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    for d in sorted({p.parent for p in _files(path)} | {path}, key=lambda d: -len(d.parts)):
+        _fsync_dir(d)
 
 
-def save(root: Path, step: int, write: Callable[[Path], None], keep: int, is_main: bool = True,
-         barrier: Callable[[], None] = lambda: None) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files(folder)}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path, hashes: bool = True) -> None:
+    """Raise CheckpointError unless every file the manifest lists is there with its size (and hash)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{folder}' is incomplete (no {MANIFEST}: its save never finished)") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{folder}' has an unreadable {MANIFEST}") from None
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint '{folder}' is missing '{name}'")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"checkpoint '{folder}' has a truncated or altered '{name}' "
+                                  f"({size} bytes, the manifest says {meta['size']})")
+        if hashes and _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the manifest)")
+
+
+def recover(root: Path) -> None:
+    """Undo what a crash mid-save left behind (main rank only, while no save runs)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".deleted-")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".replaced-"):
+            final = root / p.name[len(".replaced-"):]
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:  # killed between moving the old folder aside and publishing the new one
+                os.replace(p, final)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    aside = root / f".replaced-{final.name}"
+    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        faults.point("replaced_aside")
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    faults.point("published")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    try:
+        pointer = root / ".latest.tmp"
+        pointer.write_text(step_folders(root)[-1].name + "\n")
+        os.replace(pointer, root / "latest")
+        for old in step_folders(root)[:-keep]:
+            dead = root / f".deleted-{old.name}"
+            os.replace(old, dead)
+            faults.point("pruning")
+            shutil.rmtree(dead, ignore_errors=True)
+    except OSError as exc:  # the new checkpoint is already published; this is housekeeping
+        print(f"warning: checkpoint housekeeping in {root} failed ({exc}); it is retried at the next save")
+
+
+def save(root: Path, step: int, write: Callable[[Path], Any], keep: int, is_main: bool = True,
+         barrier: Callable[[], None] = lambda: None,
+         all_ok: Callable[[bool], bool] = lambda ok: ok) -> Path:
     """Write checkpoint `root/step_XXXXXXXX` through `write(folder)` (called on every rank, into
-    one temporary folder), then publish it atomically; keep the newest `keep` complete ones."""
+    one temporary folder), then publish it atomically; keep the newest `keep` checkpoints.
+
+    `all_ok(ok)` is a collective in distributed runs (True only if every rank passed True), so
+    a write error on any rank (a full disk) stops every rank; the previous checkpoint is intact.
+    `write` may return a Future (an asynchronous sharded save): the folder is then published when
+    it completes, at the next save or at shutdown (`finish_pending`)."""
     finish_pending()
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    faults.step = step
+    error: Optional[BaseException] = None
+    pending = None
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        recover(root)
         tmp.mkdir()
     barrier()
-    pending = write(tmp)
+    try:
+        pending = write(tmp)
+    except OSError as exc:
+        error = exc
     barrier()
-    if pending is not None:
-        # An asynchronous write (a Future): publish once it is done, at the next save or at
-        # shutdown. DCP's coordinator (rank 0) completes last, after every rank's shards are written.
-        _PENDING.append((pending, (lambda: _publish(root, tmp, final, keep)) if is_main else None))
+    if pending is not None and all_ok(error is None):
+        # DCP's coordinator (rank 0) completes last, after every rank's shards are written.
+        _PENDING.append((pending, (lambda: _finish(root, tmp, final, step, keep)) if is_main else None))
         return final
+    if all_ok(error is None) and is_main:
+        try:
+            _seal(root, tmp, final, step)
+        except OSError as exc:
+            error = exc
+    if not all_ok(error is None):
+        _fail(root, tmp, step, error, is_main)
     if is_main:
-        _publish(root, tmp, final, keep)
+        _prune(root, keep)
     barrier()
     return final
+
+
+def _seal(root: Path, tmp: Path, final: Path, step: int) -> None:
+    faults.point("files_written")
+    _fsync_tree(tmp)
+    write_manifest(tmp, step)
+    _fsync_dir(tmp)
+    faults.point("manifest_written")
+    _publish(root, tmp, final)
+
+
+def _fail(root: Path, tmp: Path, step: int, error: Optional[BaseException], is_main: bool) -> None:
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = step_folders(root) if is_main else []
+    why = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else "a write failed on another rank"
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    raise CheckpointError(f"could not write checkpoint step {step} to {root} ({why}); {kept}, "
+                          f"so the run stops: free space and rerun with train.resume=auto")
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, keep: int) -> None:
+    try:
+        _seal(root, tmp, final, step)
+    except OSError as exc:
+        _fail(root, tmp, step, exc, True)
+    _prune(root, keep)
 
 
 _PENDING: list = []
@@ -74,50 +227,110 @@ def finish_pending() -> None:
             publish()
 
 
-def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    faults.point("tensors_written")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for bad headers/lengths
+        raise CheckpointError(f"'{path}' is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
 
 
 def load_state(path: Path) -> Any:
     """Read a `.pt` state file without executing code (tensors, numbers, strings, containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"'{path}' holds objects other than tensors and plain data; it was refused "
+                              "unread because loading it could run code") from None
+    except Exception as exc:
+        raise CheckpointError(f"'{path}' is not a readable state file ({str(exc).splitlines()[0]})") from None
+
+
+def step_folders(root: Path) -> list[Path]:
+    """Published checkpoint folders, oldest first (not verified)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "state.pt").exists())
+    """Published checkpoints whose manifest lists files of the right sizes, oldest first."""
+    out = []
+    for p in step_folders(root):
+        try:
+            verify(p, hashes=False)
+            out.append(p)
+        except CheckpointError:
+            pass
+    return out
 
 
-def find_latest(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+def find_latest(root: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest checkpoint that verifies in full; a corrupt newer one is reported and skipped.
+    None if `root` holds no checkpoint folder; CheckpointError if it holds some but none is intact."""
+    found = step_folders(root)
+    problems = []
+    for p in reversed(found):
+        try:
+            verify(p)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log(f"skipping {exc}")
+            continue
+        if problems:
+            log(f"falling back to the older checkpoint {p}")
+        return p
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoint(s) in {root} is intact ({problems[0]}); "
+                              "give train.resume=PATH to choose one or start a fresh run.dir")
+    return None
 
 
-def resolve(path: Path) -> Path:
-    """A checkpoint folder, or a run/checkpoints folder whose newest checkpoint is meant."""
+def resolve(path: Path, log: Callable[[str], None] = print) -> Path:
+    """A verified checkpoint: `path` itself, or the newest intact one in a run or checkpoints folder."""
     path = Path(path)
-    if (path / "state.pt").exists():
+    if (path / MANIFEST).exists() or (path / "state.pt").exists():
+        verify(path)
         return path
     for root in (path, path / "checkpoints"):
-        found = find_latest(root)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"'{path}' is not a checkpoint folder (no state.pt) and holds no checkpoints")
+        if step_folders(root):
+            found = find_latest(root, log)
+            if found is not None:
+                return found
+    raise CheckpointError(f"'{path}' is not a checkpoint folder (no {MANIFEST}) and holds no checkpoints")
+
+
+def manifest_step(folder: Path) -> int:
+    return int(json.loads((Path(folder) / MANIFEST).read_text())["step"])
+
+
+def choose(root: Path, mode: str, backend) -> Optional[Path]:
+    """The checkpoint to resume from (`mode` is 'auto' or a path): cleaned up, picked and verified
+    on the main rank, then agreed by every rank (they get its step through the backend)."""
+    path, error = None, None
+    if backend.is_main:
+        try:
+            recover(root)
+            path = find_latest(root) if mode == "auto" else resolve(Path(mode))
+        except CheckpointError as exc:
+            error = exc
+    if backend.world_size == 1:
+        if error is not None:
+            raise error
+        return path
+    step = signals.broadcast_int(backend, -2 if error is not None else -1 if path is None else manifest_step(path))
+    if step == -2:
+        raise error or CheckpointError("the main rank could not choose a checkpoint to resume from (see its message)")
+    if step == -1:
+        return None
+    if backend.is_main:
+        return path
+    base = root if mode == "auto" else Path(mode)
+    for p in (base, base / f"step_{step:08d}", base / "checkpoints" / f"step_{step:08d}"):
+        if (p / MANIFEST).exists() and manifest_step(p) == step:
+            return p
+    raise CheckpointError(f"rank {backend.rank} cannot see checkpoint step {step} under '{base}' (is the run folder on a shared filesystem?)")

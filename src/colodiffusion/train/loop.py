@@ -24,7 +24,7 @@ from colodiffusion.models import Components, build_components, encode_images
 from colodiffusion.models.lora import has_lora, merged, save_lora
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
-from colodiffusion.train import checkpoint
+from colodiffusion.train import checkpoint, guards, preflight, signals
 from colodiffusion.train.first_stage import train_autoencoder
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
@@ -43,21 +43,25 @@ class State:
     data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
     step: int = 0
     extra: dict = field(default_factory=dict)
+    guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
 
 
 def train(cfg: Config) -> Path:
     backend = build_backend(cfg)
+    signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
     try:
         run_dir = prepare_run_dir(cfg, backend)
         dataset = build_dataset(cfg)
+        preflight.check(cfg, backend, run_dir, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
         resume(cfg, backend, state, run_dir)
-        run_loop(cfg, backend, comps, state, run_dir)
-        export_final(cfg, backend, comps, state, run_dir)
+        if run_loop(cfg, backend, comps, state, run_dir):
+            export_final(cfg, backend, comps, state, run_dir)
         backend.barrier()
         return run_dir
     finally:
+        signals.uninstall()
         backend.shutdown()
 
 
@@ -104,7 +108,9 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
         )
     trainable = build_trainable(cfg, comps)  # the UNet, with LoRA adapters and/or the text encoder if configured
     te_params = frozenset(text_encoder_param_ids(trainable))
-    model, optimizer = backend.prepare(trainable, lambda params: build_optimizer(params, cfg, backend.device, te_params))
+    guard = guards.NumericalGuard(cfg, backend)
+    model, optimizer = backend.prepare(
+        trainable, lambda params: guard.wrap(build_optimizer(params, cfg, backend.device, te_params)))
     ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,
@@ -112,7 +118,7 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
                              block_shuffle=cfg.data.shuffle == "block")
     noise_gen = torch.Generator(backend.device).manual_seed(t.seed * 7919 + 1 + backend.dp_rank)
     data_gen = torch.Generator("cpu").manual_seed(t.seed * 7919 + 2 + backend.dp_rank)
-    return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen)
+    return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen, guard=guard)
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -129,16 +135,15 @@ def rank_state(s: State) -> dict:
 
 
 def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
-    if not cfg.train.resume:
+    mode = signals.resume_mode(cfg.train.resume)  # 'auto' by itself in a restarted torchrun/SLURM worker
+    if not mode:
         return
-    root = run_dir / "checkpoints"
-    path = checkpoint.find_latest(root) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    path = checkpoint.choose(run_dir / "checkpoints", mode, backend)
     if path is None:
         if backend.is_main:
-            print(f"train.resume=auto: no checkpoint in {root}, starting from step 0")
+            print(f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
         return
     try:
-        path = checkpoint.resolve(path)
         shared, per_rank = backend.load(path, s.model, s.optimizer, s.ema.state_dict() if s.ema else None)
     except Exception as exc:
         raise ConfigError(f"cannot resume from '{path}': {exc}.") from None
@@ -154,11 +159,13 @@ def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
 
 
 def save_checkpoint(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
+    s.guard.check(s.step)  # never checkpoint past the bad-step limit
     ema = s.ema.state_dict() if s.ema is not None else None
     checkpoint.save(
         run_dir / "checkpoints", s.step,
         lambda folder: backend.save(folder, s.model, s.optimizer, ema, shared_state(s), rank_state(s)),
         keep=cfg.train.keep_checkpoints, is_main=backend.is_main, barrier=backend.barrier,
+        all_ok=lambda ok: signals.all_ranks(backend, ok),
     )
 
 
@@ -180,9 +187,12 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
             latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
         with backend.autocast():
             loss = objective.loss(unet_fn, latents, context, s.noise_gen) / accum
+        loss = s.guard.inject(loss, s.step)
         backend.backward(loss)
         total += loss.detach()
-    grad_norm = backend.step(s.model, s.optimizer, cfg.train.grad_clip)
+    s.guard.before_step(total)
+    grad_norm = backend.step(s.model, s.optimizer, cfg.train.grad_clip)  # skips the update if not finite
+    s.guard.after_step()
     s.lr_scheduler.step()
     s.step += 1
     if s.ema is not None:
@@ -190,7 +200,8 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
     return total, grad_norm
 
 
-def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> bool:
+    """Train to `train.max_steps` (True), or until a stop signal, after a checkpoint (False)."""
     t = cfg.train
     objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
     tel = Telemetry(run_dir, t.max_steps, s.step, enabled=backend.is_main)
@@ -207,14 +218,23 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             dt = time.perf_counter() - t0
             tel.log(s.step, {"loss": mean.item(), "lr": s.lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm), "samples_per_s": n * t.batch_size / dt,
-                             "epoch": s.loader.epoch, **s.loader.bad_counts()})
+                             "epoch": s.loader.epoch, **s.loader.bad_counts(), **s.guard.check(s.step)})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
-        if t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
+        saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
+        if saved:
             save_checkpoint(cfg, backend, s, run_dir)
         if t.sample_every and (s.step % t.sample_every == 0 or s.step == t.max_steps):
             write_samples(cfg, backend, comps, s, run_dir)
+        if s.step < t.max_steps and signals.stop_requested(backend, s.step, t.preempt_check_every):
+            if not saved:
+                save_checkpoint(cfg, backend, s, run_dir)
+            tel.write(f"stopped by {signals.received() or 'a signal on another rank'} at step {s.step} after a "
+                      "checkpoint; continue with train.resume=auto")
+            tel.close()
+            return False
     tel.close()
+    return True
 
 
 def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[torch.nn.Module]:

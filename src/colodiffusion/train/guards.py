@@ -1,0 +1,139 @@
+"""Numerical guards: a step with a non-finite loss or gradient changes nothing, is counted, and
+too many in a row stop the run with one sentence.
+
+How a bad step is skipped *exactly* (weights and optimizer moments/step counts bit-for-bit as
+before) without a host sync per step:
+
+- `wrap(optimizer)` puts a check in front of `optimizer.step()`, so it applies to whatever the
+  backend does around it (unscale, clip, DDP/FSDP reductions). The check is the max-abs of every
+  local gradient plus the loss, on the device; in distributed runs it is all-reduced through the
+  backend so every rank skips the same steps (a NaN in one FSDP shard skips all ranks).
+- Fused optimizers (AdamW `fused=True`, what CUDA runs use) take the flag as `found_inf`, the
+  GradScaler's contract: the kernel leaves parameters and moments alone and undoes its step
+  count increment. No host sync.
+- Other optimizers (the CPU foreach AdamW) read the flag on the host and do not call `step()`;
+  on a CPU that sync costs nothing.
+
+The learning-rate schedule, the data position and the EMA still advance on a skipped step (the
+EMA averages the unchanged weights once more), as with PyTorch's GradScaler. Counters stay on
+the device; they are read, and the `train.max_bad_steps` limit enforced, at the logging interval
+and before each checkpoint (skipped steps do not change the weights, so a checkpoint written
+during a short bad streak still holds good weights).
+
+fp16: the GradScaler already skips overflowing steps and lowers its scale; those are counted as
+`overflow_steps` but do not count toward the limit (overflow is how the scaler calibrates). A
+non-finite *loss* does.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+
+import torch
+
+from colodiffusion.config import ConfigError
+
+
+class TrainingDiverged(ConfigError):
+    """Too many consecutive non-finite steps: one sentence, exit code 2 in the CLI."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2/TP DTensor grads: this rank's shard
+
+
+class NumericalGuard:
+    def __init__(self, cfg, backend):
+        self.backend = backend
+        self.max_bad_steps = cfg.train.max_bad_steps
+        self.nan_steps = set(cfg.train.debug_nan_steps)
+        self.fp16 = getattr(backend, "scaler", None) is not None
+        self.checkpoints = Path(cfg.run.dir) / "checkpoints"
+        zero = lambda: torch.zeros((), device=backend.device)  # noqa: E731
+        self.bad_total, self.overflow_total, self.run, self.worst = zero(), zero(), zero(), zero()
+        self._loss = None
+        self._stepped = False
+
+    # -- hooks the loop calls ---------------------------------------------------------------------
+    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """Test hook (`train.debug_nan_steps`): the loss of step `step + 1` becomes NaN."""
+        return loss * float("nan") if step + 1 in self.nan_steps else loss
+
+    def before_step(self, loss: torch.Tensor) -> None:
+        self._loss, self._stepped = loss.detach(), False
+
+    def after_step(self) -> None:
+        """A GradScaler that found inf/NaN does not call the (non-fused) optimizer at all."""
+        if self.fp16 and not self._stepped:
+            self.overflow_total += 1
+            self._record(self._flag([]))  # only a non-finite loss counts toward the limit
+
+    # -- the check in front of optimizer.step() ---------------------------------------------------
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        step = optimizer.step
+
+        def guarded_step(_opt, *args, **kwargs):
+            self._stepped = True
+            bad = self._flag([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+            if optimizer.defaults.get("fused"):
+                return self._fused_step(optimizer, step, bad, args, kwargs)
+            self._record(bad)
+            if bool(bad):  # host sync: only on the non-fused (CPU) path
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step = types.MethodType(guarded_step, optimizer)  # a bound method, as LR schedulers expect
+        return optimizer
+
+    def _flag(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """True (a device bool) if the loss or any gradient is non-finite on any rank."""
+        grads = [_local(g) for g in grads]
+        worst = torch.zeros((), device=self.backend.device)
+        if grads and not self.fp16:  # fp16: the scaler judges the gradients
+            worst = torch.stack([n.to(worst.device) for n in torch._foreach_norm(grads, math.inf)]).max()
+        if self._loss is not None:
+            worst = worst + self._loss.abs().to(worst.device)
+        bad = (~torch.isfinite(worst)).float()
+        if self.backend.world_size > 1:
+            bad = self.backend.all_reduce_mean(bad)
+        return bad > 0
+
+    def _fused_step(self, optimizer, step, bad, args, kwargs):
+        scaler_inf = getattr(optimizer, "found_inf", None)  # set by a GradScaler around this call
+        skip = bad.float() if scaler_inf is None else torch.maximum(scaler_inf, bad.float())
+        if scaler_inf is not None:
+            self.overflow_total += (scaler_inf > 0).float() * (~bad).float()
+        self._record(bad)
+        optimizer.found_inf = skip
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if scaler_inf is None:
+                del optimizer.found_inf
+            else:
+                optimizer.found_inf = scaler_inf
+
+    def _record(self, bad: torch.Tensor) -> None:
+        b = bad.float()
+        self.bad_total += b
+        self.run = (self.run + 1) * b
+        self.worst = torch.maximum(self.worst, self.run)
+
+    # -- read at the logging interval and before checkpoints --------------------------------------
+    def check(self, step: int) -> dict:
+        """Counters for the metrics; raises TrainingDiverged past `train.max_bad_steps` in a row."""
+        worst = int(self.worst.item())
+        if self.max_bad_steps and worst >= self.max_bad_steps:
+            folders = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
+            last = f"the last checkpoint {folders[-1]} holds the last good weights" if folders else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {worst} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.max_bad_steps}) and their updates were skipped, so {last}; "
+                "lower train.lr, check the data, or use bf16 instead of fp16")
+        self.worst = self.run.clone()
+        out = {"bad_steps": int(self.bad_total.item())}
+        if self.fp16:
+            out["overflow_steps"] = int(self.overflow_total.item())
+        return out

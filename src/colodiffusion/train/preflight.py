@@ -1,0 +1,89 @@
+"""Checks before any compute is spent: the run folder takes a checkpoint, the data reads, the
+config fits the world. Each failure is one sentence (ConfigError, exit code 2), on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.train import signals
+
+# Bytes per trainable parameter in a checkpoint: fp32 weights + fp32 EMA + AdamW's two fp32 moments.
+BYTES_PER_PARAM = 16
+SLACK = 1.10  # file headers, RNG and loader state, the manifest
+
+
+def unet_parameters(cfg: Config) -> int:
+    """UNet parameter count, from a meta-device build (no memory, no weights read)."""
+    from diffusers import UNet2DConditionModel
+
+    from colodiffusion.models.presets import build_unet, get_preset
+
+    with torch.device("meta"):
+        if cfg.model.pretrained:
+            config = UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet")
+            unet = UNet2DConditionModel.from_config(config)
+        else:
+            unet = build_unet(get_preset(cfg.model.preset))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    per_param = BYTES_PER_PARAM if cfg.train.ema.enabled else BYTES_PER_PARAM - 4
+    return int(unet_parameters(cfg) * per_param * SLACK)
+
+
+def _writable(folder: Path) -> Optional[str]:
+    probe = folder / f".preflight-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return f"the run folder '{folder}' is not writable ({exc.strerror or exc}); choose another run.dir"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
+
+
+def _space(cfg: Config, folder: Path) -> Optional[str]:
+    need = checkpoint_bytes(cfg)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        return (f"the run folder '{folder}' has {free / 2**20:.0f} MiB free but one checkpoint needs about "
+                f"{need / 2**20:.0f} MiB; free space or choose another run.dir")
+    return None
+
+
+def _data(cfg: Config, backend, dataset) -> Optional[str]:
+    per_rank = cfg.train.batch_size // max(1, backend.dp_size) // cfg.train.grad_accum
+    if len(dataset) // max(1, backend.dp_size) < per_rank:
+        return (f"the dataset has {len(dataset)} samples, fewer than one batch of {per_rank} per rank on "
+                f"{backend.dp_size} rank(s); lower train.batch_size or add data")
+    try:
+        dataset[0]
+    except Exception as exc:  # any reader error: the point is to say it before training
+        return f"the first training sample cannot be read ({type(exc).__name__}: {exc}); check data.source and data.path"
+    return None
+
+
+def check(cfg: Config, backend, run_dir: Path, dataset) -> None:
+    """Raise ConfigError (on every rank) if the run cannot checkpoint or read its data."""
+    problem = _data(cfg, backend, dataset)
+    if problem is None and backend.is_main:
+        problem = _writable(run_dir / "checkpoints") or _space(cfg, run_dir)
+    if not signals.all_ranks(backend, problem is None):
+        raise ConfigError(problem or "preflight failed on another rank (see its message)")
+    if cfg.train.debug_nan_steps and backend.is_main:
+        print(f"warning: train.debug_nan_steps={list(cfg.train.debug_nan_steps)} makes those steps' loss NaN (a test hook)")

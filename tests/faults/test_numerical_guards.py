@@ -1,0 +1,95 @@
+"""Injected NaN steps are skipped exactly and counted; too many in a row stop the run in one sentence."""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+
+import pytest
+import torch
+
+from conftest import differences, overrides, run_to_end
+
+from colodiffusion.config import load_config
+from colodiffusion.train import checkpoint
+from colodiffusion.train.guards import NumericalGuard, TrainingDiverged
+
+
+def _backend():
+    return types.SimpleNamespace(device=torch.device("cpu"), world_size=1, scaler=None)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_gradient_skips_the_update_exactly(fused, tmp_path):
+    """Both paths: the host-checked one (foreach AdamW) and the sync-free one (fused AdamW + found_inf)."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    guard = NumericalGuard(cfg, _backend())
+    model = torch.nn.Linear(8, 4)
+    opt = guard.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None))
+    x = torch.randn(16, 8)
+
+    def step(poison: bool):
+        loss = model(x).square().mean() * (float("nan") if poison else 1.0)
+        loss.backward()
+        guard.before_step(loss)
+        opt.step()
+        guard.after_step()
+        opt.zero_grad()
+
+    step(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+    step(True)
+    step(True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
+    assert all(torch.equal(state[k], after[k]) for k in state)  # moments and step count untouched
+    assert guard.check(3)["bad_steps"] == 2
+    step(False)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # good steps still update
+    assert guard.check(4)["bad_steps"] == 2
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_counted_and_logged(new_run, report):
+    from colodiffusion.train.loop import train
+
+    run_dir = new_run()
+    train(load_config(None, overrides(run_dir, "train.max_steps=4", "train.keep_checkpoints=3",
+                                      "train.debug_nan_steps=[3,4]")))
+    report["faults_injected"]["nan_step"] += 2
+    root = run_dir / "checkpoints"
+    diff = differences(root / "step_00000002", root / "step_00000004")
+    # Steps 3-4 were skipped: weights, EMA and optimizer state are those of step 2.
+    assert not any(k.startswith(("unet.", "opt.")) for k in diff), diff
+    assert {"step", "loader", "lr"} <= set(diff)  # the data position and schedule moved on
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["bad_steps"] for m in logged] == [0, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_too_many_bad_steps_stop_in_one_sentence_with_good_checkpoint(new_run, report):
+    run_dir = new_run()
+    done = run_to_end(run_dir, "train.max_steps=12", "train.max_bad_steps=3", "train.debug_nan_steps=[3,4,5,6]")
+    report["faults_injected"]["nan_step"] += 3
+    assert done.returncode == 2, done.stdout[-1000:] + done.stderr[-1000:]
+    err = re.findall(r"error: [^\r\n]*", done.stderr)  # it may follow a progress bar on its line
+    assert len(err) == 1 and "Traceback" not in done.stderr
+    assert "3 consecutive steps had a non-finite loss or gradient" in err[0]
+    assert err[0].count(". ") == 0  # one sentence
+    root = run_dir / "checkpoints"
+    last = checkpoint.find_latest(root, log=lambda m: None)
+    assert last.name == "step_00000004" and str(last) in err[0]
+    assert not any(k.startswith("unet.") for k in differences(root / "step_00000002", last))
+
+
+def test_guard_check_raises_past_the_limit(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.max_bad_steps=2"])
+    guard = NumericalGuard(cfg, _backend())
+    for bad in (True, False, True):  # a good step resets the run
+        guard._record(torch.tensor(bad))
+    guard.check(3)
+    guard._record(torch.tensor(True))
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        guard.check(4)
