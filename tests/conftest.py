@@ -5,15 +5,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-# The smallest run that still exercises every part of the trainer.
-TINY = [
-    "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
-    "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

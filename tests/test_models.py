@@ -25,7 +25,7 @@ def test_tiny_preset_is_cpu_sized():
     unet = build_unet(p)
     assert 1e6 < count(unet) < 10e6
     vae = build_vae(p)
-    z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    z = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
     assert z.shape == (1, 4, 16, 16)
 
 

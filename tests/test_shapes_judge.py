@@ -24,6 +24,8 @@ from colodiffusion.data.shapes import (  # noqa: E402
     BACKGROUNDS,
     COLORS,
     EVAL_SEED_OFFSET,
+    SIZE_RANGE,
+    SMALL_BELOW,
     EVAL_TEMPLATES,
     SHAPES,
     TRAIN_TEMPLATES,
@@ -90,7 +92,7 @@ def test_sampled_shapes_fit_with_margin(resolution):
     rng = np.random.default_rng(0)
     for _ in range(300):
         s = sample_spec(rng, resolution)
-        assert 0.25 * resolution - 0.5 <= s.size <= 0.6 * resolution + 0.5
+        assert SIZE_RANGE[0] * resolution - 0.5 <= s.size <= SIZE_RANGE[1] * resolution + 0.5
         half = s.size / 2
         assert min(s.cx, s.cy) - half >= 1 and max(s.cx, s.cy) + half <= resolution - 1
         img = np.asarray(render(s, resolution))
@@ -139,9 +141,9 @@ def test_position_phrase_is_true():
         elif "in the middle" in text:
             assert abs(dx) < 8 and abs(dy) < 8
         if "small" in text.split():
-            assert spec.size < 0.4 * 64
+            assert spec.size < SMALL_BELOW * 64
         if "large" in text.split():
-            assert spec.size >= 0.4 * 64
+            assert spec.size >= SMALL_BELOW * 64
 
 
 def test_eval_prompts_are_held_out():

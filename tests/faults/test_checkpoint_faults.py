@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import overrides
+from faultkit import overrides
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import checkpoint, faults

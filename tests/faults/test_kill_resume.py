@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import differences, launch, metrics, run_to_end
+from faultkit import differences, launch, metrics, run_to_end
 
 from colodiffusion.train import checkpoint
 

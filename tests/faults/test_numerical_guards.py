@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from conftest import differences, overrides, run_to_end
+from faultkit import differences, overrides, run_to_end
 
 from colodiffusion.config import load_config
 from colodiffusion.train import checkpoint

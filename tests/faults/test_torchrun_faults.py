@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import env, metrics, overrides
+from faultkit import env, metrics, overrides
 
 STEPS = 12
 pytestmark = pytest.mark.slow

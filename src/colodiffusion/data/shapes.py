@@ -86,6 +86,11 @@ EVAL_TEMPLATES: tuple[str, ...] = (
 )
 
 # Training item seeds are always below this; eval seeds are at or above it.
+# Shape sizes as fractions of the image side: large enough that a 32 px image still shows the
+# corners that tell a square from a circle; "small" is the lower half of the range.
+SIZE_RANGE = (0.35, 0.7)
+SMALL_BELOW = 0.525
+
 EVAL_SEED_OFFSET = 1_000_000_000
 
 
@@ -148,12 +153,12 @@ def render(spec: ShapeSpec, resolution: int = 64) -> Image.Image:
 
 def sample_spec(rng: np.random.Generator, resolution: int = 64) -> ShapeSpec:
     """Draw a random spec: uniform shape, colour and background; size uniform
-    in ``[0.25, 0.6] * resolution`` (rounded); centre uniform over positions
+    in ``SIZE_RANGE * resolution`` (rounded); centre uniform over positions
     that leave at least a 1-pixel margin on every side."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     color = tuple(COLORS)[int(rng.integers(len(COLORS)))]
     background = tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-    size = int(round(rng.uniform(0.25 * resolution, 0.6 * resolution)))
+    size = int(round(rng.uniform(SIZE_RANGE[0] * resolution, SIZE_RANGE[1] * resolution)))
     lo = math.ceil(1 + size / 2)
     hi = math.floor(resolution - 1 - size / 2)
     if hi < lo:
@@ -164,7 +169,7 @@ def sample_spec(rng: np.random.Generator, resolution: int = 64) -> ShapeSpec:
 
 
 def size_word(spec: ShapeSpec, resolution: int = 64) -> str:
-    return "small" if spec.size < 0.4 * resolution else "large"
+    return "small" if spec.size < SMALL_BELOW * resolution else "large"
 
 
 def where_phrase(spec: ShapeSpec, resolution: int = 64) -> str:

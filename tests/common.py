@@ -1,0 +1,16 @@
+"""Constants shared by the tests (imported by name: `from common import TINY`)."""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The smallest run that still exercises every part of the trainer.
+TINY = [
+    "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
+    "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
+]
