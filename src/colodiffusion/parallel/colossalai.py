@@ -114,7 +114,7 @@ class ColossalAIBackend(DistributedBackend):
             io.mkdir()
         self.barrier()
         self.booster.save_model(model, str(io / "model.safetensors"), shard=False, use_safetensors=True)
-        self.booster.save_optimizer(self.wrapped_optimizer, str(io / "optimizer"), shard=True)
+        self.booster.save_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()), shard=self.sharded_optimizer)
         if self.is_main:
             if ema is not None:
                 checkpoint.save_tensors(folder / "ema.safetensors", ema)
@@ -122,6 +122,15 @@ class ColossalAIBackend(DistributedBackend):
                         "saved_by": {"strategy": self.name, "plugin": self.cfg.parallel.plugin,
                                      "world_size": self.world_size}}, folder / "state.pt")
         torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+
+    @property
+    def sharded_optimizer(self) -> bool:
+        # torch_ddp: every rank holds the whole AdamW state, so one file (Colossal-AI's sharded
+        # loader also synchronizes a device, which its CPU accelerator refuses)
+        return self.cfg.parallel.plugin != "torch_ddp"
+
+    def optimizer_name(self) -> str:
+        return "optimizer" if self.sharded_optimizer else "optimizer.bin"
 
     def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
         shared = checkpoint.load_state(folder / "state.pt")
@@ -132,7 +141,7 @@ class ColossalAIBackend(DistributedBackend):
             raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with parallel.plugin={saved.get('plugin')}")
         io = folder / "colossalai"
         self.booster.load_model(model, str(io / "model.safetensors"))
-        self.booster.load_optimizer(self.wrapped_optimizer, str(io / "optimizer"))
+        self.booster.load_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()))
         if ema is not None:
             src = checkpoint.load_tensors(folder / "ema.safetensors")
             for k, v in ema.items():

@@ -131,6 +131,8 @@ class DeepSpeedBackend(DistributedBackend):
                               "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
         self.ds = import_deepspeed()
         super().__init__(cfg)
+        for key, value in (("LOCAL_RANK", 0), ("RANK", 0), ("WORLD_SIZE", 1)):
+            os.environ.setdefault(key, str(value))  # a plain one-process run: DeepSpeed reads them
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.ds.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         self.engine = None
