@@ -177,6 +177,6 @@ def build_backend(cfg: Config) -> Backend:
     if cfg.parallel.strategy == "single" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ConfigError(
             f"parallel.strategy=single runs one process, but {os.environ['WORLD_SIZE']} were launched "
-            "(torchrun); set parallel.strategy=ddp, fsdp, deepspeed or colossalai."
+            "(torchrun); set parallel.strategy=ddp or fsdp (or deepspeed, colossalai)."
         )
     return BACKENDS[cfg.parallel.strategy](cfg)

@@ -23,8 +23,8 @@ from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend, clip_grad_norm
 from colodiffusion.train import checkpoint
 
-INSTALL = ("pip install 'colodiffusion[colossalai]' (which runs: pip install --no-deps colossalai==0.5.0 "
-           "galore-torch==1.0 bitsandbytes==0.50.2; colossalai's own requirements would downgrade torch)")
+INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
+           "(without --no-deps its pins would downgrade torch to 2.5.1)")
 ZERO_PLUGINS = ("gemini", "low_level_zero")
 
 
@@ -51,10 +51,9 @@ class ColossalAIBackend(DistributedBackend):
         if p.plugin == "gemini" and cfg.train.ema.enabled:
             raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
                               "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
-        if p.plugin != "low_level_zero" and (p.zero != 3 or p.offload != "none") and p.strategy == "colossalai":
-            if p.offload != "none":
-                raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
-                                  "(parallel.offload_optim_frac / offload_param_frac).")
+        if p.plugin != "low_level_zero" and p.offload != "none":
+            raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
+                              "(parallel.offload_optim_frac / offload_param_frac) or none.")
         if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
             raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
                               "and perf.optimizer_offload=false.")
