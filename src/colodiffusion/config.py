@@ -213,19 +213,43 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (their updates are skipped); 0 never stops."""
     preempt_check_every: int = 10
     """In distributed runs, agree on a SIGTERM/SIGUSR1 stop every N steps (one tiny all-reduce); single-process runs check every step."""
+    max_epochs: int = 0
+    """Stop after this many passes over the data (the seed's max_epochs); train.max_steps still caps the
+    run (the smaller wins, and the LR schedule spans it). 0: train.max_steps alone decides."""
     debug_nan_steps: list[int] = field(default_factory=list)
     """Test hook: make the loss of these steps (1-based) NaN, to exercise the numerical guard."""
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = choice("single", "single", "ddp", "fsdp")
+    strategy: str = choice("single", "single", "ddp", "fsdp", "deepspeed", "colossalai")
     """How the model is distributed over processes: single (one process), ddp (replicated weights,
-    all-reduced gradients), fsdp (FSDP2: weights, gradients and optimizer state sharded)."""
+    all-reduced gradients), fsdp (FSDP2: weights, gradients and optimizer state sharded), deepspeed
+    (DeepSpeed ZeRO), colossalai (Colossal-AI's Booster with `parallel.plugin`)."""
     zero: int = 3
-    """fsdp only: 3 frees the gathered weights after forward (ZeRO-3), 2 keeps them until backward (ZeRO-2)."""
+    """fsdp: 3 frees the gathered weights after forward (ZeRO-3), 2 keeps them until backward (ZeRO-2).
+    deepspeed: the ZeRO stage, 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters).
+    colossalai low_level_zero: the stage, 1 or 2."""
     offload: str = choice("none", "none", "cpu")
-    """fsdp only: 'cpu' keeps sharded weights, gradients and optimizer state in host memory."""
+    """fsdp: 'cpu' keeps sharded weights, gradients and optimizer state in host memory. deepspeed:
+    'cpu' offloads the optimizer state and step (ZeRO-Offload); see offload_params for the weights.
+    colossalai low_level_zero: 'cpu' offloads the optimizer state."""
+    offload_params: bool = False
+    """deepspeed ZeRO-3 only: also keep the parameter partitions in host memory (ZeRO-Infinity, CPU)."""
+    deepspeed_config: Optional[str] = None
+    """deepspeed: your own DeepSpeed JSON; its sections override the ones built from this config, but its
+    batch sizes must agree with train.batch_size / grad_accum (or be "auto") and it may not set optimizer/scheduler."""
+    plugin: str = choice("torch_ddp", "torch_ddp", "gemini", "low_level_zero")
+    """colossalai: the Booster plugin: torch_ddp (CPU or GPU), gemini (chunked ZeRO-3 with placement
+    policy) or low_level_zero (ZeRO-1/2); the last two need CUDA."""
+    placement_policy: str = choice("static", "static", "auto")
+    """colossalai gemini: static (fixed fractions below) or auto (moves chunks by measured memory)."""
+    shard_param_frac: float = 1.0
+    """colossalai gemini static: fraction of parameters sharded (1.0 = ZeRO-3, 0.0 = ZeRO-2)."""
+    offload_optim_frac: float = 0.0
+    """colossalai gemini static: fraction of optimizer state kept in host memory."""
+    offload_param_frac: float = 0.0
+    """colossalai gemini static: fraction of parameters kept in host memory (needs offload_optim_frac=1.0)."""
     dp_replicate: int = 1
     """fsdp only: replica groups for hybrid sharding (HSDP), e.g. the number of nodes; shards inside each."""
     tp: int = 1
@@ -265,6 +289,18 @@ class PerfConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """The seed's launcher knobs (its PyTorch Lightning Trainer arguments)."""
+    accelerator: str = choice("auto", "auto", "gpu", "cpu")
+    """gpu: require CUDA GPUs (one sentence if none is visible); cpu: require none (hide them with
+    CUDA_VISIBLE_DEVICES=); auto: GPUs when present."""
+    devices: int = 0
+    """Processes the run expects (GPUs per node times nodes). `python main.py` launches itself under
+    torchrun with this many when started as one process; `colodiffusion train` checks it against
+    WORLD_SIZE. 0: as many as were launched."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -275,8 +311,10 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
-    """Compute precision: fp32, or bf16/fp16 autocast over fp32 weights (fp16 with a grad scaler)."""
+    """Compute precision: fp32, or bf16/fp16 autocast over fp32 weights (fp16 with a grad scaler).
+    The seed's spellings are accepted: 16 (fp16), 32 (fp32), 16-mixed, bf16-mixed, 32-true."""
 
 
 # Values that must be positive / within a range: key path -> (predicate, what is allowed).
@@ -312,7 +350,12 @@ _RANGES = {
     "train.lora.rank": (lambda v: v >= 0, "a whole number >= 0 (0 disables LoRA)"),
     "train.lora.alpha": (lambda v: v is None or v > 0, "a number > 0 or null"),
     "model.text_encoder_lr": (lambda v: v is None or v > 0, "a number > 0 or null"),
-    "parallel.zero": (lambda v: v in (2, 3), "2 or 3"),
+    "parallel.zero": (lambda v: v in (1, 2, 3), "1, 2 or 3 (1 only with deepspeed or colossalai)"),
+    "parallel.shard_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "parallel.offload_optim_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "parallel.offload_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "train.max_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: train.max_steps alone decides)"),
+    "trainer.devices": (lambda v: v >= 0, "a whole number >= 0 (0: as many processes as were launched)"),
     "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),
 }
@@ -354,8 +397,13 @@ def _friendly(exc: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"config key '{key}' in {where} is invalid: {msg}")
 
 
+# The seed's (PyTorch Lightning's) precision spellings.
+PRECISION_ALIASES = {"16": "fp16", "16-mixed": "fp16", "32": "fp32", "32-true": "fp32", "bf16-mixed": "bf16"}
+
+
 def validate(cfg: Config) -> None:
     """Check choices, ranges and paths; raise ConfigError naming the first bad key."""
+    cfg.precision = PRECISION_ALIASES.get(str(cfg.precision), cfg.precision)
     for path, f, value in _walk(cfg):
         allowed = f.metadata.get("choices")
         if allowed is not None and value is not None and value not in allowed:
@@ -388,6 +436,7 @@ def validate(cfg: Config) -> None:
     if lora.rank and not lora.target_modules:
         raise ConfigError("train.lora.target_modules is empty; name the UNet modules to adapt (e.g. [to_q, to_v]).")
     _check_perf(cfg)
+    _check_parallel(cfg)
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")
@@ -398,6 +447,19 @@ def _check_perf(cfg: Config) -> None:
         raise ConfigError(
             f"perf.param_dtype=bf16 needs precision=bf16 (precision is {cfg.precision}): bf16 weights compute in bf16."
         )
+
+
+def _check_parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.zero == 1 and p.strategy == "fsdp":
+        raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: use 2 or 3.")
+    if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
+        raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini for ZeRO-3.")
+    if p.deepspeed_config is not None:
+        if p.strategy != "deepspeed":
+            raise ConfigError(f"parallel.deepspeed_config is only read by parallel.strategy=deepspeed (strategy is {p.strategy}).")
+        if not Path(p.deepspeed_config).is_file():
+            raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', which is not a file.")
 
 
 def _get(cfg: Any, path: str) -> Any:

@@ -12,7 +12,7 @@ schedule, the EMA, the objective's noising and the backend's checkpoints and ful
 Usable in-process (single) or as a script under torchrun:
     torchrun --nproc_per_node 2 tests/dist/harness.py OUT_DIR case[,case...]
 A case is `name:key=value:key=value` (config overrides); `save=K` writes a checkpoint after
-step K to OUT_DIR/<name>_ckpt (and goes on). Results: OUT_DIR/<name>.json (losses) and .pt (full
+step K to OUT_DIR/<name>_ckpt (and goes on); `load=FOLDER` starts from that checkpoint. Results: OUT_DIR/<name>.json (losses) and .pt (full
 model and EMA weights gathered on rank 0).
 """
 
@@ -102,9 +102,12 @@ class Run:
 def run_case(out: Path, spec: str) -> None:
     name, *pairs = spec.split(":")
     save_at = next((int(p.split("=")[1]) for p in pairs if p.startswith("save=")), None)
-    overrides = [p for p in pairs if not p.startswith("save=")]
+    load = next((p.split("=", 1)[1] for p in pairs if p.startswith("load=")), None)
+    overrides = [p for p in pairs if not p.startswith(("save=", "load="))]
     run = Run(make_cfg(overrides))
     b = run.backend
+    if load is not None:  # continue from a checkpoint folder (same world size), to step STEPS
+        run.load(Path(load))
     losses = run.train(save_at or STEPS)
     if save_at is not None:
         run.save(out / f"{name}_ckpt")

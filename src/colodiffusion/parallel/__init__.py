@@ -150,14 +150,33 @@ def _register_distributed() -> None:
     from colodiffusion.parallel.fsdp import FSDPBackend
 
     BACKENDS.update(ddp=DDPBackend, fsdp=FSDPBackend)
+    # The engines' own files import DeepSpeed / Colossal-AI only when a backend is built.
+    from colodiffusion.parallel.colossalai import ColossalAIBackend
+    from colodiffusion.parallel.deepspeed import DeepSpeedBackend
+
+    BACKENDS.update(deepspeed=DeepSpeedBackend, colossalai=ColossalAIBackend)
+
+
+def check_launch(cfg: Config) -> None:
+    """The seed's `trainer.devices` / `trainer.accelerator` against what was actually launched."""
+    world, devices, acc = int(os.environ.get("WORLD_SIZE", 1)), cfg.trainer.devices, cfg.trainer.accelerator
+    if devices and devices != world:
+        raise ConfigError(
+            f"trainer.devices={devices} but {world} process(es) were launched; run `torchrun --nproc_per_node "
+            f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set trainer.devices={world}.")
+    if acc == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu but no CUDA GPU is visible; set trainer.accelerator=auto or cpu.")
+    if acc == "cpu" and torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=cpu but CUDA GPUs are visible; hide them with CUDA_VISIBLE_DEVICES= .")
 
 
 def build_backend(cfg: Config) -> Backend:
+    check_launch(cfg)
     if cfg.parallel.strategy not in BACKENDS:
         _register_distributed()
     if cfg.parallel.strategy == "single" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ConfigError(
             f"parallel.strategy=single runs one process, but {os.environ['WORLD_SIZE']} were launched "
-            "(torchrun); set parallel.strategy=ddp or fsdp."
+            "(torchrun); set parallel.strategy=ddp or fsdp (or deepspeed, colossalai)."
         )
     return BACKENDS[cfg.parallel.strategy](cfg)

@@ -52,6 +52,7 @@ def train(cfg: Config) -> Path:
     try:
         run_dir = prepare_run_dir(cfg, backend)
         dataset = build_dataset(cfg)
+        apply_max_epochs(cfg, backend, dataset)
         preflight.check(cfg, backend, run_dir, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
@@ -73,6 +74,20 @@ def prepare_run_dir(cfg: Config, backend: Backend) -> Path:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     backend.barrier()
     return run_dir
+
+
+def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
+    """`train.max_epochs` (the seed's knob) as a step count: the smaller of it and train.max_steps
+    becomes train.max_steps, so the LR schedule spans the run that will happen."""
+    t = cfg.train
+    if not t.max_epochs:
+        return
+    micro = max(1, t.batch_size // backend.dp_size // t.grad_accum)
+    steps = max(1, t.max_epochs * (len(dataset) // backend.dp_size // micro) // t.grad_accum)
+    if steps < t.max_steps:
+        if backend.is_main:
+            print(f"train.max_epochs={t.max_epochs}: {steps} steps of {t.batch_size} over {len(dataset)} samples")
+        t.max_steps = steps
 
 
 def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:

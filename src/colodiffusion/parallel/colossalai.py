@@ -1,0 +1,160 @@
+"""Colossal-AI's Booster behind the backend interface, with the seed's plugins:
+
+- `torch_ddp`: PyTorch DDP through the Booster (CPU or GPU); precision by the Booster's torch AMP.
+- `low_level_zero`: ZeRO-1/2 (`parallel.zero`), optimizer offload with `parallel.offload=cpu`.
+- `gemini`: chunked ZeRO-3 with a placement policy (`static` fractions or `auto`).
+
+The last two are Colossal-AI's CUDA-only code paths; asking for them without a GPU is one sentence.
+Colossal-AI pins torch<=2.5.1, so it is installed without its dependencies (see docs/engines.md) and
+imported only here. Checkpoints use the Booster's checkpoint I/O in `<checkpoint>/colossalai/`, plus
+our `state.pt`, `rank_<r>.pt` and the EMA (full weights on every rank, except under gemini: there the
+parameters live in chunks, so the EMA is refused with a sentence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.parallel.distributed import DistributedBackend, clip_grad_norm
+from colodiffusion.train import checkpoint
+
+INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
+           "(without --no-deps its pins would downgrade torch to 2.5.1)")
+ZERO_PLUGINS = ("gemini", "low_level_zero")
+
+
+def import_booster():
+    try:
+        from colossalai.booster import Booster
+        from colossalai.booster import plugin
+    except ImportError as exc:
+        raise ConfigError(f"parallel.strategy=colossalai needs Colossal-AI, which is not installed or does not import "
+                          f"({exc}): {INSTALL}.") from None
+    return Booster, plugin
+
+
+class ColossalAIBackend(DistributedBackend):
+    name = "colossalai"
+
+    def __init__(self, cfg: Config):
+        p = cfg.parallel
+        if p.plugin in ZERO_PLUGINS and not torch.cuda.is_available():
+            raise ConfigError(f"parallel.plugin={p.plugin} runs only on CUDA GPUs in Colossal-AI and none is visible; "
+                              "use parallel.plugin=torch_ddp on a CPU.")
+        if p.tp != 1 or p.dp_replicate != 1:
+            raise ConfigError("parallel.strategy=colossalai uses data parallelism only: parallel.tp and parallel.dp_replicate must be 1.")
+        if p.plugin == "gemini" and cfg.train.ema.enabled:
+            raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
+                              "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
+        if p.plugin != "low_level_zero" and p.offload != "none":
+            raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
+                              "(parallel.offload_optim_frac / offload_param_frac) or none.")
+        if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
+            raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
+                              "and perf.optimizer_offload=false.")
+        self.Booster, self.plugins = import_booster()
+        super().__init__(cfg)
+        self.scaler = None  # the Booster (torch AMP) or the ZeRO plugin scales fp16 losses
+        self.booster = self.Booster(**self.booster_kwargs())
+        self.wrapped_optimizer = None
+
+    def booster_kwargs(self) -> dict:
+        p, prec, clip = self.cfg.parallel, self.cfg.precision, self.cfg.train.grad_clip
+        if p.plugin == "torch_ddp":
+            return {"plugin": self.plugins.TorchDDPPlugin(),
+                    "mixed_precision": None if prec == "fp32" else prec}
+        if p.plugin == "low_level_zero":
+            return {"plugin": self.plugins.LowLevelZeroPlugin(stage=p.zero, precision=prec, max_norm=clip,
+                                                               cpu_offload=p.offload == "cpu")}
+        return {"plugin": self.plugins.GeminiPlugin(
+            placement_policy=p.placement_policy, shard_param_frac=p.shard_param_frac,
+            offload_optim_frac=p.offload_optim_frac, offload_param_frac=p.offload_param_frac,
+            precision=prec, max_norm=clip)}
+
+    # -- model ----------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, make_optimizer):
+        self.remember_architecture(model)
+        model = model.to(self.device)
+        optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
+        boosted, self.wrapped_optimizer, *_ = self.booster.boost(model, optimizer)
+        # The loop's LR schedule and guard act on the torch AdamW inside the Booster's wrapper.
+        return boosted, optimizer
+
+    def unwrap(self, model):
+        return model.unwrap() if hasattr(model, "unwrap") else model
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the Booster (torch AMP) or the ZeRO plugin casts
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.booster.backward(loss, self.wrapped_optimizer)
+
+    def step(self, model, optimizer, grad_clip: float) -> torch.Tensor:
+        opt = self.wrapped_optimizer
+        if self.cfg.parallel.plugin == "torch_ddp":
+            if self.precision == "fp16":  # torch AMP's scaler: clip the true gradients
+                opt.unscale_grad()
+            norm = clip_grad_norm(list(self.unwrap(model).parameters()), grad_clip)
+        else:  # the ZeRO plugins clip inside their step (max_norm) and do not hand the norm out
+            norm = torch.tensor(float("nan"), device=self.device)
+        opt.step()
+        opt.zero_grad()
+        return norm
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+        io = folder / "colossalai"
+        if self.is_main:
+            io.mkdir()
+        self.barrier()
+        self.booster.save_model(model, str(io / "model.safetensors"), shard=False, use_safetensors=True)
+        self.booster.save_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()), shard=self.sharded_optimizer)
+        if self.is_main:
+            if ema is not None:
+                checkpoint.save_tensors(folder / "ema.safetensors", ema)
+            torch.save({**shared, "format": "colossalai",
+                        "saved_by": {"strategy": self.name, "plugin": self.cfg.parallel.plugin,
+                                     "world_size": self.world_size}}, folder / "state.pt")
+        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+
+    @property
+    def sharded_optimizer(self) -> bool:
+        # torch_ddp: every rank holds the whole AdamW state, so one file (Colossal-AI's sharded
+        # loader also synchronizes a device, which its CPU accelerator refuses)
+        return self.cfg.parallel.plugin != "torch_ddp"
+
+    def optimizer_name(self) -> str:
+        return "optimizer" if self.sharded_optimizer else "optimizer.bin"
+
+    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
+        shared = checkpoint.load_state(folder / "state.pt")
+        saved = shared.pop("saved_by", {})
+        if shared.pop("format", None) != "colossalai":
+            raise ValueError("it was not written by parallel.strategy=colossalai; resume it with the strategy that wrote it")
+        if saved.get("plugin") != self.cfg.parallel.plugin:
+            raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with parallel.plugin={saved.get('plugin')}")
+        io = folder / "colossalai"
+        self.booster.load_model(model, str(io / "model.safetensors"))
+        self.booster.load_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()))
+        if ema is not None:
+            src = checkpoint.load_tensors(folder / "ema.safetensors")
+            for k, v in ema.items():
+                v.copy_(src[k])
+        rank_file = folder / f"rank_{self.rank}.pt"
+        return shared, checkpoint.load_state(rank_file) if rank_file.exists() else {}
+
+    # -- export ---------------------------------------------------------------------------------
+    def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
+        if self.cfg.parallel.plugin == "gemini":  # gathers the chunks (collective)
+            state = model.state_dict(only_rank_0=True)
+        else:
+            state = self.unwrap(model).state_dict()
+        return {k: v.detach().float().cpu() for k, v in state.items()} if self.is_main else {}
+
+    def full_ema_state_dict(self, ema: dict) -> dict[str, torch.Tensor]:
+        return ema

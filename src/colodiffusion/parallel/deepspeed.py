@@ -1,0 +1,255 @@
+"""DeepSpeed ZeRO (stage 1/2/3, optimizer/parameter offload, fp16/bf16) behind the backend interface.
+
+The engine is built from our config (`ds_config`), or from a user's DeepSpeed JSON
+(`parallel.deepspeed_config`) checked against it. The trainer's AdamW (torch's, no compiled op) and
+LR schedule are handed to the engine; accumulation, clipping and loss scaling are DeepSpeed's:
+`backward` calls `engine.backward` then `engine.step` on every micro-batch but the last, so the
+engine reduces gradients only at the accumulation boundary. Checkpoints are DeepSpeed's own
+`save_checkpoint` in `<checkpoint>/ds/` plus our `state.pt` (step, schedule, data position),
+`rank_<r>.pt` (RNG streams) and the EMA.
+
+EMA: with ZeRO-1/2 every rank holds the full weights, so the EMA is the full model's (saved once);
+with ZeRO-3 each rank keeps the EMA of its own fp32 partition (saved per rank) and export gathers it.
+DeepSpeed is imported only here (`pip install colodiffusion[deepspeed]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from colodiffusion.config import Config, ConfigError
+from colodiffusion.parallel.distributed import DistributedBackend
+from colodiffusion.train import checkpoint
+
+INSTALL = "pip install 'colodiffusion[deepspeed]' (or: DS_BUILD_OPS=0 pip install deepspeed)"
+TAG = "state"  # DeepSpeed's checkpoint tag inside <checkpoint>/ds/
+
+
+def import_deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # gloo on CPU, no compiled ops
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError(f"parallel.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL}.") from None
+    return deepspeed
+
+
+def ds_config(cfg: Config, dp_size: int, on_cuda: bool) -> dict:
+    """The DeepSpeed JSON equivalent of our config (batch sizes, ZeRO, offload, precision, clipping)."""
+    t, p = cfg.train, cfg.parallel
+    zero: dict = {"stage": p.zero}
+    if p.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // dp_size // t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # torch's AdamW on offloaded partitions instead of DeepSpeedCPUAdam (a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def user_ds_config(cfg: Config, ours: dict) -> dict:
+    """A user's DeepSpeed JSON over ours: its sections win, but batch sizes must agree with train.*
+    (our loader and LR schedule depend on them) and its precision with `precision`."""
+    path = Path(cfg.parallel.deepspeed_config)
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"parallel.deepspeed_config '{path}' is not a readable JSON file ({exc}).") from None
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"parallel.deepspeed_config '{path}' must hold a JSON object.")
+    for key in ("optimizer", "scheduler"):
+        if key in theirs:
+            raise ConfigError(f"parallel.deepspeed_config '{path}' has an '{key}' section; remove it: the trainer "
+                              "builds AdamW and its LR schedule from train.* (lr, adam_beta*, weight_decay, warmup_steps).")
+    for key in _BATCH_KEYS:
+        if key in theirs and theirs[key] != "auto" and theirs[key] != ours[key]:
+            raise ConfigError(
+                f"parallel.deepspeed_config '{path}' sets {key}={theirs[key]}, but train.batch_size / grad_accum and "
+                f"the number of processes give {ours[key]}; change the JSON, set it to \"auto\", or change train.*.")
+    for mode in ("fp16", "bf16"):
+        enabled = bool(theirs.get(mode, {}).get("enabled", False)) if isinstance(theirs.get(mode), dict) else False
+        if mode in theirs and enabled != (cfg.precision == mode):
+            raise ConfigError(f"parallel.deepspeed_config '{path}' has {mode}.enabled={str(enabled).lower()} but "
+                              f"precision={cfg.precision}; make them agree.")
+    merged = {**ours, **{k: v for k, v in theirs.items() if v != "auto"}}
+    if "zero_optimization" in theirs:
+        merged["zero_optimization"] = {**ours["zero_optimization"], **theirs["zero_optimization"]}
+    return merged
+
+
+class _Partitions:
+    """ZeRO-3 view for the EMA: each trainable parameter's local fp32 partition, by name."""
+
+    def __init__(self, module: torch.nn.Module, local_fp32):
+        self.module, self.local_fp32 = module, local_fp32
+
+    def named_parameters(self):
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                yield name, self.local_fp32(p)
+
+    def parameters(self):
+        return (t for _, t in self.named_parameters())
+
+
+class DeepSpeedBackend(DistributedBackend):
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config):
+        p = cfg.parallel
+        if p.tp != 1 or p.dp_replicate != 1:
+            raise ConfigError(f"parallel.strategy=deepspeed shards over all ranks: parallel.tp ({p.tp}) and "
+                              f"parallel.dp_replicate ({p.dp_replicate}) must be 1.")
+        if p.async_checkpoint:
+            raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
+        if p.offload_params and p.zero != 3:
+            raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 partitions parameters.")
+        if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
+            raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave perf.param_dtype=fp32, "
+                              "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
+        self.ds = import_deepspeed()
+        super().__init__(cfg)
+        for key, value in (("LOCAL_RANK", 0), ("RANK", 0), ("WORLD_SIZE", 1)):
+            os.environ.setdefault(key, str(value))  # a plain one-process run: DeepSpeed reads them
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        self.ds.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.engine = None
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    # -- model ----------------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        ours = ds_config(self.cfg, self.dp_size, self.device.type == "cuda")
+        return user_ds_config(self.cfg, ours) if self.cfg.parallel.deepspeed_config else ours
+
+    def prepare(self, model: torch.nn.Module, make_optimizer):
+        self.remember_architecture(model)
+        model = model.to(self.device)
+        optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
+        config = self.config_dict()
+        if self.is_main and self.cfg.parallel.deepspeed_config:
+            print(f"deepspeed: using {self.cfg.parallel.deepspeed_config} over the built config "
+                  f"(ZeRO stage {config['zero_optimization'].get('stage')})")
+        self.engine, _, _, _ = self.ds.initialize(model=model, optimizer=optimizer, config=config,
+                                                  dist_init_required=False)
+        # The loop's LR schedule and guard act on the torch AdamW that the ZeRO optimizer drives.
+        return self.engine, optimizer
+
+    def unwrap(self, model):
+        module = model.module if model is self.engine else model
+        if self.engine is not None and self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return _Partitions(module, safe_get_local_fp32_param)
+        return module
+
+    def autocast(self):
+        # fp16/bf16: DeepSpeed casts the weights; autocast casts the fp32 inputs and keeps norms in fp32.
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return super(DistributedBackend, self).autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        e = self.engine
+        boundary = e.is_gradient_accumulation_boundary()
+        e.backward(loss, scale_wrt_gas=False)  # the loop already divides by train.grad_accum
+        if not boundary:
+            e.step()  # counts the micro-batch; no optimizer step, no reduction yet
+
+    def step(self, model, optimizer, grad_clip: float) -> torch.Tensor:
+        self.engine.step()  # clip (gradient_clipping), unscale/skip on fp16 overflow, AdamW, zero grads
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(self.device)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+        self.engine.save_checkpoint(str(folder / "ds"), tag=TAG, save_latest=False)
+        if ema is not None and (self.zero_stage == 3 or self.is_main):
+            name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
+            checkpoint.save_tensors(folder / name, ema)
+        if self.is_main:
+            torch.save({**shared, "format": "deepspeed",
+                        "saved_by": {"strategy": self.name, "world_size": self.world_size, "zero": self.zero_stage}},
+                       folder / "state.pt")
+        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+
+    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
+        shared = checkpoint.load_state(folder / "state.pt")
+        saved = shared.pop("saved_by", {})
+        if shared.pop("format", None) != "deepspeed":
+            raise ValueError("it was not written by parallel.strategy=deepspeed (no ds/ folder); resume it with the "
+                             "strategy that wrote it, or start from its exported weights via model.pretrained")
+        if saved.get("world_size") != self.world_size or saved.get("zero") != self.zero_stage:
+            raise ValueError(f"it was written by {saved.get('world_size')} process(es) with ZeRO stage {saved.get('zero')}; "
+                             f"resume with the same (this run: {self.world_size}, stage {self.zero_stage})")
+        path, _ = self.engine.load_checkpoint(str(folder / "ds"), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'ds'}")
+        if ema is not None:
+            name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
+            src = checkpoint.load_tensors(folder / name)
+            for k, v in ema.items():
+                v.copy_(src[k])
+        rank_file = folder / f"rank_{self.rank}.pt"
+        return shared, checkpoint.load_state(rank_file) if rank_file.exists() else {}
+
+    # -- export ---------------------------------------------------------------------------------
+    def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
+        """fp32 weights from the ZeRO masters (gathered; collective), buffers as they are."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        out = {}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:  # frozen (e.g. LoRA base weights): gather the module's copy
+                with self.ds.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().float().clone()
+            out[name] = full.detach().cpu()
+        out.update({n: b.detach().cpu() for n, b in module.named_buffers()})
+        return out if self.is_main else {}
+
+    def full_ema_state_dict(self, ema: dict) -> dict[str, torch.Tensor]:
+        if self.zero_stage != 3:
+            return ema
+        params = dict(self.engine.module.named_parameters())
+        out = {}
+        for name, part in ema.items():
+            out[name] = self._gather_partition(part, params[name])
+        return out if self.is_main else {}
+
+    def _gather_partition(self, part: torch.Tensor, param) -> torch.Tensor:
+        """Full tensor from every rank's ZeRO-3 partition of `param` (equal sizes, the last one padded)."""
+        pieces = [torch.empty_like(part) for _ in range(self.world_size)]
+        dist.all_gather(pieces, part.contiguous())
+        return torch.cat(pieces)[: param.ds_numel].view(param.ds_shape).cpu()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        super().shutdown()

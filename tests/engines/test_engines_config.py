@@ -1,0 +1,136 @@
+"""Config and launch contract of the engines: the seed's spellings, ZeRO stages per strategy, the
+DeepSpeed JSON built from our config and the checks on a user's, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from colodiffusion.config import ConfigError, load_config
+from colodiffusion.parallel import check_launch
+
+
+@pytest.mark.parametrize("spelling, want", [("16", "fp16"), ("32", "fp32"), ("bf16", "bf16"), ("16-mixed", "fp16"),
+                                            ("bf16-mixed", "bf16"), ("fp32", "fp32")])
+def test_seed_precision_spellings(spelling, want):
+    assert load_config(None, [f"precision={spelling}"]).precision == want
+
+
+def test_precision_16_as_yaml_int(tmp_path):
+    (tmp_path / "c.yaml").write_text("precision: 16\n")
+    assert load_config(tmp_path / "c.yaml").precision == "fp16"
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, ["precision=8"])
+
+
+def test_zero_stages_per_strategy():
+    assert load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=1"]).parallel.zero == 1
+    with pytest.raises(ConfigError, match="fsdp"):
+        load_config(None, ["parallel.strategy=fsdp", "parallel.zero=1"])
+    with pytest.raises(ConfigError, match="parallel.zero"):
+        load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=4"])
+    with pytest.raises(ConfigError, match="gemini"):
+        load_config(None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=3"])
+
+
+def test_deepspeed_config_path_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={tmp_path / 'nope.json'}"])
+    (tmp_path / "ds.json").write_text("{}")
+    with pytest.raises(ConfigError, match="only read by parallel.strategy=deepspeed"):
+        load_config(None, ["parallel.strategy=ddp", f"parallel.deepspeed_config={tmp_path / 'ds.json'}"])
+
+
+def test_built_deepspeed_json():
+    from colodiffusion.parallel.deepspeed import ds_config
+
+    cfg = load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=3", "parallel.offload=cpu",
+                             "parallel.offload_params=true", "train.batch_size=32", "train.grad_accum=2",
+                             "precision=bf16", "train.grad_clip=0.5"])
+    ds = ds_config(cfg, dp_size=4, on_cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    plain = ds_config(load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2"]), 1, False)
+    assert "offload_optimizer" not in plain["zero_optimization"] and "offload_param" not in plain["zero_optimization"]
+
+
+def user_json(tmp_path, content, extra=()):
+    from colodiffusion.parallel.deepspeed import ds_config, user_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    cfg = load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={path}",
+                             "train.batch_size=16", *extra])
+    return user_ds_config(cfg, ds_config(cfg, dp_size=2, on_cuda=False))
+
+
+def test_user_deepspeed_json_overrides_sections_and_fills_auto(tmp_path):
+    ds = user_json(tmp_path, {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8,
+                              "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "steps_per_print": 7})
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["steps_per_print"] == 7
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not a readable JSON"),
+    ("[1, 2]", "JSON object"),
+    ({"train_batch_size": 64}, "train_batch_size=64.*16"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"optimizer": {"type": "Adam"}}, "'optimizer' section"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled=true but precision=fp32"),
+])
+def test_user_deepspeed_json_errors(tmp_path, content, match):
+    with pytest.raises(ConfigError, match=match):
+        user_json(tmp_path, content)
+
+
+def test_devices_and_accelerator_are_checked_against_the_launch(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(load_config(None, ["trainer.devices=1"]))
+    with pytest.raises(ConfigError, match="trainer.devices=4 but 1 process.*torchrun --nproc_per_node 4"):
+        check_launch(load_config(None, ["trainer.devices=4"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            check_launch(load_config(None, ["trainer.accelerator=gpu"]))
+        check_launch(load_config(None, ["trainer.accelerator=cpu"]))
+
+
+@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero"])
+def test_colossalai_zero_plugins_need_cuda(plugin):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: these plugins are allowed")
+    from colodiffusion.parallel import build_backend
+
+    with pytest.raises(ConfigError, match=f"parallel.plugin={plugin} runs only on CUDA"):
+        build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.plugin={plugin}", "parallel.zero=2"]))
+
+
+def test_deepspeed_param_offload_needs_zero3():
+    from colodiffusion.parallel import build_backend
+
+    with pytest.raises(ConfigError, match="offload_params=true needs parallel.zero=3"):
+        build_backend(load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2", "parallel.offload_params=true"]))
+
+
+def test_max_epochs_becomes_steps():
+    from types import SimpleNamespace
+
+    from colodiffusion.train.loop import apply_max_epochs
+
+    backend = SimpleNamespace(dp_size=2, is_main=False)
+    cfg = load_config(None, ["train.max_epochs=3", "train.batch_size=8", "train.max_steps=1000"])
+    apply_max_epochs(cfg, backend, range(64))  # 32 samples per rank, 4 per rank-step: 8 steps an epoch
+    assert cfg.train.max_steps == 24
+    capped = load_config(None, ["train.max_epochs=3", "train.batch_size=8", "train.max_steps=5"])
+    apply_max_epochs(capped, backend, range(64))
+    assert capped.train.max_steps == 5
