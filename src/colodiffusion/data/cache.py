@@ -10,7 +10,6 @@ and listed in CACHE/bad_samples.jsonl. The last step writes manifest.json, which
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,16 +20,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from colodiffusion.config import Config, ConfigError
+from colodiffusion.fileio import sha256
 from colodiffusion.data.latents import MANIFEST
 from colodiffusion.data.transforms import BadSample, Filtered
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_done(out: Path, k: int) -> bool:

@@ -71,8 +71,7 @@ class Backend:
         """Unscale, clip, step, zero grads; returns the pre-clip gradient norm (a device tensor)."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = self.clip_grads(model, grad_clip)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -80,6 +79,11 @@ class Backend:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def clip_grads(self, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+        """Clip the global gradient norm to `grad_clip` (0: no clipping); return the pre-clip norm."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
 
     # -- checkpoints ----------------------------------------------------------------------------
     # `save` is called on every rank with the same temporary folder; `shared` is identical on all

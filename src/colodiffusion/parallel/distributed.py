@@ -72,17 +72,8 @@ class DistributedBackend(Backend):
         self._model_factory = (lambda: cls.from_config(config)) if config is not None and hasattr(cls, "from_config") else None
 
     # -- step -----------------------------------------------------------------------------------
-    def step(self, model, optimizer, grad_clip: float) -> torch.Tensor:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-        norm = clip_grad_norm(list(model.parameters()), grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+    def clip_grads(self, model, grad_clip: float) -> torch.Tensor:
+        return clip_grad_norm(list(model.parameters()), grad_clip)  # DTensor-aware, one reduction per mesh
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):

@@ -19,7 +19,6 @@ reads state files with `torch.load(weights_only=True)`: loading never runs code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from colodiffusion.config import ConfigError
+from colodiffusion.fileio import sha256
 from colodiffusion.train import faults, signals
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -63,16 +63,8 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(d)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, step: int) -> None:
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
              for p in _files(folder)}
     tmp = folder / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -100,7 +92,7 @@ def verify(folder: Path, hashes: bool = True) -> None:
         if size != meta["size"]:
             raise CheckpointError(f"checkpoint '{folder}' has a truncated or altered '{name}' "
                                   f"({size} bytes, the manifest says {meta['size']})")
-        if hashes and _sha256(p) != meta["sha256"]:
+        if hashes and sha256(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the manifest)")
 
 
