@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -22,6 +23,11 @@ class Preset:
     scaling_factor: float = 0.18215
     resolution: int = 512
     needs_pretrained_tokenizer: bool = True
+    # Std of a freshly built text encoder's token embeddings (None: CLIP's 0.02). A frozen *random*
+    # encoder must keep token identity: at 0.02 its random attention mixing drowns the token (the
+    # context vectors of "red" and "green" in "a red circle"/"a green circle" had cosine 0.94), at 1.0
+    # a token dominates its own output (cosine 0.08 between the colours, 0.95 for "red" across wordings).
+    token_embedding_std: float | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +77,7 @@ PRESETS: dict[str, Preset] = {
         scaling_factor=1.0,  # measured from the data when the first stage is trained
         resolution=32,
         needs_pretrained_tokenizer=False,
+        token_embedding_std=1.0,
     ),
     # SD 1.x: 860M UNet, CLIP ViT-L/14 text encoder (768-d context), f8 VAE.
     "sd15": Preset(
@@ -113,7 +120,10 @@ def build_text_encoder(preset: Preset, vocab_size: int | None = None) -> CLIPTex
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
     # eos_token_id 1 matches the offline tokenizer's "<|endoftext|>" (pooled output picks it).
-    return CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=0, eos_token_id=1 if vocab_size else 49407))
+    model = CLIPTextModel(CLIPTextConfig(**kwargs, bos_token_id=0, eos_token_id=1 if vocab_size else 49407))
+    if preset.token_embedding_std is not None and not any(p.is_meta for p in model.parameters()):
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=preset.token_embedding_std)
+    return model
 
 
 def build_vae(preset: Preset) -> AutoencoderKL:
