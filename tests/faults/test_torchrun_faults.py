@@ -32,14 +32,7 @@ def _final(run_dir):
     return load_file(str(run_dir / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def _strategy(name):
-    from colodiffusion.parallel import BACKENDS
-
-    why = f"parallel.strategy={name} is not available in this build (the distributed backends come with issue 3)"
-    return pytest.param(name, marks=pytest.mark.skipif(name not in BACKENDS, reason=why))
-
-
-@pytest.mark.parametrize("strategy", [_strategy("ddp"), _strategy("fsdp")])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_sigkill_three_times_then_bitwise_equal(strategy, new_run, report):
     ref = new_run("reference")
     done = subprocess.run(_cmd(ref, strategy), env=env(), capture_output=True, text=True, timeout=600)
