@@ -14,3 +14,19 @@ TINY = [
     "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
     "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
 ]
+
+
+def index_dataset(n: int):
+    """A dataset whose sample i carries i (as a 1-element tensor and as its caption): the loader
+    tests read back which samples they were dealt."""
+    import torch
+    from torch.utils.data import Dataset
+
+    class Indices(Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.tensor([float(i)]), "caption": str(i)}
+
+    return Indices()

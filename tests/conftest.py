@@ -1,4 +1,3 @@
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -6,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TINY  # noqa: E402
+from common import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

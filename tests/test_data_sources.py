@@ -1,6 +1,5 @@
 """Data sources, sharding, exact resume and bad-sample accounting (CPU, small and fast)."""
 
-import io
 import json
 import sys
 import tarfile

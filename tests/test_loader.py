@@ -1,18 +1,8 @@
-import torch
-from torch.utils.data import Dataset
 
 from colodiffusion.data.loader import ResumableLoader, rank_indices
+from common import index_dataset
 
 
-class Numbers(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"pixel_values": torch.tensor([float(i)]), "caption": str(i)}
 
 
 def ids(batch):
@@ -20,19 +10,19 @@ def ids(batch):
 
 
 def test_resume_mid_epoch_continues_the_same_sequence():
-    full = ResumableLoader(Numbers(50), 4, seed=3)
+    full = ResumableLoader(index_dataset(50), 4, seed=3)
     expected = [ids(next(full)) for _ in range(30)]  # crosses epoch boundaries (12 batches/epoch)
-    part = ResumableLoader(Numbers(50), 4, seed=3)
+    part = ResumableLoader(index_dataset(50), 4, seed=3)
     got = [ids(next(part)) for _ in range(17)]
     state = part.state_dict()
-    resumed = ResumableLoader(Numbers(50), 4, seed=3)
+    resumed = ResumableLoader(index_dataset(50), 4, seed=3)
     resumed.load_state_dict(state)
     got += [ids(next(resumed)) for _ in range(13)]
     assert got == expected
 
 
 def test_epochs_reshuffle_and_cover_each_sample_once():
-    loader = ResumableLoader(Numbers(48), 8, seed=0)
+    loader = ResumableLoader(index_dataset(48), 8, seed=0)
     e0 = sum((ids(next(loader)) for _ in range(6)), [])
     e1 = sum((ids(next(loader)) for _ in range(6)), [])
     assert sorted(e0) == sorted(e1) == list(range(48)) and e0 != e1

@@ -57,7 +57,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from colodiffusion.generate import generate, load_pipeline, make_grid
+    from colodiffusion.generate import generate, make_grid
 
     _threads()
     pipe = _load(args.model)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.parallel import build_backend
 from colodiffusion.parallel.dims import ParallelDims
 from colodiffusion.parallel.distributed import clip_grad_norm
+from common import index_dataset
 
 
 def test_mesh_must_multiply_to_world_size_and_says_so():
@@ -57,15 +57,6 @@ def test_single_strategy_refuses_several_processes(monkeypatch):
         build_backend(load_config(None, []))
 
 
-class Indices(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"pixel_values": torch.tensor([float(i)]), "caption": str(i)}
 
 
 @pytest.mark.parametrize("world, num_workers", [(2, 0), (4, 0), (2, 2)])
@@ -73,7 +64,7 @@ def test_ranks_read_disjoint_slices_that_cover_the_epoch(world, num_workers):
     n, batch = 64, 4
     seen = []
     for rank in range(world):
-        loader = ResumableLoader(Indices(n), batch, seed=3, rank=rank, world_size=world, num_workers=num_workers)
+        loader = ResumableLoader(index_dataset(n), batch, seed=3, rank=rank, world_size=world, num_workers=num_workers)
         mine = [int(v) for _ in range(n // world // batch) for v in next(loader)["pixel_values"].flatten()]
         assert loader.epoch == 0
         seen.append(set(mine))
