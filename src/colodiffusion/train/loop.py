@@ -8,7 +8,7 @@ interval (loss and grad norm are accumulated on the device in between).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +42,6 @@ class State:
     noise_gen: torch.Generator  # timesteps, noise, VAE posterior samples (on the device)
     data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
     step: int = 0
-    extra: dict = field(default_factory=dict)
     guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
 
 
@@ -129,15 +128,11 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,
-                             bad_log=run_dir_of(cfg) / "bad_samples.jsonl", max_bad_fraction=cfg.data.max_bad_fraction,
+                             bad_log=Path(cfg.run.dir) / "bad_samples.jsonl", max_bad_fraction=cfg.data.max_bad_fraction,
                              block_shuffle=cfg.data.shuffle == "block")
     noise_gen = torch.Generator(backend.device).manual_seed(t.seed * 7919 + 1 + backend.dp_rank)
     data_gen = torch.Generator("cpu").manual_seed(t.seed * 7919 + 2 + backend.dp_rank)
     return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen, guard=guard)
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.dir)
 
 
 def shared_state(s: State) -> dict:
