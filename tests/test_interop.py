@@ -16,11 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-try:
-    import colodiffusion  # noqa: F401
-except ImportError:  # not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 

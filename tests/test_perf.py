@@ -7,15 +7,9 @@ dynamo's eager backend (no inductor code generation)."""
 import copy
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-try:
-    import colodiffusion  # noqa: F401
-except ImportError:  # not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from colodiffusion import bench  # noqa: E402
 from colodiffusion.config import ConfigError, load_config  # noqa: E402

@@ -7,18 +7,11 @@ asserted here rather than assumed.
 
 import itertools
 import string
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-try:
-    import colodiffusion  # noqa: F401
-except ImportError:  # not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from colodiffusion.data.shapes import (  # noqa: E402
     BACKGROUNDS,
