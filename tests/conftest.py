@@ -14,16 +14,13 @@ def tiny_components(tmp_path_factory) -> Path:
     import torch
 
     from colodiffusion.config import load_config
-    from colodiffusion.data import build_dataset, caption_corpus
-    from colodiffusion.models import build_components
-    from colodiffusion.train.first_stage import train_autoencoder
+    from colodiffusion.data import build_dataset
+    from colodiffusion.train.first_stage import frozen_components
 
     torch.set_num_threads(2)
     folder = tmp_path_factory.mktemp("components")
     cfg = load_config(None, TINY)
-    ds = build_dataset(cfg)
-    build_components(cfg, folder, lambda: caption_corpus(cfg, ds),
-                     lambda vae: train_autoencoder(vae, ds, cfg, torch.device("cpu"), show_progress=False))
+    frozen_components(cfg, build_dataset(cfg), folder, torch.device("cpu"), show_progress=False)
     return folder
 
 

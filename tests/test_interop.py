@@ -21,7 +21,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from colodiffusion.config import Config, ConfigError, load_config  # noqa: E402
 from colodiffusion.models import ldm_convert  # noqa: E402
-from colodiffusion.models.export import export, load_model  # noqa: E402
+from colodiffusion.export import export  # noqa: E402
+from colodiffusion.models.loading import load_model  # noqa: E402
 from colodiffusion.models.single_file import convert_file, load_single_file, read_checkpoint, save_single_file  # noqa: E402
 from colodiffusion.models.tokenizer import train_clip_tokenizer  # noqa: E402
 

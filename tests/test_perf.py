@@ -14,6 +14,7 @@ import torch
 from colodiffusion import bench  # noqa: E402
 from colodiffusion.config import ConfigError, load_config  # noqa: E402
 from colodiffusion.models.presets import build_unet, get_preset  # noqa: E402
+from colodiffusion.parallel import plain_copy  # noqa: E402
 from colodiffusion.train.master_weights import MasterWeightOptimizer  # noqa: E402
 from colodiffusion.train.optim import build_optimizer  # noqa: E402
 from colodiffusion.train.perf import (  # noqa: E402
@@ -21,7 +22,6 @@ from colodiffusion.train.perf import (  # noqa: E402
     apply_perf,
     compile_unet,
     convert_fp8,
-    plain_copy,
     select_checkpointing,
     unet_blocks,
 )

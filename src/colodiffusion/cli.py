@@ -45,12 +45,17 @@ def cmd_train(args) -> int:
 def cmd_cache(args) -> int:
     from colodiffusion.config import load_config
     from colodiffusion.data.cache import build_cache
+    from colodiffusion.train.first_stage import frozen_components
 
     cfg = load_config(args.config, args.overrides)
     if args.shard_size < 1 or args.batch_size < 1:
         raise UsageError("--shard-size and --batch-size must be at least 1.")
     _threads()
-    out = build_cache(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size)
+
+    def components(dataset, device, show):  # the run's frozen parts (trained here for a preset without them)
+        return frozen_components(cfg, dataset, Path(cfg.run.dir) / "components", device, show)
+
+    out = build_cache(cfg, args.out, components, shard_size=args.shard_size, batch_size=args.batch_size)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"latent cache: {out} (train from it with data.source=latents data.path={out})")
     return 0
@@ -89,7 +94,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from colodiffusion.models.export import export
+    from colodiffusion.export import export
 
     out = export(args.source, args.format, args.out, ema=args.ema, dtype=args.dtype, merge_lora=args.merge_lora,
                  original_config=args.original_config, tokenizer=args.tokenizer)

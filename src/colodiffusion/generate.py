@@ -1,4 +1,7 @@
-"""Sampling and diffusers-format export: everything a trained model is used through."""
+"""Sampling and diffusers-format export: everything a trained model is used through.
+
+May import: `config`, `diffusion`, `storage`, `models`. The loop uses it for its sample grids; the
+commands (`cli`, `export`, `evaluate`) for everything else."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from colodiffusion.diffusion import make_sampler
+from colodiffusion.models.loading import load_model
 
 
 def make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler) -> StableDiffusionPipeline:
@@ -36,8 +40,6 @@ def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if Path(path).is_file():  # a single-file LDM checkpoint (original_config: its YAML, if any)
-        from colodiffusion.models.export import load_model
-
         m = load_model(path, original_config=original_config, tokenizer=tokenizer)
         pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
     else:

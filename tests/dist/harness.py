@@ -29,7 +29,7 @@ from colodiffusion.config import load_config
 from colodiffusion.diffusion import Objective, alphas_cumprod, build_noise_scheduler
 from colodiffusion.models.presets import build_unet, get_preset
 from colodiffusion.parallel import build_backend
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 
 GLOBAL_BATCH = 8

@@ -68,15 +68,12 @@ def run_to_end(run_dir: Path, *extra: str, timeout: float = 240, **env_extra: st
 def components(tmp_path_factory) -> Path:
     """The tokenizer, text encoder and trained first stage, built once and copied into each run."""
     from colodiffusion.config import load_config
-    from colodiffusion.data import build_dataset, caption_corpus
-    from colodiffusion.models import build_components
-    from colodiffusion.train.first_stage import train_autoencoder
+    from colodiffusion.data import build_dataset
+    from colodiffusion.train.first_stage import frozen_components
 
     root = tmp_path_factory.mktemp("shared")
     cfg = load_config(None, overrides(root / "run"))
-    dataset = build_dataset(cfg)
-    build_components(cfg, root / "components", captions=lambda: caption_corpus(cfg, dataset),
-                     train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, torch.device("cpu"), show_progress=False))
+    frozen_components(cfg, build_dataset(cfg), root / "components", torch.device("cpu"), show_progress=False)
     return root / "components"
 
 

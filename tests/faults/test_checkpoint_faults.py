@@ -14,8 +14,8 @@ import torch
 from faultkit import overrides
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.train import checkpoint, faults
-from colodiffusion.train.checkpoint import CheckpointError
+from colodiffusion.storage import checkpoint, faults
+from colodiffusion.storage.checkpoint import CheckpointError
 
 
 class Crash(BaseException):

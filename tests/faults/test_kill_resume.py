@@ -14,7 +14,7 @@ import pytest
 
 from faultkit import differences, launch, metrics, run_to_end
 
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 
 STEPS = 24
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from faultkit import differences, overrides, run_to_end
 
 from colodiffusion.config import load_config
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 from colodiffusion.train.guards import NumericalGuard, TrainingDiverged
 
 

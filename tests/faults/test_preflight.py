@@ -75,7 +75,7 @@ def test_batch_larger_than_the_data(tmp_path):
 def test_checkpoint_size_estimate_covers_a_real_checkpoint(tmp_path):
     """The estimate is from a meta-device build; compare it with a real tiny checkpoint's bytes."""
     from colodiffusion.models.presets import build_unet, get_preset
-    from colodiffusion.train import checkpoint
+    from colodiffusion.storage import checkpoint
 
     cfg = _cfg(tmp_path)
     unet = build_unet(get_preset("tiny"))

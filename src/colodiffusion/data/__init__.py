@@ -1,4 +1,7 @@
-"""Data sources, transforms and the resumable rank-sharded loader."""
+"""Data sources, transforms, the resumable rank-sharded loader and the latent cache.
+
+May import: `config`, `diffusion`, `storage`, `models` (encoding images and prompts for the cache),
+`generate`. A data source never trains a model: the cache gets its components from its caller."""
 
 from __future__ import annotations
 

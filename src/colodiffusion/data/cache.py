@@ -14,15 +14,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from colodiffusion.config import Config, ConfigError
-from colodiffusion.fileio import sha256
 from colodiffusion.data.latents import MANIFEST
 from colodiffusion.data.transforms import BadSample, Filtered
+from colodiffusion.models import Components, encode_prompts
+from colodiffusion.storage.files import sha256
 
 
 def shard_done(out: Path, k: int) -> bool:
@@ -69,8 +72,6 @@ class _Ranks:
 
 @torch.no_grad()
 def encode_shard(comps, dataset, indices: range, device, batch_size: int, bad_log: Path) -> dict:
-    from colodiffusion.models import encode_prompts
-
     means, logvars, contexts, captions, keys = [], [], [], [], []
     pending: list[tuple[int, dict]] = []
 
@@ -118,10 +119,12 @@ def write_shard(out: Path, k: int, result: dict) -> None:
                  {"count": result["count"], "bytes": data.stat().st_size, "sha256": sha256(data)})
 
 
-def build_cache(cfg: Config, out: str | Path, shard_size: int = 1000, batch_size: int = 32) -> Path:
-    from colodiffusion.data import build_dataset, caption_corpus
-    from colodiffusion.models import build_components, encode_prompts
-    from colodiffusion.train.first_stage import train_autoencoder
+def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset, torch.device, bool], Components],
+                shard_size: int = 1000, batch_size: int = 32) -> Path:
+    """Encode the dataset into `out`. `make_components(dataset, device, is_main)` builds (on the main
+    rank, which goes first: the tiny preset trains its first stage there) or loads the frozen parts;
+    the caller supplies it, so that data never trains a model."""
+    from colodiffusion.data import build_dataset
 
     if cfg.data.source == "latents":
         raise ConfigError("colodiffusion cache reads images: set data.source to folder, webdataset, parquet or shapes.")
@@ -131,15 +134,9 @@ def build_cache(cfg: Config, out: str | Path, shard_size: int = 1000, batch_size
     ranks = _Ranks()
     try:
         dataset = build_dataset(cfg)
-        run_dir = Path(cfg.run.dir)
-
-        def make(show: bool):
-            return build_components(cfg, run_dir / "components", captions=lambda: caption_corpus(cfg, dataset),
-                                    train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, ranks.device, show))
-
-        comps = make(True) if ranks.is_main else None
+        comps = make_components(dataset, ranks.device, True) if ranks.is_main else None
         ranks.barrier()
-        comps = comps or make(False)
+        comps = comps or make_components(dataset, ranks.device, False)
         comps.vae.to(ranks.device)
         comps.text_encoder.to(ranks.device)
         if ranks.is_main:

@@ -1,4 +1,6 @@
-"""The diffusion math, kept apart from the trainer: schedule, objectives, guidance, samplers."""
+"""The diffusion math, kept apart from the trainer: schedule, objectives, guidance, samplers.
+
+May import: `config` only (diffusers' schedulers are the library it builds on)."""
 
 from colodiffusion.diffusion.guidance import drop_captions
 from colodiffusion.diffusion.objectives import Objective, build_objective

@@ -1,7 +1,7 @@
-"""Build or load the three modules of a latent diffusion model, plus tokenizer and noise schedule.
+"""The components of a latent diffusion model (tokenizer, text encoder, VAE, UNet, noise schedule)
+and building them fresh from a preset; loading them from files is `models/loading.py`.
 
-`model.pretrained` loads a local diffusers folder. Otherwise the preset builds fresh modules; the
-tiny preset also trains its tokenizer on the dataset's captions (no downloads) and, unless
+The tiny preset also trains its tokenizer on the dataset's captions (no downloads) and, unless
 `model.vae` is given, trains its KL autoencoder first (`train/first_stage.py`). Frozen parts made
 this way are saved once under RUN_DIR/components/ so that a resumed run reloads exactly them.
 """
@@ -45,44 +45,13 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def _has(folder: Path, sub: str) -> bool:
-    return (folder / sub).is_dir()
-
-
-def load_pretrained(path: str | Path, cfg: Config) -> Components:
-    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or a
-    single-file LDM checkpoint (`models/single_file.py`)."""
-    root = Path(path)
-    if root.is_file():
-        from colodiffusion.models.single_file import load_single_file
-
-        return load_single_file(root, cfg)
-    missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
-    if missing:
-        raise ConfigError(
-            f"model.pretrained '{root}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
-        )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(cfg.model.vae or root, subfolder=None if cfg.model.vae else "vae")
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    prediction_type = cfg.model.prediction_type
-    if prediction_type is None and _has(root, "scheduler"):
-        prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
-    prediction_type = prediction_type or get_preset(cfg.model.preset).prediction_type
-    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
-                      build_noise_scheduler(cfg, prediction_type))
-
-
-def build_components(
+def build_fresh_components(
     cfg: Config,
     components_dir: Path,
     captions: Callable[[], Iterable[str]],
     train_vae: Callable[[AutoencoderKL], AutoencoderKL],
 ) -> Components:
     """Fresh modules from the preset; frozen parts are reused from `components_dir` if saved there."""
-    if cfg.model.pretrained:
-        return load_pretrained(cfg.model.pretrained, cfg)
     preset = get_preset(cfg.model.preset)
     tok_dir, te_dir, vae_dir = (components_dir / s for s in ("tokenizer", "text_encoder", "vae"))
     if tok_dir.is_dir():

@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError
+from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import ldm_convert
+from colodiffusion.models.components import Components, freeze
 from colodiffusion.models.presets import get_preset
 
 META_KEY = "colodiffusion"
@@ -101,9 +103,6 @@ def _load(module: torch.nn.Module, sd: dict, what: str, path: Path) -> torch.nn.
 
 def load_single_file(path: str | Path, cfg: Config):
     """Components from a single-file checkpoint; raises ConfigError with one sentence on a bad file."""
-    from colodiffusion.diffusion import build_noise_scheduler
-    from colodiffusion.models.components import Components, freeze
-
     path = Path(path)
     conv, meta = convert_file(path, cfg)
     unet = _load(UNet2DConditionModel.from_config(conv.unet_config), conv.unet, "UNet", path)

@@ -21,7 +21,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend, clip_grad_norm
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")

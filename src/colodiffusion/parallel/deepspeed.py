@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 
 INSTALL = "pip install 'colodiffusion[deepspeed]' (or: DS_BUILD_OPS=0 pip install deepspeed)"
 TAG = "state"  # DeepSpeed's checkpoint tag inside <checkpoint>/ds/

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from colodiffusion.config import Config, ConfigError
-from colodiffusion.parallel import Backend
+from colodiffusion.parallel.backend import Backend
 from colodiffusion.parallel.dims import ParallelDims, destroy_process_group, init_process_group
 from colodiffusion.parallel.sharded_checkpoint import (
     full_model_state,
@@ -23,7 +23,7 @@ from colodiffusion.parallel.sharded_checkpoint import (
     load_sharded,
     save_sharded,
 )
-from colodiffusion.train import checkpoint
+from colodiffusion.storage import checkpoint
 
 
 class DistributedBackend(Backend):

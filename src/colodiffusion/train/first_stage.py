@@ -5,12 +5,23 @@ scaled latents have unit variance, which the noise schedule assumes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
+from colodiffusion.data import caption_corpus
 from colodiffusion.data.loader import ResumableLoader
+from colodiffusion.models import Components, build_components
+
+
+def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True) -> Components:
+    """The run's components; for a preset without given frozen parts this trains its tokenizer on the
+    captions and its autoencoder on the images (saved to `components_dir`, reused from there)."""
+    return build_components(cfg, components_dir, captions=lambda: caption_corpus(cfg, dataset),
+                            train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, device, show_progress))
 
 
 def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, show_progress: bool = True) -> AutoencoderKL:

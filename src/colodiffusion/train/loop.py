@@ -15,19 +15,21 @@ from typing import Any, Optional
 import torch
 
 from colodiffusion.config import Config, ConfigError, to_yaml
-from colodiffusion.data import build_dataset, caption_corpus
+from colodiffusion.data import build_dataset
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
 from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
-from colodiffusion.models import Components, build_components, encode_images
+from colodiffusion.models import Components, encode_images
 from colodiffusion.models.lora import has_lora, merged, save_lora
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
-from colodiffusion.train import checkpoint, guards, preflight, signals
-from colodiffusion.train.first_stage import train_autoencoder
+from colodiffusion.storage import checkpoint
+from colodiffusion.train import guards, preflight, signals
+from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
+from colodiffusion.train.resume import choose_checkpoint
 from colodiffusion.train.telemetry import Telemetry
 
 
@@ -92,11 +94,7 @@ def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
 def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:
     """The main rank builds (and for tiny, trains) the frozen parts first; the others then load them."""
     def make(show: bool) -> Components:
-        return build_components(
-            cfg, cached_components(cfg) or run_dir / "components",
-            captions=lambda: caption_corpus(cfg, dataset),
-            train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, backend.device, show_progress=show),
-        )
+        return frozen_components(cfg, dataset, cached_components(cfg) or run_dir / "components", backend.device, show)
 
     comps = make(True) if backend.is_main else None
     backend.barrier()
@@ -148,7 +146,7 @@ def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
     mode = signals.resume_mode(cfg.train.resume)  # 'auto' by itself in a restarted torchrun/SLURM worker
     if not mode:
         return
-    path = checkpoint.choose(run_dir / "checkpoints", mode, backend)
+    path = choose_checkpoint(run_dir / "checkpoints", mode, backend)
     if path is None:
         if backend.is_main:
             print(f"train.resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")

@@ -10,7 +10,6 @@ after, in the backend. The optimizer side (fp32 master weights, CPU offload, 8-b
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -170,27 +169,3 @@ def convert_fp8(unet: torch.nn.Module, device: torch.device | None = None) -> in
     before = sum(type(m) is torch.nn.Linear for m in unet.modules())
     convert_to_float8_training(unet, module_filter_fn=wanted)
     return before - sum(type(m) is torch.nn.Linear for m in unet.modules())
-
-
-def plain_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> torch.nn.Module:
-    """An eager fp32 copy of the UNet for sampling and export: no compiled wrappers (they would
-    still call the original module), weights from the optimizer's fp32 masters when it keeps them."""
-    from colodiffusion.train.master_weights import MasterWeightOptimizer
-
-    compiled = [(m, m._compiled_call_impl) for m in model.modules()
-                if getattr(m, "_compiled_call_impl", None) is not None]
-    for m, _ in compiled:
-        m._compiled_call_impl = None
-    try:
-        out = copy.deepcopy(model)
-    finally:
-        for m, impl in compiled:
-            m._compiled_call_impl = impl
-    out.float().to(memory_format=torch.contiguous_format)
-    if isinstance(optimizer, MasterWeightOptimizer):
-        masters = optimizer.master_of()
-        with torch.no_grad():
-            for src, dst in zip(model.parameters(), out.parameters()):
-                if id(src) in masters:
-                    dst.copy_(masters[id(src)])
-    return out

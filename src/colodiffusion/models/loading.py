@@ -1,31 +1,77 @@
-"""`colodiffusion export`: a run, checkpoint, diffusers folder or single file -> diffusers | single-file | lora.
+"""Loading models from files: a local diffusers folder, a single-file LDM checkpoint, or a training
+checkpoint / run folder of ours, rebuilt exactly as training built it.
 
+`build_components` is what training and export call: `model.pretrained` when it is set, otherwise
+the preset's fresh modules (whose frozen parts are reused from a run's components/ folder).
 A training checkpoint holds only the trained weights (`unet.safetensors`, `ema.safetensors`); the
 frozen parts come from the run's config (`model.pretrained`, or RUN_DIR/components/ for models
-built from a preset), and the trained model is rebuilt exactly as training built it (LoRA
-adapters, text encoder) before the checkpoint's weights are loaded into it.
+built from a preset), and LoRA adapters or a trained text encoder are rebuilt before its weights
+are loaded.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError, load_config
+from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import lora
-from colodiffusion.models.single_file import DTYPES, is_single_file, save_single_file
-from colodiffusion.train import checkpoint
+from colodiffusion.models.components import Components, build_fresh_components, freeze
+from colodiffusion.models.presets import get_preset
+from colodiffusion.models.single_file import is_single_file, load_single_file, read_meta
+from colodiffusion.models.trainable import build_trainable, split
+from colodiffusion.storage import checkpoint
 
-FORMATS = ("diffusers", "single-file", "lora")
+
+def build_components(
+    cfg: Config,
+    components_dir: Path,
+    captions: Callable[[], Iterable[str]],
+    train_vae: Callable[[AutoencoderKL], AutoencoderKL],
+) -> Components:
+    """`model.pretrained` if set, else fresh modules from the preset (frozen parts reused from
+    `components_dir` when saved there; see `build_fresh_components`)."""
+    if cfg.model.pretrained:
+        return load_pretrained(cfg.model.pretrained, cfg)
+    return build_fresh_components(cfg, components_dir, captions, train_vae)
+
+
+def _has(folder: Path, sub: str) -> bool:
+    return (folder / sub).is_dir()
+
+
+def load_pretrained(path: str | Path, cfg: Config) -> Components:
+    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or a
+    single-file LDM checkpoint (`models/single_file.py`)."""
+    root = Path(path)
+    if root.is_file():
+        return load_single_file(root, cfg)
+    missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained '{root}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
+        )
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(cfg.model.vae or root, subfolder=None if cfg.model.vae else "vae")
+    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    prediction_type = cfg.model.prediction_type
+    if prediction_type is None and _has(root, "scheduler"):
+        prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
+    prediction_type = prediction_type or get_preset(cfg.model.preset).prediction_type
+    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
+                      build_noise_scheduler(cfg, prediction_type))
 
 
 @dataclass
 class Model:
-    """A trained model, ready to write: UNet and text encoder may still carry LoRA adapters."""
+    """A trained model, ready to use or write: UNet and text encoder may still carry LoRA adapters."""
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
@@ -38,14 +84,11 @@ class Model:
 
 
 def _refuse_training(*_args):
-    raise ConfigError("the run folder lacks components/ (its frozen parts), so its checkpoints cannot be exported.")
+    raise ConfigError("the run folder lacks components/ (its frozen parts), so its checkpoints cannot be loaded.")
 
 
 def load_checkpoint_model(ckpt: Path, ema: bool) -> Model:
     """Rebuild the run's model from its config.yaml and load the checkpoint's (or its EMA) weights."""
-    from colodiffusion.models.components import build_components
-    from colodiffusion.models.trainable import build_trainable, split
-
     run_dir = ckpt.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"checkpoint '{ckpt}' is not inside a run folder (no {run_dir / 'config.yaml'}).")
@@ -69,8 +112,6 @@ def load_checkpoint_model(ckpt: Path, ema: bool) -> Model:
 def load_model(source: str | Path, ema: bool = False, original_config: Optional[str] = None,
                tokenizer: Optional[str] = None) -> Model:
     """Any supported source: single file, diffusers folder, checkpoint folder, or run folder."""
-    from colodiffusion.models.components import load_pretrained
-
     src = Path(source)
     if not src.exists():
         raise ConfigError(f"'{src}' does not exist.")
@@ -81,7 +122,7 @@ def load_model(source: str | Path, ema: bool = False, original_config: Optional[
         if ema and not is_single_file(src):
             raise ConfigError(f"'{src}' is a diffusers folder and holds one set of weights; drop --ema.")
         c = load_pretrained(src, cfg)
-        return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), _own_scheduler(src) or c.noise_scheduler)
+        return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), own_scheduler(src) or c.noise_scheduler)
     if (src / "state.pt").exists():
         return load_checkpoint_model(src, ema)
     latest = checkpoint.find_latest(src / "checkpoints")
@@ -92,12 +133,8 @@ def load_model(source: str | Path, ema: bool = False, original_config: Optional[
     raise ConfigError(f"'{src}' is not a run folder, checkpoint folder, diffusers folder or single-file checkpoint.")
 
 
-def _own_scheduler(src: Path):
+def own_scheduler(src: Path):
     """The source's own noise schedule (betas, prediction type), kept as is by an export."""
-    from diffusers import DDPMScheduler
-
-    from colodiffusion.models.single_file import read_meta
-
     if (src / "scheduler").is_dir():
         return DDPMScheduler.from_pretrained(src, subfolder="scheduler")
     if is_single_file(src):
@@ -105,33 +142,3 @@ def _own_scheduler(src: Path):
         if meta and "scheduler" in meta:
             return DDPMScheduler.from_config(meta["scheduler"])
     return None
-
-
-def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dtype: str = "fp32",
-           merge_lora: bool = False, original_config: Optional[str] = None, tokenizer: Optional[str] = None) -> Path:
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format is '{fmt}'; allowed values are: {', '.join(FORMATS)}.")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype is '{dtype}'; allowed values are: {', '.join(DTYPES)}.")
-    out = Path(out)
-    if fmt == "single-file" and out.suffix not in (".safetensors", ".ckpt"):
-        raise ConfigError(f"--out '{out}' must end in .safetensors or .ckpt for --format single-file.")
-    m = load_model(source, ema, original_config, tokenizer)
-    if fmt == "lora":
-        if not m.has_lora:
-            raise ConfigError(f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write.")
-        return lora.save_lora(out, m.unet, m.text_encoder, DTYPES[dtype])
-    if m.has_lora:
-        if not merge_lora:
-            raise ConfigError(
-                f"'{source}' is a LoRA run: pass --merge-lora to fold the adapter into the base weights, "
-                "or use --format lora to write the adapter file alone."
-            )
-        m.unet, m.text_encoder = lora.merged(m.unet), lora.merged(m.text_encoder)
-    if fmt == "single-file":
-        return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype)
-    from colodiffusion.generate import export_diffusers
-
-    cast = DTYPES[dtype]
-    unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
-    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler)

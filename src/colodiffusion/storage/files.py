@@ -1,4 +1,4 @@
-"""Small file helpers shared by checkpoints and the latent cache."""
+"""Small file helpers for sealed folders and the latent cache."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from colodiffusion.config import ConfigError
-from colodiffusion.fileio import sha256
-from colodiffusion.train import faults, signals
+from colodiffusion.storage import faults
+from colodiffusion.storage.files import sha256
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -298,31 +298,3 @@ def resolve(path: Path, log: Callable[[str], None] = print) -> Path:
 
 def manifest_step(folder: Path) -> int:
     return int(json.loads((Path(folder) / MANIFEST).read_text())["step"])
-
-
-def choose(root: Path, mode: str, backend) -> Optional[Path]:
-    """The checkpoint to resume from (`mode` is 'auto' or a path): cleaned up, picked and verified
-    on the main rank, then agreed by every rank (they get its step through the backend)."""
-    path, error = None, None
-    if backend.is_main:
-        try:
-            recover(root)
-            path = find_latest(root) if mode == "auto" else resolve(Path(mode))
-        except CheckpointError as exc:
-            error = exc
-    if backend.world_size == 1:
-        if error is not None:
-            raise error
-        return path
-    step = signals.broadcast_int(backend, -2 if error is not None else -1 if path is None else manifest_step(path))
-    if step == -2:
-        raise error or CheckpointError("the main rank could not choose a checkpoint to resume from (see its message)")
-    if step == -1:
-        return None
-    if backend.is_main:
-        return path
-    base = root if mode == "auto" else Path(mode)
-    for p in (base, base / f"step_{step:08d}", base / "checkpoints" / f"step_{step:08d}"):
-        if (p / MANIFEST).exists() and manifest_step(p) == step:
-            return p
-    raise CheckpointError(f"rank {backend.rank} cannot see checkpoint step {step} under '{base}' (is the run folder on a shared filesystem?)")

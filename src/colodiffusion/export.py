@@ -1,0 +1,48 @@
+"""`colodiffusion export`: a run, checkpoint, diffusers folder or single file -> diffusers | single-file | lora.
+
+A command over models, checkpoints and pipelines: the model is loaded by `models/loading.py`
+(rebuilt exactly as training built it, for our checkpoints) and written by `models/single_file.py`,
+`models/lora.py` or `generate.export_diffusers`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+from colodiffusion.config import ConfigError
+from colodiffusion.generate import export_diffusers
+from colodiffusion.models import lora
+from colodiffusion.models.loading import load_model
+from colodiffusion.models.single_file import DTYPES, save_single_file
+
+FORMATS = ("diffusers", "single-file", "lora")
+
+
+def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dtype: str = "fp32",
+           merge_lora: bool = False, original_config: Optional[str] = None, tokenizer: Optional[str] = None) -> Path:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format is '{fmt}'; allowed values are: {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype is '{dtype}'; allowed values are: {', '.join(DTYPES)}.")
+    out = Path(out)
+    if fmt == "single-file" and out.suffix not in (".safetensors", ".ckpt"):
+        raise ConfigError(f"--out '{out}' must end in .safetensors or .ckpt for --format single-file.")
+    m = load_model(source, ema, original_config, tokenizer)
+    if fmt == "lora":
+        if not m.has_lora:
+            raise ConfigError(f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write.")
+        return lora.save_lora(out, m.unet, m.text_encoder, DTYPES[dtype])
+    if m.has_lora:
+        if not merge_lora:
+            raise ConfigError(
+                f"'{source}' is a LoRA run: pass --merge-lora to fold the adapter into the base weights, "
+                "or use --format lora to write the adapter file alone."
+            )
+        m.unet, m.text_encoder = lora.merged(m.unet), lora.merged(m.text_encoder)
+    if fmt == "single-file":
+        return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype)
+    cast = DTYPES[dtype]
+    unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
+    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler)
