@@ -106,3 +106,31 @@ def good_png_bytes(seed: int = 1, size: int = 20) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def image_bytes(fmt: str, size: int = 20, frames: int = 1) -> bytes:
+    """A small image in any format Pillow writes (GIF with several frames when asked)."""
+    imgs = [Image.new("RGB", (size, size), (40 * k, 90, 160)) for k in range(frames)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, fmt, save_all=frames > 1, append_images=imgs[1:])
+    return buf.getvalue()
+
+
+def make_latent_cache(root: Path, n: int = 6, per_shard: int = 3) -> Path:
+    """A latent cache in the layout `colodiffusion cache` writes (manifest, shards, empty context)."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, n, per_shard)):
+        count = min(per_shard, n - start)
+        tensors = {"mean": torch.randn(count, 4, 2, 2).half(), "logvar": torch.zeros(count, 4, 2, 2).half(),
+                   "context": torch.randn(count, 3, 8).half()}
+        meta = {"captions": json.dumps([f"c{start + r}" for r in range(count)]),
+                "keys": json.dumps([f"k{start + r}" for r in range(count)])}
+        save_file(tensors, str(root / f"shard-{k:05d}.safetensors"), metadata=meta)
+        shards.append({"file": f"shard-{k:05d}.safetensors", "count": count})
+    save_file({"context": torch.zeros(1, 3, 8).half()}, str(root / "empty_context.safetensors"))
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "num_samples": n, "shards": shards}))
+    return root

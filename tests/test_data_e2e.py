@@ -50,6 +50,21 @@ def test_webdataset_with_bad_samples_trains_and_reports(tmp_path):
     p = cli("train", f"run.dir={tmp_path / 'strict'}", "data.source=webdataset", f"data.path={pattern}",
             "data.max_bad_fraction=0.05", "train.max_steps=6", *TINY, check=False)
     assert p.returncode == 2 and "data.max_bad_fraction=0.05" in p.stderr and "Traceback" not in p.stderr
+    # found by the preflight probe, before the autoencoder stage spent any time
+    assert "samples probed" in p.stderr and not (tmp_path / "strict" / "components").exists()
+
+
+@pytest.mark.slow
+def test_one_bad_file_among_twenty_trains_with_the_defaults(tmp_path):
+    """The own-data report: one truncated PNG among 20 images must not stop a 3-epoch run."""
+    root = make_folder(tmp_path / "f", 20)
+    victim = sorted(root.glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    run = tmp_path / "run"
+    cli("train", f"run.dir={run}", "data.source=folder", f"data.path={root}", "train.max_steps=6", *TINY)
+    listed = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["reason"]) for r in listed] == [(victim.name, "truncated")]
+    assert metrics(run)[-1]["epoch"] >= 2 and metrics(run)[-1]["bad/truncated"] == 1
 
 
 @pytest.mark.slow

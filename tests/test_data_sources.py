@@ -12,12 +12,14 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from datagen import (bomb_png, good_png_bytes, make_folder, make_parquet, make_webdataset,  # noqa: E402
-                     shapes_items, truncated_jpeg)
+from datagen import (bomb_png, good_png_bytes, image_bytes, make_folder, make_latent_cache,  # noqa: E402
+                     make_parquet, make_webdataset, shapes_items, truncated_jpeg)
 
 from colodiffusion.config import ConfigError, load_config  # noqa: E402
 from colodiffusion.data import build_dataset  # noqa: E402
-from colodiffusion.data.loader import ResumableLoader  # noqa: E402
+from colodiffusion.data.latents import mmap_safetensors  # noqa: E402
+from colodiffusion.data.loader import ResumableLoader, too_many_bad  # noqa: E402
+from colodiffusion.data.transforms import BadSample, ImageTransform, decode_image  # noqa: E402
 
 
 def dataset_for(tmp, source, path, *extra):
@@ -189,3 +191,204 @@ def test_too_many_bad_samples_stop_with_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match=r"samples read so far are bad.*data.max_bad_fraction=0.05"):
         for _ in range(len(ds) // 4):
             next(loader)
+
+
+# -- hardening: formats, types, sizes, patterns, dependencies, accounting ------------------------------
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP"])
+def test_the_common_formats_decode(fmt):
+    img, size = decode_image(image_bytes(fmt), 10**6)
+    assert size == (20, 20) and img.mode == "RGB"
+
+
+def test_an_animated_gif_gives_its_first_frame():
+    img, _ = decode_image(image_bytes("GIF", frames=3), 10**6)
+    assert img.getpixel((0, 0))[0] < 20  # frame 0 is (0, 90, 160); frame 2 would be (80, ...)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\n0 0 moveto 20 20 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO", "TGA", "EPS"])
+def test_other_formats_are_bad_samples(fmt, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was called"))
+    data = EPS if fmt == "EPS" else image_bytes(fmt)
+    with pytest.raises(BadSample) as e:
+        decode_image(data, 10**6)
+    assert e.value.reason == "not_an_image" and "JPEG, PNG, WEBP, BMP, GIF" in e.value.detail
+
+
+def test_wrong_typed_fields_are_bad_samples(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    make_parquet(folder / "good.parquet", 8)
+    pq.write_table(pa.table({"jpg": ["photos/1.jpg"] * 4, "text": ["a path, not bytes"] * 4}), folder / "paths.parquet")
+    ints = pa.table({"jpg": [good_png_bytes(k) for k in range(4)], "text": [1, 2, 3, 4]})
+    pq.write_table(ints, folder / "ints.parquet")
+    ds = dataset_for(tmp_path, "parquet", folder, "data.image_column=jpg", "data.caption_column=text")
+    loader = ResumableLoader(ds, 16, seed=0, shuffle=False)
+    assert set(next(loader)["caption"]) <= set(expected_captions(8))  # bad rows are replaced by good ones
+    assert loader.bad_counts() == {"bad/wrong_type": 8}
+    # metadata of the wrong shape (a webdataset .json holding a list) only disables the filters
+    t = ImageTransform(resolution=16, max_punsafe=0.5)
+    assert t.sample(good_png_bytes(1), "caption", [0.9, "x"], 0, 0)["caption"] == "caption"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_of_bad_samples_stops_with_one_sentence(tmp_path, workers):
+    root = make_folder(tmp_path / "f", 8)
+    for p in root.glob("*.[jp][pn]g"):
+        p.write_bytes(b"")
+    ds = dataset_for(tmp_path, "folder", root)
+    loader = ResumableLoader(ds, 4, seed=0, num_workers=workers, max_bad_fraction=1.0)
+    with pytest.raises(ConfigError) as e:
+        next(loader)
+    msg = str(e.value)
+    assert f"8 samples in a row of data.path '{root}' are bad or filtered out" in msg
+    assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_brace_patterns_may_hold_commas(tmp_path):
+    make_webdataset(tmp_path / "w", 20, per_shard=6)
+    w = tmp_path / "w"
+    ds = dataset_for(tmp_path, "webdataset", f"{w}/{{00000,00001}}.tar, {w}/0000{{2..3}}.tar")
+    assert [Path(u).name for u in ds.urls] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+    assert len(ds) == 20 and all_captions(ds) == expected_captions(20)
+    with pytest.raises(ConfigError, match=r"has unbalanced braces in '.*0000\{2\.\.3\.tar'"):
+        dataset_for(tmp_path, "webdataset", f"{w}/0000{{2..3.tar")
+
+
+def test_oversized_files_are_not_read_into_memory(tmp_path, monkeypatch):
+    from colodiffusion.data.webdataset import WebDataset
+
+    big = b"\xff\xd8" + bytes(2 << 20)  # 2 MiB: above the cap for max_image_pixels=1000 (4000 B + 1 MiB)
+    huge_caption = b"x" * ((1 << 20) + 1)
+    items = [("big", big, "big image"), ("long", good_png_bytes(2), huge_caption), ("ok", good_png_bytes(3), "fine")]
+    pattern = make_webdataset(tmp_path / "w", 0, per_shard=8, extra=items)
+    reads = []
+    read = WebDataset._read
+    monkeypatch.setattr(WebDataset, "_read", lambda self, url, at, size: reads.append(size) or read(self, url, at, size))
+    ds = dataset_for(tmp_path, "webdataset", pattern, "data.max_image_pixels=1000")
+    reasons = {}
+    for i in range(len(ds)):
+        try:
+            ds[i]
+        except BadSample as exc:
+            reasons[ds.key(i).rsplit(":", 1)[-1]] = exc.reason
+    assert reasons == {"big": "too_large", "long": "too_large"}
+    assert max(reads) <= ds.transform.max_image_bytes
+    # the folder source caps its reads the same way
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(big)
+    (root / "a.txt").write_text("big image")
+    (root / "b.png").write_bytes(good_png_bytes(4))
+    (root / "b.txt").write_bytes(huge_caption)
+    folder = dataset_for(tmp_path, "folder", root, "data.max_image_pixels=1000")
+    for i in range(2):
+        with pytest.raises(BadSample) as e:
+            folder[i]
+        assert e.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("source,modules", [("webdataset", ["braceexpand"]),
+                                            ("parquet", ["pyarrow", "pyarrow.parquet"])])
+def test_a_missing_optional_package_names_its_extra(tmp_path, monkeypatch, source, modules):
+    path = make_parquet(tmp_path / "p.parquet", 4) if source == "parquet" else make_webdataset(tmp_path / "w", 4, 4)
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)  # `import m` now raises ModuleNotFoundError
+    with pytest.raises(ConfigError) as e:
+        dataset_for(tmp_path, source, path)
+    assert str(e.value) == (f"data.source={source} needs the optional package '{modules[0]}': "
+                            f"pip install 'colodiffusion[data]'.")
+
+
+def test_a_bad_file_is_counted_once_and_skipped_every_epoch(tmp_path):
+    """One truncated image among 20 (the own-data report): 3 epochs pass under the default limit, it is
+    counted and listed once (also across a resume), and never trained on."""
+    root = make_folder(tmp_path / "f", 20)
+    victim = sorted(root.glob("*.png"))[1]
+    victim.write_bytes(truncated_jpeg())
+    cfg = load_config(None, [f"run.dir={tmp_path}/run"])
+    ds = dataset_for(tmp_path, "folder", root)
+    log = tmp_path / "bad.jsonl"
+    make = lambda: ResumableLoader(ds, 8, seed=0, bad_log=log, max_bad_fraction=cfg.data.max_bad_fraction)  # noqa: E731
+    loader = make()
+    captions = [c for _ in range(3) for c in next(loader)["caption"]]
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    captions += [c for _ in range(3) for c in next(resumed)["caption"]]
+    assert resumed.epoch == 2
+    assert (root / victim.with_suffix(".txt").name).read_text() not in captions
+    assert resumed.bad_counts() == {"bad/truncated": 1}
+    assert [json.loads(line)["key"] for line in log.read_text().splitlines()] == [victim.name]
+
+
+def test_the_bad_fraction_is_judged_with_a_margin_for_small_samples():
+    assert not too_many_bad(1, 20, 0.05)  # one bad file in 20 is not evidence of more than 5%
+    assert not too_many_bad(8, 64, 0.05) and too_many_bad(9, 64, 0.05)  # the preflight probe's threshold
+    assert too_many_bad(32, 64, 0.05)  # half of the probe bad: stop before training
+    assert not too_many_bad(5_150, 100_000, 0.05) and too_many_bad(5_300, 100_000, 0.05)  # large: the fraction
+    assert too_many_bad(1, 100, 0.0) and not too_many_bad(0, 100, 0.0)  # limit 0: any bad sample stops
+    assert not too_many_bad(100, 100, 1.0)
+
+
+# -- the latent cache's files are untrusted ----------------------------------------------------------
+def _header_file(path: Path, header_len: int, header: bytes, body: bytes = b"") -> None:
+    path.write_bytes(header_len.to_bytes(8, "little") + header + body)
+
+
+def _latents(tmp_path, cache):
+    return dataset_for(tmp_path, "latents", cache)
+
+
+def test_a_valid_latent_cache_reads(tmp_path):
+    ds = _latents(tmp_path, make_latent_cache(tmp_path / "c"))
+    assert len(ds) == 6 and ds[4]["caption"] == "c4" and ds.key(5) == "k5"
+
+
+@pytest.mark.parametrize("damage", ["huge_header_length", "header_past_the_end", "offsets_outside",
+                                    "shape_mismatch", "bf16", "not_json"])
+def test_crafted_latent_shards_are_one_sentence(tmp_path, damage):
+    cache = make_latent_cache(tmp_path / "c")
+    shard = cache / "shard-00001.safetensors"
+    good = json.dumps({"mean": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    if damage == "huge_header_length":  # would make a naive reader allocate an exabyte
+        _header_file(shard, 2**60, good, b"\0" * 4)
+    elif damage == "header_past_the_end":
+        _header_file(shard, 10**6, good, b"\0" * 4)
+    elif damage == "not_json":
+        _header_file(shard, 9, b"not json!")
+    else:  # a well-formed header whose tensor does not fit the 4 data bytes, or is not a numpy dtype
+        header = {"offsets_outside": good.replace(b"[0, 4]", b"[0, 4000000]"),
+                  "shape_mismatch": good.replace(b"[2]", b"[1000]"), "bf16": good.replace(b"F16", b"BF16")}[damage]
+        _header_file(shard, len(header), header, b"\0" * 4)
+    with pytest.raises(ValueError, match="rebuild it with `colodiffusion cache`"):
+        mmap_safetensors(shard)
+    with pytest.raises(ConfigError) as e:  # found when the dataset is built, not in a worker mid-run
+        _latents(tmp_path, cache)
+    msg = str(e.value)
+    assert str(shard) in msg and "rebuild it with `colodiffusion cache`" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("damage", ["path_outside", "count_mismatch", "missing_captions"])
+def test_a_latent_manifest_must_match_its_shards(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    cache = make_latent_cache(tmp_path / "c")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    if damage == "path_outside":
+        (tmp_path / "outside.safetensors").write_bytes((cache / "shard-00000.safetensors").read_bytes())
+        manifest["shards"][0]["file"] = "../outside.safetensors"
+    elif damage == "count_mismatch":
+        manifest["shards"][0]["count"] = 5  # rows 3 and 4 would index past the shard
+    else:
+        shard = str(cache / "shard-00000.safetensors")
+        save_file(load_file(shard), shard, metadata={"keys": "[]"})
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="rebuild it with `colodiffusion cache`"):
+        _latents(tmp_path, cache)

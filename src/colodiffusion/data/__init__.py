@@ -9,6 +9,9 @@ from torch.utils.data import Dataset
 
 from colodiffusion.config import Config, ConfigError
 
+# Optional packages the image sources import, and the extra that installs each.
+EXTRAS = {"braceexpand": "data", "pyarrow": "data", "webdataset": "data", "fsspec": "s3", "s3fs": "s3"}
+
 
 def build_dataset(cfg: Config) -> Dataset:
     d = cfg.data
@@ -20,6 +23,16 @@ def build_dataset(cfg: Config) -> Dataset:
         return _build_files_dataset(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc).rstrip(".") + ".") from None
+    except ImportError as exc:
+        raise missing_extra(exc, f"data.source={d.source}") from None
+
+
+def missing_extra(exc: ImportError, what: str) -> ConfigError:
+    """One sentence naming the extra that installs a missing optional package (other ImportErrors re-raise)."""
+    name = (exc.name or "").split(".")[0] or next((n for n in EXTRAS if n in str(exc)), "")
+    if name not in EXTRAS:
+        raise exc
+    return ConfigError(f"{what} needs the optional package '{name}': pip install 'colodiffusion[{EXTRAS[name]}]'.")
 
 
 def _build_files_dataset(cfg: Config) -> Dataset:

@@ -2,7 +2,8 @@
 captions.csv beside the images (fields: file name relative to that file's folder, and caption).
 
 Images are found by extension (.jpg .jpeg .png .webp .bmp) but decoded by content; a file that
-is empty, truncated, not an image, or has no readable caption is a bad sample (skipped, listed).
+is empty, truncated, not an image, too large to read, or has no readable caption is a bad sample
+(skipped, listed).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from colodiffusion.data.source import ImageSource
-from colodiffusion.data.transforms import IMAGE_EXTS, BadSample, ImageTransform
+from colodiffusion.data.transforms import IMAGE_EXTS, MAX_TEXT_BYTES, BadSample, ImageTransform
 
 CAPTION_FIELDS = ("caption", "text", "prompt")
 FILE_FIELDS = ("file", "file_name", "image", "path")
@@ -21,6 +22,18 @@ FILE_FIELDS = ("file", "file_name", "image", "path")
 
 def _pick(row: dict, names: tuple[str, ...]) -> Optional[str]:
     return next((row[n] for n in names if n in row and row[n] is not None), None)
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The file's bytes, or BadSample when it cannot be read or holds more than `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # never more than the limit in memory, even if the file grows
+    except OSError as exc:
+        raise BadSample("unreadable_file", str(exc)[:200]) from None
+    if len(data) > limit:
+        raise BadSample("too_large", f"'{path.name}' holds more than the {limit} bytes read into memory")
+    return data
 
 
 def read_caption_table(table: Path) -> dict[Path, str]:
@@ -50,7 +63,7 @@ class FolderDataset(ImageSource):
     name = "folder"
 
     def __init__(self, path: str, transform: ImageTransform):
-        super().__init__(transform)
+        super().__init__(transform, str(path))
         self.root = Path(path)
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not self.files:
@@ -68,12 +81,9 @@ class FolderDataset(ImageSource):
 
     def raw(self, i: int):
         path = self.files[i]
-        try:
-            image = path.read_bytes()
-        except OSError as exc:
-            raise BadSample("unreadable_file", str(exc)[:200]) from None
+        image = read_limited(path, self.transform.max_image_bytes)
         caption = self.table.get(path.resolve())
         if caption is None:
             txt = path.with_suffix(".txt")
-            caption = txt.read_bytes() if txt.is_file() else None
+            caption = read_limited(txt, MAX_TEXT_BYTES) if txt.is_file() else None
         return image, caption, None

@@ -18,14 +18,26 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 MANIFEST = "manifest.json"
-_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "I64": np.int64}
+_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
+_REBUILD = "rebuild it with `colodiffusion cache`"
 
 
 def mmap_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Zero-copy numpy views of a safetensors file's tensors, and its metadata."""
+    """Zero-copy numpy views of a safetensors file's tensors, and its metadata.
+
+    The file is untrusted (a user-given cache): the safetensors library validates the header first
+    (its length is bounded, tensors have known dtypes, shapes match their byte ranges, which lie inside
+    the file and cover it), so a crafted file is one ValueError, never a huge read or an out-of-range view."""
+    try:
+        with safe_open(str(path), framework="np"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        detail = (str(exc).splitlines() or [""])[0][:160]
+        raise ValueError(f"'{path}' is not a valid safetensors file ({detail}); {_REBUILD}") from None
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -33,13 +45,41 @@ def mmap_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     out = {}
     for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"'{path}' holds tensor '{name}' as {info['dtype']}, not a latent cache dtype; {_REBUILD}")
         a, b = info["data_offsets"]
         out[name] = raw[a:b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out, meta
 
 
 def read_manifest(path: str | Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The cache's manifest, with every shard entry a plain file name in the cache folder and a count."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+        shards = manifest["shards"]
+        ok = isinstance(shards, list) and all(
+            isinstance(s["file"], str) and Path(s["file"]).name == s["file"] not in ("", ".", "..")
+            and type(s["count"]) is int and s["count"] >= 0 for s in shards)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"'{file}' is not a latent cache manifest (shards with a file name and a count); {_REBUILD}")
+    return manifest
+
+
+def _check_shard(file: str, tensors: dict, meta: dict, count: int) -> dict:
+    """The shard's captions and keys, after checking it holds `count` rows of everything."""
+    try:
+        info = {"captions": json.loads(meta["captions"]), "keys": json.loads(meta["keys"])}
+        ok = all(isinstance(v, list) and len(v) == count for v in info.values()) and all(
+            tensors[k].ndim >= 1 and tensors[k].shape[0] == count for k in ("mean", "logvar", "context"))
+    except (KeyError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"'{file}' does not hold the {count} samples its manifest lists "
+                         f"(mean, logvar, context, captions and keys); {_REBUILD}")
+    return info
 
 
 def cached_components(cfg) -> Optional[Path]:
@@ -54,20 +94,24 @@ class LatentDataset(Dataset):
     name = "latents"
 
     def __init__(self, path: str | Path):
-        self.root = Path(path)
+        self.root, self.path = Path(path), str(path)
         if not (self.root / MANIFEST).is_file():
             raise ValueError(f"data.path '{path}' is not a latent cache (no {MANIFEST}; make one with `colodiffusion cache`)")
         self.manifest = read_manifest(self.root)
         self.files = [str(self.root / s["file"]) for s in self.manifest["shards"]]
-        counts = [s["count"] for s in self.manifest["shards"]]
+        self.counts = counts = [s["count"] for s in self.manifest["shards"]]
         self.starts = [sum(counts[:k]) for k in range(len(counts))]
         self.n = sum(counts)
         if self.n == 0:
             raise ValueError(f"the latent cache '{path}' holds no samples")
         empty, _ = mmap_safetensors(self.root / "empty_context.safetensors")
+        if "context" not in empty:
+            raise ValueError(f"'{self.root / 'empty_context.safetensors'}' holds no 'context' tensor; {_REBUILD}")
         self.empty_context = torch.from_numpy(np.array(empty["context"]))
         self._maps: dict = {}
         self._pid = -1
+        for k in range(len(self.files)):  # headers only: a damaged shard is found now, not in a worker mid-run
+            self._load(k)
 
     def __len__(self) -> int:
         return self.n
@@ -77,9 +121,12 @@ class LatentDataset(Dataset):
             self._maps, self._pid = {}, os.getpid()
         m = self._maps.get(k)
         if m is None:
-            tensors, meta = mmap_safetensors(self.files[k])
-            m = self._maps[k] = (tensors, {"captions": json.loads(meta["captions"]), "keys": json.loads(meta["keys"])})
+            m = self._maps[k] = self._load(k)
         return m
+
+    def _load(self, k: int) -> tuple[dict, dict]:
+        tensors, meta = mmap_safetensors(self.files[k])
+        return tensors, _check_shard(self.files[k], tensors, meta, self.counts[k])
 
     def locate(self, i: int) -> tuple[int, int]:
         k = bisect_right(self.starts, i) - 1

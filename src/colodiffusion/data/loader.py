@@ -8,13 +8,16 @@ continue from mid-epoch.
 Bad samples never stop a run: `SkipBad` replaces a sample that fails to load by the next good index
 (i+1, i+2, ... in dataset order, a pure function of the data), so batches keep their size and resume
 stays exact. The failure travels back with the batch (workers cannot write the run's files); the
-loader counts it by reason, appends it to `bad_log` (RUN_DIR/bad_samples.jsonl) and stops the run
-with one sentence once more than `max_bad_fraction` of the samples dealt were bad.
+loader counts each bad sample once (by index, not once per epoch), appends it to `bad_log`
+(RUN_DIR/bad_samples.jsonl) and stops the run with one sentence once clearly more than
+`max_bad_fraction` of the distinct samples read were bad (`too_many_bad`). `probe` reads a spread
+of samples the same way before training, so broken data is found before any compute is spent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,6 +30,18 @@ from colodiffusion.data.transforms import BadSample, Filtered
 
 MAX_PROBE = 1024  # consecutive unreadable samples before a slot gives up
 MIN_CHECKED = 256  # samples dealt before the bad-sample rate is judged (or one epoch, if shorter)
+
+
+class AllBad(Exception):
+    """MAX_PROBE samples in a row are bad: raised in a worker, turned into one sentence by the loader."""
+
+
+def too_many_bad(bad: int, seen: int, limit: float) -> bool:
+    """Whether `bad` of `seen` samples is more than a bad fraction of `limit` explains by chance: above
+    the expected count by three standard deviations (a false alarm about once in 300 checks of data
+    that is exactly at the limit), so a small sample such as the preflight probe is judged fairly."""
+    expected = limit * seen
+    return bad > expected + 3 * math.sqrt(expected * (1 - limit))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Optional[list[int]] = None) -> torch.Tensor:
@@ -86,25 +101,47 @@ class SkipBad(Dataset):
             rec["detail"] = exc.detail
         return rec
 
+    def attempt(self, j: int) -> tuple[Optional[dict], Optional[dict], Optional[str]]:
+        """(sample, None, None), or (None, bad record, None), or (None, None, filter name)."""
+        try:
+            return dict(self.dataset[j]), None, None
+        except BadSample as exc:
+            return None, self.record(j, exc), None
+        except Filtered as exc:
+            return None, None, exc.reason
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         n, bad, filtered = len(self.dataset), [], {}
         for k in range(min(n, MAX_PROBE)):
             j = (i + k) % n
             if k and self.groups is not None and self.groups[j] != self.groups[i]:
                 continue
-            try:
-                sample = dict(self.dataset[j])
-            except BadSample as exc:
-                if k == 0:  # only the slot's own sample is reported: each bad sample once per epoch
-                    bad.append(self.record(j, exc))
-                continue
-            except Filtered as exc:
-                if k == 0:
-                    filtered[exc.reason] = 1
-                continue
-            sample["_skips"] = (bad, filtered)
-            return sample
-        raise RuntimeError(f"{MAX_PROBE} samples in a row from index {i} are unreadable or filtered out")
+            sample, rec, reason = self.attempt(j)
+            if sample is not None:
+                sample["_skips"] = (bad, filtered)
+                return sample
+            if k == 0:  # only the slot's own sample is reported: each bad sample once per epoch
+                if rec is not None:
+                    bad.append({**rec, "index": j})
+                else:
+                    filtered[reason] = 1
+        raise AllBad(f"{min(n, MAX_PROBE)} samples in a row from index {i} are unreadable or filtered out")
+
+
+def probe(dataset: Dataset, n: int = 64) -> tuple[int, list[dict], Counter]:
+    """Read `n` samples spread evenly over the dataset, skipping as the loader does:
+    (samples read, bad records, filtered counts). Used by the preflight before any training."""
+    skip = dataset if isinstance(dataset, SkipBad) else SkipBad(dataset)
+    size, count = len(skip), min(n, len(skip))
+    read, bad, filtered = 0, [], Counter()
+    for j in (k * size // count for k in range(count)):
+        sample, rec, reason = skip.attempt(j)
+        read += sample is not None
+        if rec is not None:
+            bad.append(rec)
+        elif reason is not None:
+            filtered[reason] += 1
+    return read, bad, filtered
 
 
 class ResumableLoader:
@@ -118,7 +155,8 @@ class ResumableLoader:
         self.epoch, self.consumed = 0, 0  # consumed: samples of this epoch handed out on this rank
         self._it: Optional[Any] = None
         self.bad_log, self.max_bad_fraction = (Path(bad_log) if bad_log else None), max_bad_fraction
-        self.bad: Counter = Counter()  # bad samples by reason (cumulative over the run)
+        self.bad: Counter = Counter()  # distinct bad samples by reason (cumulative over the run)
+        self.bad_indices: set[int] = set()  # which: a sample bad every epoch is counted and listed once
         self.filtered: Counter = Counter()  # samples the filters rejected, by filter
         self.dealt = 0  # samples dealt on this rank over the run (bad ones included)
         sizes = getattr(dataset, "block_sizes", None)
@@ -162,14 +200,13 @@ class ResumableLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self._it is None:
-            self._start()
         try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.consumed = self.epoch + 1, 0
-            self._start()
-            batch = next(self._it)
+            batch = self._next_batch()
+        except AllBad:  # (from a worker its message carries a traceback: say it again, in one sentence)
+            path = getattr(self.dataset.dataset, "path", "") or "the dataset"
+            raise ConfigError(
+                f"{min(len(self.dataset), MAX_PROBE)} samples in a row of data.path '{path}' are bad or filtered "
+                f"out, so no batch can be filled; fix the data or loosen the data.* filters.") from None
         self.consumed += self.batch_size
         self.dealt += self.batch_size
         self._account(batch.pop("_skips", ()))
@@ -178,10 +215,26 @@ class ResumableLoader:
             batch.update(extras())
         return batch
 
+    def _next_batch(self) -> dict[str, Any]:
+        if self._it is None:
+            self._start()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._start()
+            return next(self._it)
+
     def _account(self, skips) -> None:
-        records = [r for bad, filtered in skips for r in bad]
-        for _, filtered in skips:
+        records = []
+        for bad, filtered in skips:
             self.filtered.update(filtered)
+            for r in bad:
+                i = r.pop("index", None)  # index problems (unreadable shards) have none: seen once anyway
+                if i not in self.bad_indices:
+                    records.append(r)
+                    if i is not None:
+                        self.bad_indices.add(i)
         self.bad.update(r["reason"] for r in records)
         if records and self.bad_log is not None:
             with open(self.bad_log, "a", encoding="utf-8") as f:  # O_APPEND: one write per line
@@ -189,11 +242,14 @@ class ResumableLoader:
                     f.write(json.dumps({**r, "rank": self.rank}) + "\n")
         epoch_len = len(self.dataset) // self.world_size
         total = sum(self.bad.values())
-        if self.dealt >= min(MIN_CHECKED, epoch_len) and total > self.max_bad_fraction * max(self.dealt, 1):
+        # Distinct samples seen: every dealt one in the first epoch, then at most the whole dataset
+        # (an upper bound: the rate is never overstated).
+        seen = min(self.dealt, len(self.dataset))
+        if self.dealt >= min(MIN_CHECKED, epoch_len) and too_many_bad(total, seen, self.max_bad_fraction):
             where = f" (listed in {self.bad_log})" if self.bad_log else ""
             raise ConfigError(
-                f"{total} of the {self.dealt} samples read so far are bad{where}, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; fix the data or raise the limit.")
+                f"{total} of the {seen} distinct samples read so far are bad{where}, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} allows; fix the data or raise the limit.")
 
     def bad_counts(self) -> dict[str, int]:
         """Counts for the metrics: bad samples by reason ("bad/<reason>") and filtered ("filtered/<filter>")."""
@@ -202,10 +258,11 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed, "dealt": self.dealt,
-                "bad": dict(self.bad), "filtered": dict(self.filtered)}
+                "bad": dict(self.bad), "filtered": dict(self.filtered), "bad_indices": sorted(self.bad_indices)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.dealt = int(state.get("dealt", 0))
         self.bad, self.filtered = Counter(state.get("bad", {})), Counter(state.get("filtered", {}))
+        self.bad_indices = {int(i) for i in state.get("bad_indices", ())}
         self._it = None

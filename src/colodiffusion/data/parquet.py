@@ -46,7 +46,7 @@ class ParquetDataset(ImageSource):
 
     def __init__(self, path: str, transform: ImageTransform, image_column: str = "image",
                  caption_column: str = "caption", cache_row_groups: int = 4):
-        super().__init__(transform)
+        super().__init__(transform, str(path))
         self.files = expand_files(path)
         self.image_column, self.caption_column = image_column, caption_column
         self.groups: list[tuple[int, int]] = []  # (file, row group)
@@ -56,6 +56,8 @@ class ParquetDataset(ImageSource):
         for f, name in enumerate(self.files):
             try:
                 pf = _open(name)
+            except ImportError:  # pyarrow or fsspec missing: not this file's fault (build_dataset names the extra)
+                raise
             except Exception as exc:  # pyarrow raises several types for unreadable files
                 self.index_bad.append({"source": "parquet", "key": name, "reason": "unreadable_shard",
                                        "detail": str(exc)[:200]})

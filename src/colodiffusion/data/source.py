@@ -13,14 +13,15 @@ from typing import Any, Iterator, Optional
 from PIL import Image
 from torch.utils.data import Dataset
 
-from colodiffusion.data.transforms import BadSample, ImageTransform, decode_caption
+from colodiffusion.data.transforms import IMAGE_FORMATS, BadSample, ImageTransform, decode_caption
 
 
 class ImageSource(Dataset):
     name = "source"
 
-    def __init__(self, transform: ImageTransform):
+    def __init__(self, transform: ImageTransform, path: str = ""):
         self.transform = transform
+        self.path = path  # data.path, for messages
         self.epoch = 0
         self.index_bad: list[dict] = []  # problems found while indexing (unreadable shards, ...)
         self.bucket_sizes: Optional[list] = None
@@ -60,7 +61,7 @@ class ImageSource(Dataset):
         """The stored image size without decoding pixels (header only); None if unreadable."""
         try:
             image, _, _ = self.raw(i)
-            with Image.open(io.BytesIO(image)) as img:
+            with Image.open(io.BytesIO(image), formats=IMAGE_FORMATS) as img:
                 return img.size
         except Exception:  # a bad sample: the loader treats it like a square image, then skips it
             return None

@@ -21,6 +21,10 @@ import torch
 from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# The formats training decodes (GIF: its first frame). Pillow knows ~40 more, some with a long record of
+# decoder bugs and EPS, which it hands to Ghostscript: a file in any other format is a bad sample.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+MAX_TEXT_BYTES = 1 << 20  # a caption or metadata file larger than 1 MiB is not read (a bad sample)
 # Magic bytes of things that are often saved with an image extension (error pages, JSON answers, PDFs).
 _NOT_IMAGES = (b"<!doctype", b"<html", b"<?xml", b"{", b"[", b"%pdf", b"<head", b"<body")
 
@@ -47,6 +51,9 @@ def decode_image(data: Optional[bytes], max_pixels: int, draft_to=None) -> tuple
     that much larger (libjpeg DCT scaling), which is most of the decode time saved."""
     if data is None:
         raise BadSample("missing_image")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        kind = type(data).__name__
+        raise BadSample("wrong_type", f"the image field holds a {kind} ({str(data)[:60]!r}), not image bytes")
     if len(data) == 0:
         raise BadSample("zero_byte")
     head = data[:64].lstrip().lower()
@@ -55,7 +62,7 @@ def decode_image(data: Optional[bytes], max_pixels: int, draft_to=None) -> tuple
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             size = img.size
             if size[0] * size[1] > max_pixels:
                 raise Image.DecompressionBombError(f"{size[0]}x{size[1]} pixels is more than {max_pixels}")
@@ -66,7 +73,7 @@ def decode_image(data: Optional[bytes], max_pixels: int, draft_to=None) -> tuple
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample("decompression_bomb", str(exc)[:200]) from None
     except Image.UnidentifiedImageError:
-        raise BadSample("not_an_image") from None
+        raise BadSample("not_an_image", f"not one of the formats read ({', '.join(IMAGE_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error) as exc:
         msg = str(exc)
         truncated = "truncated" in msg or "end of file" in msg.lower() or isinstance(exc, EOFError)
@@ -78,6 +85,8 @@ def decode_caption(data: Optional[bytes | str]) -> str:
         raise BadSample("missing_caption")
     if isinstance(data, str):
         return data.strip()
+    if not isinstance(data, (bytes, bytearray)):
+        raise BadSample("wrong_type", f"the caption field holds a {type(data).__name__}, not text")
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -140,6 +149,12 @@ class ImageTransform:
     bucket_list: Optional[list] = None  # aspect-ratio buckets, or None for square crops
     seed: int = 0
 
+    @property
+    def max_image_bytes(self) -> int:
+        """Files above this size are not read into memory: an uncompressed RGBA image of max_image_pixels
+        plus 1 MiB of metadata is the most any accepted format can need."""
+        return 4 * self.max_image_pixels + (1 << 20)
+
     @classmethod
     def from_config(cls, cfg) -> "ImageTransform":
         d = cfg.data
@@ -149,7 +164,7 @@ class ImageTransform:
 
     def check_meta(self, meta: Optional[dict]) -> None:
         """Metadata filters (img2dataset/LAION columns), applied before decoding."""
-        if not meta:
+        if not isinstance(meta, dict):  # metadata is optional: a list or number only disables the filters
             return
         for key, limit in (("punsafe", self.max_punsafe), ("pwatermark", self.max_pwatermark)):
             value = meta.get(key)

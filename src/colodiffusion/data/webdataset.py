@@ -1,6 +1,7 @@
 """Tar shards in the webdataset / img2dataset layout (000000.jpg + 000000.txt + 000000.json, ...).
 
-`data.path` is a brace pattern (`shards/{00000..01023}.tar`), a comma-separated list, or a folder;
+`data.path` is a brace pattern (`shards/{00000..01023}.tar`, `shards/{a,b}.tar`), a comma-separated
+list of those (commas inside braces belong to the pattern), or a folder;
 local paths or fsspec URLs (`s3://...` with the optional extra `colodiffusion[s3]`). The tar headers
 are scanned once into an index of (shard, sample, member offsets), cached as JSON under
 RUN_DIR/data_index/ and reused while the shards' sizes are unchanged. With that index the shards
@@ -8,7 +9,8 @@ are read like any map-style dataset: the loader's seeded per-epoch permutation, 
 sharding and exact mid-epoch resume work unchanged.
 
 Shards that cannot be opened, corrupt tar headers (the members behind them are recovered) and
-members cut off by a truncated shard are recorded as bad samples while indexing.
+members cut off by a truncated shard are recorded as bad samples while indexing; a member larger
+than the transform's byte limit is a bad sample, never read (its size is the tar header's claim).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from colodiffusion.data.source import ImageSource
-from colodiffusion.data.transforms import BadSample, ImageTransform
+from colodiffusion.data.transforms import MAX_TEXT_BYTES, BadSample, ImageTransform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -36,17 +38,31 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def split_top_level(pattern: str) -> list[str]:
+    """Split on the commas outside braces: `a/{0,1}.tar,b.tar` -> [`a/{0,1}.tar`, `b.tar`]."""
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(pattern):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(pattern[start:k])
+            start = k + 1
+    parts.append(pattern[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def expand_urls(pattern: str) -> list[str]:
     """Brace patterns, comma lists and folders (all *.tar inside) -> shard list."""
-    from braceexpand import braceexpand
+    from braceexpand import UnbalancedBracesError, braceexpand
 
     urls: list[str] = []
-    for part in pattern.split(","):
-        part = part.strip()
+    for part in split_top_level(pattern):
         if not is_url(part) and Path(part).is_dir():
             urls += sorted(str(p) for p in Path(part).rglob("*.tar"))
-        else:
+            continue
+        try:
             urls += list(braceexpand(part))
+        except UnbalancedBracesError:
+            raise ValueError(f"data.path '{pattern}' has unbalanced braces in '{part}'") from None
     return urls
 
 
@@ -160,7 +176,7 @@ class WebDataset(ImageSource):
     name = "webdataset"
 
     def __init__(self, pattern: str, transform: ImageTransform, index_file: Optional[Path] = None):
-        super().__init__(transform)
+        super().__init__(transform, pattern)
         self.urls = expand_urls(pattern)
         if not self.urls:
             raise ValueError(f"data.path '{pattern}' names no tar shards")
@@ -206,12 +222,14 @@ class WebDataset(ImageSource):
             raise BadSample("corrupt_tar_member", f"short read at byte {offset}")
         return data
 
-    def member(self, url: str, members: dict, names: tuple[str, ...]) -> Optional[bytes]:
+    def member(self, url: str, members: dict, names: tuple[str, ...], limit: int) -> Optional[bytes]:
         for ext in names:
             if ext in members:
                 offset, size = members[ext]
                 if size < 0:
                     raise BadSample("corrupt_tar_member", f"'{ext}' member is cut off by the end of the shard")
+                if size > limit:  # the size is the tar header's claim: never allocate it unchecked
+                    raise BadSample("too_large", f"'{ext}' member has {size} bytes, over the {limit} read into memory")
                 try:
                     return self._read(url, offset, size)
                 except OSError as exc:
@@ -221,14 +239,14 @@ class WebDataset(ImageSource):
     def raw(self, i: int):
         shard, (_, members) = self.locate(i)
         url = shard["url"]
-        image = self.member(url, members, IMAGE_KEYS)
+        image = self.member(url, members, IMAGE_KEYS, self.transform.max_image_bytes)
         if image is None:
             raise BadSample("missing_image", f"no {'/'.join(IMAGE_KEYS)} member")
-        caption = self.member(url, members, CAPTION_KEYS)
+        caption = self.member(url, members, CAPTION_KEYS, MAX_TEXT_BYTES)
         meta = None
         if "json" in members:
             try:
-                meta = json.loads(self.member(url, members, ("json",)))
+                meta = json.loads(self.member(url, members, ("json",), MAX_TEXT_BYTES))
             except (ValueError, UnicodeDecodeError):
                 meta = None  # metadata is optional; a broken json only disables the metadata filters
         return image, caption, meta

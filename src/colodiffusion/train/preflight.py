@@ -1,17 +1,20 @@
-"""Checks before any compute is spent: the run folder takes a checkpoint, the data reads, the
-config fits the world. Each failure is one sentence (ConfigError, exit code 2), on every rank.
+"""Checks before any compute is spent (before the autoencoder stage): the run folder takes a
+checkpoint, the data reads (64 samples spread over the dataset, skipped and judged as the loader
+does), the config fits the world. Each failure is one sentence (ConfigError, exit code 2), on every rank.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from colodiffusion.config import Config, ConfigError
+from colodiffusion.data.loader import probe, too_many_bad
 from colodiffusion.train import signals
 
 # Bytes per trainable parameter in a checkpoint: fp32 weights + fp32 EMA + AdamW's two fp32 moments.
@@ -66,15 +69,30 @@ def _space(cfg: Config, folder: Path) -> Optional[str]:
     return None
 
 
+PROBE_SAMPLES = 64  # samples read before training: a few seconds, even from object storage
+
+
 def _data(cfg: Config, backend, dataset) -> Optional[str]:
     per_rank = cfg.train.batch_size // max(1, backend.dp_size) // cfg.train.grad_accum
     if len(dataset) // max(1, backend.dp_size) < per_rank:
         return (f"the dataset has {len(dataset)} samples, fewer than one batch of {per_rank} per rank on "
                 f"{backend.dp_size} rank(s); lower train.batch_size or add data")
     try:
-        dataset[0]
-    except Exception as exc:  # any reader error: the point is to say it before training
-        return f"the first training sample cannot be read ({type(exc).__name__}: {exc}); check data.source and data.path"
+        read, bad, filtered = probe(dataset, PROBE_SAMPLES)
+    except Exception as exc:  # not a bad sample but a reader failure: the point is to say it before training
+        msg = (str(exc).splitlines() or [""])[0][:200]
+        return f"the training data cannot be read ({type(exc).__name__}: {msg}); check data.source and data.path"
+    tried = read + len(bad) + sum(filtered.values())
+    where = f" of data.path '{cfg.data.path}'" if cfg.data.path else ""
+    reasons = ", ".join(f"{n} {r}" for r, n in Counter(b["reason"] for b in bad).most_common())
+    example = f", such as '{bad[0]['key']}'" if bad else ""
+    if read == 0:
+        filters = f", {sum(filtered.values())} filtered out" if filtered else ""
+        return (f"none of the {tried} samples probed{where} can be used ({len(bad)} bad: {reasons or 'none'}"
+                f"{example}{filters}); check data.source, data.path and the data.* filters")
+    if too_many_bad(len(bad), tried, cfg.data.max_bad_fraction):
+        return (f"{len(bad)} of the {tried} samples probed{where} are bad ({reasons}{example}), more than "
+                f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; fix the data or raise the limit")
     return None
 
 
