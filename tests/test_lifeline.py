@@ -58,8 +58,10 @@ def test_worker_exits_when_its_launcher_is_killed(use_prctl):
 
 
 def test_bind_exits_at_once_when_the_launcher_is_already_gone():
-    # pid 1 is not this process's parent: as if the launcher had died and the worker were re-parented.
-    code = "from colodiffusion import lifeline; lifeline.bind(parent=1); print('still running')"
+    # A launcher that has exited: the worker's parent is no longer it, as after a re-parenting.
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, timeout=60).stdout)
+    code = f"from colodiffusion import lifeline; lifeline.bind(parent={gone}); print('still running')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "still running" not in out.stdout
-    assert "the launcher (pid 1) is gone" in out.stderr
+    assert f"the launcher (pid {gone}) is gone" in out.stderr

@@ -6,7 +6,9 @@ collective or on the launcher's rendezvous store, holding their GPUs and memory.
 a worker started by a launcher (LOCAL_RANK is set: torchrun, the deepspeed launcher, `main.py`'s
 relaunch, which execs torchrun) exit when its parent process dies:
 
-- Linux: the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, through ctypes).
+- Linux: the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, through ctypes). It
+  fires when the parent *thread* that started us exits; torchrun and the deepspeed launcher start
+  their workers from their main thread, so that is when the launcher process ends.
 - elsewhere, or if prctl fails: a daemon thread that polls `getppid()` every second.
 
 The signal is SIGKILL on purpose. SIGTERM would start our checkpoint-and-exit path
