@@ -215,3 +215,37 @@ def test_disk_full_mid_write_of_a_tensor_file(run_copy, monkeypatch, report):
         train(load_config(None, overrides(run_copy, "train.max_steps=6", "train.resume=auto")))
     report["faults_injected"]["disk_full"] += 1
     assert checkpoint.find_latest(run_copy / "checkpoints", log=lambda m: None).name == "step_00000004"
+
+
+# -- real write failures: a file-size limit (RLIMIT_FSIZE), not a mocked exception ----------------------
+# Under the limit, a write past it fails with EFBIG as on a full disk, and each library reports it its
+# own way: safetensors raises SafetensorError, torch.save a RuntimeError, DCP a CheckpointException.
+
+LIMITED = Path(__file__).parent / "limited_rank.py"
+
+
+def _limited_run(run_dir: Path, limit: int, *extra: str):
+    import subprocess
+    import sys
+
+    from faultkit import env
+
+    return subprocess.run([sys.executable, str(LIMITED), "train", *overrides(run_dir, "train.max_steps=4", *extra)],
+                          env=env(LIMIT_BYTES=str(limit)), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,fails_in", [(1_000_000, "unet.safetensors (safetensors)"),
+                                            (20_000_000, "state.pt (torch.save)")])
+def test_a_real_write_failure_is_one_sentence_and_loses_nothing(limit, fails_in, new_run, report):
+    """The tiny UNet's weights are 17 MB and its optimizer state 34 MB, so a 1 MB limit fails the first
+    safetensors file and a 20 MB limit fails torch.save of state.pt."""
+    run_dir = new_run()
+    proc = _limited_run(run_dir, limit)
+    report["faults_injected"]["write_limit"] += 1
+    errors = [line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "error: " in line]  # after a progress bar
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("could not write checkpoint step 2"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    root = run_dir / "checkpoints"
+    assert checkpoint.step_folders(root) == [] and [p.name for p in root.iterdir() if p.name != "latest"] == []

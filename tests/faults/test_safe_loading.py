@@ -143,7 +143,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _assert_refused(proc: subprocess.CompletedProcess, marker: Path, words: str = "refused") -> None:
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    errors = [line[line.index("error: "):] for line in proc.stderr.splitlines() if "error: " in line]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and words in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
