@@ -249,3 +249,48 @@ def test_a_real_write_failure_is_one_sentence_and_loses_nothing(limit, fails_in,
     assert "Traceback" not in proc.stderr
     root = run_dir / "checkpoints"
     assert checkpoint.step_folders(root) == [] and [p.name for p in root.iterdir() if p.name != "latest"] == []
+
+
+# -- state a resume must not silently start afresh ----------------------------------------------------
+
+def _reseal(folder: Path) -> None:
+    checkpoint.write_manifest(folder, checkpoint.manifest_step(folder))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_ema_warns_and_the_ema_starts_from_its_weights(run_copy, capsys):
+    folder = run_copy / "checkpoints" / "step_00000004"
+    (folder / "ema.safetensors").unlink()
+    _reseal(folder)
+    _resume(run_copy, "train.max_steps=4")  # nothing left to train: final/ is written from the resumed EMA
+    assert "holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts from the resumed weights" \
+        in capsys.readouterr().out
+    unet = checkpoint.load_tensors(folder / "unet.safetensors")
+    final = checkpoint.load_tensors(run_copy / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[k], unet[k]) for k in unet)
+
+
+@pytest.mark.slow
+def test_a_missing_rank_file_is_one_sentence_not_fresh_random_streams(run_copy):
+    folder = run_copy / "checkpoints" / "step_00000004"
+    (folder / "rank_0.pt").unlink()
+    _reseal(folder)
+    with pytest.raises(ConfigError, match="lacks rank_0.pt, the random state") as e:
+        _resume(run_copy, f"train.resume={folder}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_bad_step_counters_continue_across_a_resume(tmp_path, components):
+    """Step 1's loss is NaN and skipped; after a resume from step 2 the metrics still count it."""
+    from faultkit import metrics
+
+    from colodiffusion.train.loop import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(components, run_dir / "components")
+    train(load_config(None, overrides(run_dir, "train.max_steps=2", "train.debug_nan_steps=[1]")))
+    assert metrics(run_dir)[-1]["bad_steps"] == 1
+    train(load_config(None, overrides(run_dir, "train.max_steps=3", "train.resume=auto")))
+    assert metrics(run_dir)[-1]["step"] == 3 and metrics(run_dir)[-1]["bad_steps"] == 1

@@ -69,7 +69,14 @@ class DistributedBackend(Backend):
     def remember_architecture(self, model: torch.nn.Module) -> None:
         """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""
         cls, config = type(model), getattr(model, "config", None)
-        self._model_factory = (lambda: cls.from_config(config)) if config is not None and hasattr(cls, "from_config") else None
+        adapters = dict(getattr(model, "peft_config", None) or {})  # LoRA: the same layers, so its weights load
+
+        def build():
+            plain = cls.from_config(config)
+            for name, lora_config in adapters.items():
+                plain.add_adapter(lora_config, adapter_name=name)
+            return plain
+        self._model_factory = build if config is not None and hasattr(cls, "from_config") else None
 
     # -- step -----------------------------------------------------------------------------------
     def clip_grads(self, model, grad_clip: float) -> torch.Tensor:
