@@ -294,3 +294,17 @@ def test_bad_step_counters_continue_across_a_resume(tmp_path, components):
     assert metrics(run_dir)[-1]["bad_steps"] == 1
     train(load_config(None, overrides(run_dir, "train.max_steps=3", "train.resume=auto")))
     assert metrics(run_dir)[-1]["step"] == 3 and metrics(run_dir)[-1]["bad_steps"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the global CUDA RNG exists only on a GPU")
+def test_the_global_cuda_rng_is_in_each_rank_file():
+    from types import SimpleNamespace
+
+    from colodiffusion.train.loop import rank_state
+
+    torch.randn(1, device="cuda")  # initialise CUDA and its generator
+    state = rank_state(SimpleNamespace(noise_gen=torch.Generator(), data_gen=torch.Generator()))
+    assert torch.equal(state["cuda_rng"], torch.cuda.get_rng_state())
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.set_rng_state(state["cuda_rng"])  # what resume does with it
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
