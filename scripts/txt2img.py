@@ -4,7 +4,8 @@
         --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver] --outdir outputs/txt2img-samples
 
 `--ckpt` is a single-file checkpoint (.safetensors/.ckpt, LDM layout; `--config` its original YAML,
-inferred when left out), a diffusers folder, or a colodiffusion run folder. Images go to
+inferred when left out), a diffusers folder, a colodiffusion run folder, or one of its
+`checkpoints/step_N` folders (any backend's; its EMA weights when it has them). Images go to
 OUTDIR/samples/NNNNN.png and one grid per call to OUTDIR/grid-NNNN.png, numbered after what is there.
 Each image has its own seed (seed, seed+1, ...), so an image does not depend on the batch size.
 """
@@ -38,7 +39,7 @@ def parse(argv):
     p.add_argument("--scale", type=float, default=7.5, help="unconditional guidance scale")
     p.add_argument("--config", default=None, help="original LDM YAML of a single-file --ckpt (default: inferred)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single file that carries none")
-    p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder or run folder")
+    p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder, run folder or checkpoints/step_N folder")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     return p.parse_args(argv)
 

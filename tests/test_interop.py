@@ -402,3 +402,42 @@ def test_bad_files_and_arguments_are_one_sentence(tmp_path, capsys):
             main(args)
         assert exit_.value.code == 2
         assert capsys.readouterr().err.startswith("error: ")
+
+
+# -- checkpoints as they are, and per-epoch models (kohya's save_every_n_epochs) -------------------------
+
+@pytest.mark.slow
+def test_sample_and_txt2img_take_a_checkpoint_folder(finetuned, tmp_path):
+    """A checkpoints/step_N folder is a model: its pipeline holds the EMA weights final/ holds (both are
+    step 2's), `sample` writes images from it, and txt2img takes it as --ckpt."""
+    from colodiffusion.cli import main
+    from colodiffusion.generate import load_pipeline
+
+    ckpt = finetuned / "checkpoints" / "step_00000002"
+    pipe = load_pipeline(ckpt)
+    assert_same(load_file(finetuned / "final" / "unet" / "diffusion_pytorch_model.safetensors"), pipe.unet.state_dict(),
+                "EMA UNet")
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(ckpt), "--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 0 and (tmp_path / "s" / "00000.png").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--prompt", "a red circle",
+                          "--ckpt", str(ckpt), "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--H", "32",
+                          "--W", "32", "--outdir", str(tmp_path / "t")], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and len(list((tmp_path / "t" / "samples").glob("*.png"))) == 1, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["safetensors", "diffusers"])
+def test_save_every_n_epochs_writes_models_inference_tools_load(tmp_path, form):
+    """16 samples at batch 4: 4 steps an epoch. 8 steps with save_every_n_epochs=1 write the models of
+    epochs 1 and 2; the second holds what final/ holds (EMA weights at step 8), the first does not."""
+    run_dir = run(tmp_path / "run", "data.num_samples=16", "train.max_steps=8", "train.save_every_n_epochs=1",
+                  f"train.save_model_as={form}")
+    suffix = ".safetensors" if form == "safetensors" else ""
+    models = sorted(p.name for p in (run_dir / "models").iterdir())
+    assert models == [f"epoch_000001{suffix}", f"epoch_000002{suffix}"]
+    final = load_model(run_dir / "final").unet.state_dict()
+    assert_same(final, load_model(run_dir / "models" / f"epoch_000002{suffix}").unet.state_dict(), "epoch 2")
+    first = load_model(run_dir / "models" / f"epoch_000001{suffix}").unet.state_dict()
+    assert any(not torch.equal(first[k], final[k]) for k in final)

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("sample", help="generate images from a trained model")
-    s.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")
+    s.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
+                   "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
     s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
     s.add_argument("--n", type=int, default=4, help="images per prompt")
     s.add_argument("--steps", type=int, default=25)
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="score a model on held-out shape prompts")
-    e.add_argument("model", help="diffusers model folder, or a run folder (uses its final/)")
+    e.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
+                   "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
     e.add_argument("--json", action="store_true", help="print only the JSON result line")
     e.add_argument("--per-combo", type=int, default=4, help="images per colour x shape combination")
     e.add_argument("--steps", type=int, default=25)

@@ -219,6 +219,13 @@ class TrainConfig:
     max_epochs: int = 0
     """Stop after this many passes over the data (the seed's max_epochs); train.max_steps still caps the
     run (the smaller wins, and the LR schedule spans it). 0: train.max_steps alone decides."""
+    save_every_n_epochs: int = 0
+    """Also write a model that inference tools load after every N-th epoch (kohya's option of the same
+    name): RUN_DIR/models/epoch_NNNNNN.safetensors (see save_model_as), with the EMA weights when the
+    EMA is on and any LoRA merged in. An epoch is the step count train.max_epochs uses. 0: never."""
+    save_model_as: str = choice("safetensors", "safetensors", "ckpt", "diffusers")
+    """Form of the save_every_n_epochs models: an LDM-layout single file (.safetensors or .ckpt, what
+    SD UIs load) or a diffusers folder."""
     debug_nan_steps: list[int] = field(default_factory=list)
     """Test hook: make the loss of these steps (1-based) NaN, to exercise the numerical guard."""
 
@@ -363,6 +370,7 @@ _RANGES = {
     "parallel.offload_optim_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "parallel.offload_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "train.max_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: train.max_steps alone decides)"),
+    "train.save_every_n_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: no per-epoch models)"),
     "trainer.devices": (lambda v: v >= 0, "a whole number >= 0 (0: as many processes as were launched)"),
     "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),

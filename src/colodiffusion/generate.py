@@ -39,13 +39,15 @@ def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if Path(path).is_file():  # a single-file LDM checkpoint (original_config: its YAML, if any)
-        m = load_model(path, original_config=original_config, tokenizer=tokenizer)
-        pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
-    else:
+    p = Path(path)
+    if (p / "model_index.json").exists() or (p / "final" / "model_index.json").exists():
         pipe = StableDiffusionPipeline.from_pretrained(
-            resolve_model_path(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            resolve_model_path(p), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
+    else:  # a single file (original_config: its YAML, if any), a checkpoint folder of any backend, or a
+        # run folder without final/ (its newest checkpoint); checkpoints give their EMA when they have one
+        m = load_model(p, ema=None, original_config=original_config, tokenizer=tokenizer)
+        pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

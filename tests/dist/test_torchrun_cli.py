@@ -1,13 +1,18 @@
 """`torchrun --nproc_per_node 2 -m colodiffusion train` end to end (gloo, CPU): only rank 0 logs,
-sharded checkpoints, full-weight export, resume on one process; failures name their rank."""
+sharded checkpoints, full-weight export, export and sampling from the shards on one process, resume
+on one process and the reverse (a single-process checkpoint under ddp/fsdp); failures name their rank."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import python, torchrun  # noqa: E402
@@ -32,13 +37,67 @@ def test_fsdp_run_under_torchrun_then_resume_on_one_process(tmp_path):
     assert (ckpt / "dcp" / ".metadata").exists()
     assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists()
     assert (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    _exports_on_one_process(run, tmp_path)
 
     proc = python(["-m", "colodiffusion", "train", f"run.dir={run}", "parallel.strategy=single",
                    "train.resume=auto", "train.max_steps=6", *TINY])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 6 and last["loss"] == last["loss"]  # finite, not NaN
+    assert last["step"] == 6 and math.isfinite(last["loss"])
+
+
+def _unet(folder: Path) -> dict:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _exports_on_one_process(run: Path, tmp_path: Path) -> None:
+    """`export` and `sample` read the DCP shards of the 2-rank checkpoint on one process (no process
+    group): its EMA export is bitwise the final/ that the 2-rank run gathered itself."""
+    from colodiffusion.models.loading import load_model
+
+    ckpt = run / "checkpoints" / "step_00000004"
+    for fmt, out in (("diffusers", tmp_path / "d"), ("single-file", tmp_path / "m.safetensors")):
+        done = python(["-m", "colodiffusion", "export", str(ckpt), "--format", fmt, "--ema", "--out", str(out)])
+        assert done.returncode == 0, done.stderr[-4000:]
+    final = _unet(run / "final")
+    for got in (_unet(tmp_path / "d"), load_model(tmp_path / "m.safetensors").unet.state_dict()):
+        assert final.keys() == got.keys() and all(torch.equal(final[k], got[k]) for k in final)
+    done = python(["-m", "colodiffusion", "sample", str(ckpt), "--prompt", "a red circle", "--n", "1",
+                   "--steps", "2", "--out", str(tmp_path / "s")])
+    assert done.returncode == 0 and (tmp_path / "s" / "00000.png").exists(), done.stderr[-4000:]
+
+
+def test_single_process_checkpoint_resumes_under_ddp_and_fsdp(tmp_path):
+    """No export in between: ddp on one rank continues bit for bit as the single process would (same
+    random streams), so weights and optimizer state crossed intact; fsdp on 2 ranks shards the same
+    state and says, in one line, that its second rank starts fresh random streams."""
+    base = tmp_path / "base"
+    args = ["-m", "colodiffusion", "train", *TINY, "train.batch_size=4", "train.keep_checkpoints=3"]
+    proc = python([*args, f"run.dir={base}", "train.max_steps=2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {}
+    for name in ("single", "ddp", "fsdp"):
+        runs[name] = tmp_path / name
+        shutil.copytree(base, runs[name])
+    cont = ["train.max_steps=4", "train.resume=auto"]
+    assert python([*args, f"run.dir={runs['single']}", *cont]).returncode == 0
+    proc = torchrun(1, [*args, f"run.dir={runs['ddp']}", "parallel.strategy=ddp", *cont])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-4000:]
+    proc = torchrun(2, [*args, f"run.dir={runs['fsdp']}", "parallel.strategy=fsdp", *cont])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("was saved by 1 process(es), so ranks 1-1 start fresh random streams") == 1
+
+    step4 = {n: r / "checkpoints" / "step_00000004" for n, r in runs.items()}
+    ref = load_file(str(step4["single"] / "unet.safetensors"))
+    from colodiffusion.storage import consolidated
+
+    ddp = consolidated.read_model(step4["ddp"])
+    assert ref.keys() == ddp.keys() and all(torch.equal(ref[k], ddp[k]) for k in ref)
+    ddp_ema, ref_ema = consolidated.read_ema(step4["ddp"], {}), load_file(str(step4["single"] / "ema.safetensors"))
+    assert all(torch.equal(ref_ema[k], ddp_ema[k]) for k in ref_ema)
+    fsdp = consolidated.read_model(step4["fsdp"])
+    assert fsdp.keys() == ref.keys() and all(torch.isfinite(v).all() for v in fsdp.values())
 
 
 def test_every_rank_reports_its_failure(tmp_path):

@@ -97,3 +97,29 @@ def test_colossalai_torch_ddp_trains_and_resumes(runs):
     assert max_rel(cai, ref) <= 1e-4
     assert (runs / "cai_ckpt" / "step_00000010" / "colossalai" / "model.safetensors").is_file()
     assert max_rel(losses(runs, "cai_resumed"), cai[10:]) <= 1e-5
+
+
+def test_deepspeed_zero3_lora_run_exports_from_its_partitions(tmp_path):
+    """`colodiffusion export` consolidates a 2-rank ZeRO-3 checkpoint (fp32 partitions, one EMA partition
+    per rank) on one process: the LoRA adapter file and the merged diffusers model are bitwise what the
+    run wrote itself at its end (RUN/lora, RUN/final)."""
+    from safetensors.torch import load_file
+
+    from launch import python
+
+    run = tmp_path / "run"
+    tiny = ["first_stage.steps=2", "first_stage.scale_samples=16", "train.batch_size=8", "data.num_samples=64",
+            "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=2"]
+    proc = torchrun(2, ["-m", "colodiffusion", "train", f"run.dir={run}", "parallel.strategy=deepspeed",
+                        "parallel.zero=3", "train.lora.rank=4", *tiny])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (ckpt / "ema_rank_1.safetensors").exists() and not (ckpt / "unet.safetensors").exists()
+    for fmt in ("lora", "diffusers"):
+        done = python(["-m", "colodiffusion", "export", str(ckpt), "--format", fmt, "--ema", "--merge-lora",
+                       "--out", str(tmp_path / fmt)])
+        assert done.returncode == 0, done.stderr[-4000:]
+    for ours, theirs in (("lora/pytorch_lora_weights.safetensors", "lora/pytorch_lora_weights.safetensors"),
+                         ("final/unet/diffusion_pytorch_model.safetensors", "diffusers/unet/diffusion_pytorch_model.safetensors")):
+        a, b = load_file(str(run / ours)), load_file(str(tmp_path / theirs))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ours

@@ -215,3 +215,96 @@ def test_disk_full_mid_write_of_a_tensor_file(run_copy, monkeypatch, report):
         train(load_config(None, overrides(run_copy, "train.max_steps=6", "train.resume=auto")))
     report["faults_injected"]["disk_full"] += 1
     assert checkpoint.find_latest(run_copy / "checkpoints", log=lambda m: None).name == "step_00000004"
+
+
+# -- real write failures: a file-size limit (RLIMIT_FSIZE), not a mocked exception ----------------------
+# Under the limit, a write past it fails with EFBIG as on a full disk, and each library reports it its
+# own way: safetensors raises SafetensorError, torch.save a RuntimeError, DCP a CheckpointException.
+
+LIMITED = Path(__file__).parent / "limited_rank.py"
+
+
+def _limited_run(run_dir: Path, limit: int, *extra: str):
+    import subprocess
+    import sys
+
+    from faultkit import env
+
+    return subprocess.run([sys.executable, str(LIMITED), "train", *overrides(run_dir, "train.max_steps=4", *extra)],
+                          env=env(LIMIT_BYTES=str(limit)), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,fails_in", [(1_000_000, "unet.safetensors (safetensors)"),
+                                            (20_000_000, "state.pt (torch.save)")])
+def test_a_real_write_failure_is_one_sentence_and_loses_nothing(limit, fails_in, new_run, report):
+    """The tiny UNet's weights are 17 MB and its optimizer state 34 MB, so a 1 MB limit fails the first
+    safetensors file and a 20 MB limit fails torch.save of state.pt."""
+    run_dir = new_run()
+    proc = _limited_run(run_dir, limit)
+    report["faults_injected"]["write_limit"] += 1
+    errors = [line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "error: " in line]  # after a progress bar
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("could not write checkpoint step 2"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    root = run_dir / "checkpoints"
+    assert checkpoint.step_folders(root) == [] and [p.name for p in root.iterdir() if p.name != "latest"] == []
+
+
+# -- state a resume must not silently start afresh ----------------------------------------------------
+
+def _reseal(folder: Path) -> None:
+    checkpoint.write_manifest(folder, checkpoint.manifest_step(folder))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_ema_warns_and_the_ema_starts_from_its_weights(run_copy, capsys):
+    folder = run_copy / "checkpoints" / "step_00000004"
+    (folder / "ema.safetensors").unlink()
+    _reseal(folder)
+    _resume(run_copy, "train.max_steps=4")  # nothing left to train: final/ is written from the resumed EMA
+    assert "holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts from the resumed weights" \
+        in capsys.readouterr().out
+    unet = checkpoint.load_tensors(folder / "unet.safetensors")
+    final = checkpoint.load_tensors(run_copy / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[k], unet[k]) for k in unet)
+
+
+@pytest.mark.slow
+def test_a_missing_rank_file_is_one_sentence_not_fresh_random_streams(run_copy):
+    folder = run_copy / "checkpoints" / "step_00000004"
+    (folder / "rank_0.pt").unlink()
+    _reseal(folder)
+    with pytest.raises(ConfigError, match="lacks rank_0.pt, the random state") as e:
+        _resume(run_copy, f"train.resume={folder}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_bad_step_counters_continue_across_a_resume(tmp_path, components):
+    """Step 1's loss is NaN and skipped; after a resume from step 2 the metrics still count it."""
+    from faultkit import metrics
+
+    from colodiffusion.train.loop import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(components, run_dir / "components")
+    train(load_config(None, overrides(run_dir, "train.max_steps=2", "train.debug_nan_steps=[1]")))
+    assert metrics(run_dir)[-1]["bad_steps"] == 1
+    train(load_config(None, overrides(run_dir, "train.max_steps=3", "train.resume=auto")))
+    assert metrics(run_dir)[-1]["step"] == 3 and metrics(run_dir)[-1]["bad_steps"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the global CUDA RNG exists only on a GPU")
+def test_the_global_cuda_rng_is_in_each_rank_file():
+    from types import SimpleNamespace
+
+    from colodiffusion.train.loop import rank_state
+
+    torch.randn(1, device="cuda")  # initialise CUDA and its generator
+    state = rank_state(SimpleNamespace(noise_gen=torch.Generator(), data_gen=torch.Generator()))
+    assert torch.equal(state["cuda_rng"], torch.cuda.get_rng_state())
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.set_rng_state(state["cuda_rng"])  # what resume does with it
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

@@ -107,3 +107,23 @@ def test_a_frozen_rank_is_named_and_the_others_stop(new_run):
         assert "parallel.timeout_s=5 s" in out
     finally:
         stop_job(proc, launch_id)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_a_write_failure_on_one_rank_stops_every_rank_with_one_sentence(strategy, new_run, report):
+    """Only rank 1 gets a 1 MB file-size limit (limited_rank.py): its shard write fails (EFBIG) while rank 0's
+    succeeds. Every rank must say so in one sentence and exit 2; none may wait forever in a barrier."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    run_dir = new_run()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(os.path.dirname(__file__), "limited_rank.py"), "train",
+           *overrides(run_dir, f"parallel.strategy={strategy}", "parallel.zero=2", "train.max_steps=4")]
+    proc = subprocess.run(cmd, env=env(LIMIT_RANKS="1", LIMIT_BYTES="1000000"), capture_output=True, text=True,
+                          timeout=400)
+    report["faults_injected"]["write_limit"] += 1
+    for rank in (0, 1):
+        lines = [ln for ln in proc.stderr.splitlines() if f"error (rank {rank}): could not write checkpoint step 2" in ln]
+        assert len(lines) == 1, proc.stderr[-4000:]
+    assert proc.returncode != 0
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(("step_", ".tmp-"))]

@@ -26,7 +26,7 @@ from colodiffusion.models.components import Components, build_fresh_components, 
 from colodiffusion.models.presets import get_preset
 from colodiffusion.models.single_file import is_single_file, load_single_file, read_meta
 from colodiffusion.models.trainable import build_trainable, split
-from colodiffusion.storage import checkpoint
+from colodiffusion.storage import checkpoint, consolidated
 
 
 def build_components(
@@ -87,44 +87,53 @@ def _refuse_training(*_args):
     raise ConfigError("the run folder lacks components/ (its frozen parts), so its checkpoints cannot be loaded.")
 
 
-def load_checkpoint_model(ckpt: Path, ema: bool) -> Model:
-    """Rebuild the run's model from its config.yaml and load the checkpoint's (or its EMA) weights."""
+def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:
+    """Rebuild the run's model from its config.yaml and load a verified checkpoint's (or its EMA)
+    weights, whichever backend wrote it (storage/consolidated.py). `ema=None`: the EMA when there is one."""
     run_dir = ckpt.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"checkpoint '{ckpt}' is not inside a run folder (no {run_dir / 'config.yaml'}).")
     cfg = load_config(run_dir / "config.yaml")
     comps = build_components(cfg, run_dir / "components", captions=_refuse_training, train_vae=_refuse_training)
     trainable = build_trainable(cfg, comps)
-    trainable.load_state_dict(checkpoint.load_tensors(ckpt / "unet.safetensors"))
-    if ema:
-        ema_file = ckpt / "ema.safetensors"
-        if not ema_file.exists():
+    try:
+        trainable.load_state_dict(consolidated.read_model(ckpt))
+    except RuntimeError as exc:  # missing or misshaped keys: the run's config.yaml no longer fits
+        raise ConfigError(f"checkpoint '{ckpt}' does not fit the model its run's config.yaml builds "
+                          f"({str(exc).splitlines()[0]}).") from None
+    if ema is not False:
+        shadow = consolidated.read_ema(ckpt, {n: p.shape for n, p in trainable.named_parameters()})
+        if shadow is None and ema:
             raise ConfigError(f"checkpoint '{ckpt}' has no EMA weights (train.ema.enabled was false); drop --ema.")
-        shadow = checkpoint.load_tensors(ema_file)
         with torch.no_grad():
             for name, p in trainable.named_parameters():
-                if name in shadow:
+                if shadow is not None and name in shadow:
                     p.copy_(shadow[name])
     unet, text_encoder = split(trainable, comps)
     return Model(comps.tokenizer, text_encoder.eval(), comps.vae, unet.eval(), comps.noise_scheduler)
 
 
-def load_model(source: str | Path, ema: bool = False, original_config: Optional[str] = None,
+def is_checkpoint(src: Path) -> bool:
+    return (src / checkpoint.MANIFEST).exists() or (src / "state.pt").exists()
+
+
+def load_model(source: str | Path, ema: Optional[bool] = False, original_config: Optional[str] = None,
                tokenizer: Optional[str] = None) -> Model:
-    """Any supported source: single file, diffusers folder, checkpoint folder, or run folder."""
+    """Any supported source: single file, diffusers folder, checkpoint folder (any backend's), or run
+    folder (its newest intact checkpoint). `ema=None`: a checkpoint's EMA when it has one."""
     src = Path(source)
     if not src.exists():
         raise ConfigError(f"'{src}' does not exist.")
     if is_single_file(src) or (src / "model_index.json").exists():
         cfg = Config()
-        cfg.model.pretrained, cfg.model.pretrained_ema = str(src), ema
+        cfg.model.pretrained, cfg.model.pretrained_ema = str(src), bool(ema)
         cfg.model.original_config, cfg.model.tokenizer = original_config, tokenizer
         if ema and not is_single_file(src):
             raise ConfigError(f"'{src}' is a diffusers folder and holds one set of weights; drop --ema.")
         c = load_pretrained(src, cfg)
         return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), own_scheduler(src) or c.noise_scheduler)
-    if (src / "state.pt").exists():
-        return load_checkpoint_model(src, ema)
+    if is_checkpoint(src):  # the manifest first: a damaged or unsealed checkpoint is refused unread
+        return load_checkpoint_model(checkpoint.resolve(src), ema)
     latest = checkpoint.find_latest(src / "checkpoints")
     if latest is not None:
         return load_checkpoint_model(latest, ema)

@@ -31,6 +31,10 @@ from colodiffusion.models.presets import get_preset
 META_KEY = "colodiffusion"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What a CLIP tokenizer's save_pretrained writes: the only names our metadata may carry.
+TOKENIZER_FILES = frozenset({"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "added_tokens.json"})
+MAX_NESTING = 4  # levels of {"state_dict": ...} around the weights
 
 
 def is_single_file(path: str | Path) -> bool:
@@ -55,27 +59,52 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional
     except Exception as exc:
         raise ConfigError(f"'{path}' is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
     meta = obj.get(META_KEY) if isinstance(obj, dict) else None
-    while isinstance(obj, dict) and "state_dict" in obj:
+    for _ in range(MAX_NESTING):  # {"state_dict": {"state_dict": ...}}; a pickle can make it contain itself
+        if not (isinstance(obj, dict) and "state_dict" in obj):
+            break
         obj = obj["state_dict"]
+    else:
+        raise ConfigError(f"'{path}' nests 'state_dict' more than {MAX_NESTING} levels deep; it is not a checkpoint this loader reads.")
     if not isinstance(obj, dict):
         raise ConfigError(f"'{path}' does not hold a state dict.")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, json.loads(meta) if meta else None
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, _parse_meta(path, meta)
+
+
+def _parse_meta(path: Path, meta) -> Optional[dict]:
+    if not meta:
+        return None
+    try:
+        out = json.loads(meta)
+    except (TypeError, ValueError):
+        raise ConfigError(f"'{path}' carries unreadable '{META_KEY}' metadata (not JSON).") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"'{path}' carries '{META_KEY}' metadata that is not a JSON object.")
+    return out
 
 
 def read_meta(path: str | Path) -> Optional[dict]:
     """Our metadata only (for `.safetensors` without reading the tensors)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get(META_KEY)
-        return json.loads(meta) if meta else None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = (f.metadata() or {}).get(META_KEY)
+        except Exception as exc:  # SafetensorError
+            raise ConfigError(f"'{path}' is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
+        return _parse_meta(path, meta)
     return read_checkpoint(path)[1]
 
 
 def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
     if meta and "tokenizer" in meta:
+        files = meta["tokenizer"]
+        bad = ([repr(n) for n, t in files.items() if n not in TOKENIZER_FILES or not isinstance(t, str)]
+               if isinstance(files, dict) else ["(not a name -> text mapping)"])
+        if bad:  # names come from the file: never let them pick a path
+            raise ConfigError(f"'{path}' carries tokenizer metadata with a file {bad[0]} that is not one of "
+                              f"{', '.join(sorted(TOKENIZER_FILES))}; the file is refused.")
         with tempfile.TemporaryDirectory() as tmp:
-            for name, text in meta["tokenizer"].items():
+            for name, text in files.items():
                 (Path(tmp) / name).write_text(text)
             return CLIPTokenizer.from_pretrained(tmp)
     if not cfg.model.tokenizer:
@@ -164,4 +193,4 @@ def _plain(config) -> dict:
 def _tokenizer_files(tokenizer: CLIPTokenizer) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file() and p.name in TOKENIZER_FILES}

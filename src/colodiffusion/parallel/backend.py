@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from colodiffusion.config import Config
-from colodiffusion.storage import checkpoint
+from colodiffusion.storage import checkpoint, consolidated
 
 
 class Backend:
@@ -104,27 +104,58 @@ class Backend:
         torch.save(per_rank, folder / f"rank_{self.rank}.pt")
 
     def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        """Restore model, optimizer and EMA (in place); return (shared, per_rank) state."""
-        from colodiffusion.parallel.sharded_checkpoint import is_sharded, load_sharded
+        """Restore model, optimizer and EMA (in place); return (shared, per_rank) state. Reads this
+        backend's checkpoints and those of ddp/fsdp/tp (DCP reshards them into this one process)."""
+        from colodiffusion.parallel.sharded_checkpoint import load_sharded
 
-        if is_sharded(folder):  # written by ddp/fsdp: DCP reshards it into this one process
-            load_sharded(folder, self.unwrap(model), optimizer, ema)
+        written_by = consolidated.kind(folder)
+        if written_by == "dcp":
+            has_ema = load_sharded(folder, self.unwrap(model), optimizer, ema)
             shared = checkpoint.load_state(folder / "state.pt")
-            self.load_extra_state(shared.pop("backend", {}))
-            rank_file = folder / f"rank_{self.rank}.pt"
-            return shared, (checkpoint.load_state(rank_file) if rank_file.exists() else {})
-        self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
-        if ema is not None:
-            ema_file = folder / "ema.safetensors"
-            src = checkpoint.load_tensors(ema_file if ema_file.exists() else folder / "unet.safetensors")
-            for k, v in ema.items():
-                v.copy_(src[k])
-        shared = checkpoint.load_state(folder / "state.pt")
-        optimizer.load_state_dict(shared.pop("optimizer"))
+        elif written_by == "single":
+            self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
+            has_ema = (folder / "ema.safetensors").exists()
+            if ema is not None:
+                src = checkpoint.load_tensors(folder / ("ema.safetensors" if has_ema else "unet.safetensors"))
+                for k, v in ema.items():
+                    v.copy_(src[k])
+            shared = checkpoint.load_state(folder / "state.pt")
+            optimizer.load_state_dict(shared.pop("optimizer"))
+        else:
+            raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
+                             "or export it and start from the export via model.pretrained")
+        if ema is not None and not has_ema:
+            self.warn_no_ema(folder)
         self.load_extra_state(shared.pop("backend", {}))
-        rank_file = folder / f"rank_{self.rank}.pt"
-        per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
-        return shared, per_rank
+        return shared, self.load_rank_state(folder)
+
+    def load_rank_state(self, folder: Path) -> dict:
+        """This rank's random streams; {} (with one warning) for a rank the saving run did not have."""
+        own = folder / f"rank_{self.rank}.pt"
+        saved = len(list(folder.glob("rank_*.pt")))
+        if own.exists():
+            state = checkpoint.load_state(own)
+        elif saved == 0 or self.rank < saved:
+            raise ValueError(f"it lacks {own.name}, the random state (noise, timesteps, caption dropout) of rank {self.rank}")
+        else:
+            state = {}
+        if self.is_main and saved < self.world_size:
+            print(f"warning: {folder} was saved by {saved} process(es), so ranks {saved}-{self.world_size - 1} start "
+                  "fresh random streams (noise, timesteps, caption dropout): training goes on, but not bitwise as "
+                  "an uninterrupted run would")
+        return state
+
+    def warn_no_ema(self, folder: Path) -> None:
+        if self.is_main:
+            print(f"warning: {folder} holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts "
+                  "from the resumed weights")
+
+    def seed_ema(self, model, ema: dict) -> None:
+        """EMA := the current (just loaded) weights, for a checkpoint that holds none."""
+        with torch.no_grad():
+            for name, p in self.unwrap(model).named_parameters():
+                if name in ema:
+                    ema[name].copy_(p.detach())
 
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
         """Full (unsharded) UNet weights for export, in fp32 (from the optimizer's master copies when it

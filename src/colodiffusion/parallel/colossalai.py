@@ -21,7 +21,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend, clip_grad_norm
-from colodiffusion.storage import checkpoint
+from colodiffusion.storage import checkpoint, safe_load
 
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")
@@ -139,14 +139,21 @@ class ColossalAIBackend(DistributedBackend):
         if saved.get("plugin") != self.cfg.parallel.plugin:
             raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with parallel.plugin={saved.get('plugin')}")
         io = folder / "colossalai"
-        self.booster.load_model(model, str(io / "model.safetensors"))
-        self.booster.load_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()))
+        try:  # every torch.load inside the Booster's checkpoint I/O runs with weights_only=True
+            with safe_load.weights_only():
+                self.booster.load_model(model, str(io / "model.safetensors"))
+                self.booster.load_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()))
+        except Exception as exc:
+            raise safe_load.refused(io, exc) from None
         if ema is not None:
-            src = checkpoint.load_tensors(folder / "ema.safetensors")
-            for k, v in ema.items():
-                v.copy_(src[k])
-        rank_file = folder / f"rank_{self.rank}.pt"
-        return shared, checkpoint.load_state(rank_file) if rank_file.exists() else {}
+            if (folder / "ema.safetensors").exists():
+                src = checkpoint.load_tensors(folder / "ema.safetensors")
+                for k, v in ema.items():
+                    v.copy_(src[k])
+            else:
+                self.warn_no_ema(folder)
+                self.seed_ema(model, ema)
+        return shared, self.load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

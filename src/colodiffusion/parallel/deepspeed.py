@@ -6,7 +6,9 @@ LR schedule are handed to the engine; accumulation, clipping and loss scaling ar
 `backward` calls `engine.backward` then `engine.step` on every micro-batch but the last, so the
 engine reduces gradients only at the accumulation boundary. Checkpoints are DeepSpeed's own
 `save_checkpoint` in `<checkpoint>/ds/` plus our `state.pt` (step, schedule, data position),
-`rank_<r>.pt` (RNG streams) and the EMA.
+`rank_<r>.pt` (RNG streams) and the EMA. DeepSpeed reads its files with
+`torch.load(weights_only=False)`; we run its loader with every `torch.load` forced to weights_only
+and only the few DeepSpeed classes its files hold allowed (`storage/safe_load.py`).
 
 EMA: with ZeRO-1/2 every rank holds the full weights, so the EMA is the full model's (saved once);
 with ZeRO-3 each rank keeps the EMA of its own fp32 partition (saved per rank) and export gathers it.
@@ -26,10 +28,10 @@ import torch.distributed as dist
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend
-from colodiffusion.storage import checkpoint
+from colodiffusion.storage import checkpoint, safe_load
 
 INSTALL = "pip install 'colodiffusion[deepspeed]' (or: DS_BUILD_OPS=0 pip install deepspeed)"
-TAG = "state"  # DeepSpeed's checkpoint tag inside <checkpoint>/ds/
+TAG = safe_load.DEEPSPEED_TAG  # DeepSpeed's checkpoint tag inside <checkpoint>/ds/
 
 
 def import_deepspeed():
@@ -114,6 +116,30 @@ class _Partitions:
         return (t for _, t in self.named_parameters())
 
 
+@contextlib.contextmanager
+def _write_errors_after(engine):
+    """Collect the errors of DeepSpeed's file writes (a full disk) instead of raising them inside
+    `save_checkpoint`: a rank raising there would skip DeepSpeed's barriers while the other ranks wait
+    in them forever. Raised after it returns, they reach `storage.checkpoint.save`, which stops every
+    rank with one sentence."""
+    errors: list[Exception] = []
+
+    def deferred(write):
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:  # OSError, torch.save's RuntimeError
+                errors.append(exc)
+        return call
+
+    io, script = engine.checkpoint_engine, engine._copy_recovery_script  # all its writes go through these
+    io.save, engine._copy_recovery_script = deferred(io.save), deferred(script)
+    try:
+        yield errors
+    finally:
+        del io.save, engine._copy_recovery_script  # the class's methods again
+
+
 class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
 
@@ -187,7 +213,10 @@ class DeepSpeedBackend(DistributedBackend):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
-        self.engine.save_checkpoint(str(folder / "ds"), tag=TAG, save_latest=False)
+        with _write_errors_after(self.engine) as errors:
+            self.engine.save_checkpoint(str(folder / "ds"), tag=TAG, save_latest=False)
+        if errors:
+            raise errors[0]
         if ema is not None and (self.zero_stage == 3 or self.is_main):
             name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
             checkpoint.save_tensors(folder / name, ema)
@@ -206,17 +235,24 @@ class DeepSpeedBackend(DistributedBackend):
         if saved.get("world_size") != self.world_size or saved.get("zero") != self.zero_stage:
             raise ValueError(f"it was written by {saved.get('world_size')} process(es) with ZeRO stage {saved.get('zero')}; "
                              f"resume with the same (this run: {self.world_size}, stage {self.zero_stage})")
-        path, _ = self.engine.load_checkpoint(str(folder / "ds"), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        try:  # DeepSpeed's own torch.load(weights_only=False), forced to weights_only (storage/safe_load.py)
+            with safe_load.weights_only(safe_load.deepspeed_globals()):
+                path, _ = self.engine.load_checkpoint(str(folder / "ds"), tag=TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        except Exception as exc:
+            raise safe_load.refused(folder / "ds" / TAG, exc) from None
         if path is None:
             raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'ds'}")
         if ema is not None:
             name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
-            src = checkpoint.load_tensors(folder / name)
-            for k, v in ema.items():
-                v.copy_(src[k])
-        rank_file = folder / f"rank_{self.rank}.pt"
-        return shared, checkpoint.load_state(rank_file) if rank_file.exists() else {}
+            if (folder / name).exists():
+                src = checkpoint.load_tensors(folder / name)
+                for k, v in ema.items():
+                    v.copy_(src[k])
+            else:
+                self.warn_no_ema(folder)
+                self.seed_ema(model, ema)
+        return shared, self.load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

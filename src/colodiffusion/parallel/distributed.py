@@ -21,11 +21,11 @@ from colodiffusion.parallel.heartbeat import Heartbeat, explain
 from colodiffusion.parallel.sharded_checkpoint import (
     full_model_state,
     full_tensors,
-    is_sharded,
+    load_full,
     load_sharded,
     save_sharded,
 )
-from colodiffusion.storage import checkpoint
+from colodiffusion.storage import checkpoint, consolidated
 
 
 class DistributedBackend(Backend):
@@ -88,7 +88,14 @@ class DistributedBackend(Backend):
     def remember_architecture(self, model: torch.nn.Module) -> None:
         """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""
         cls, config = type(model), getattr(model, "config", None)
-        self._model_factory = (lambda: cls.from_config(config)) if config is not None and hasattr(cls, "from_config") else None
+        adapters = dict(getattr(model, "peft_config", None) or {})  # LoRA: the same layers, so its weights load
+
+        def build():
+            plain = cls.from_config(config)
+            for name, lora_config in adapters.items():
+                plain.add_adapter(lora_config, adapter_name=name)
+            return plain
+        self._model_factory = build if config is not None and hasattr(cls, "from_config") else None
 
     # -- step -----------------------------------------------------------------------------------
     def clip_grads(self, model, grad_clip: float) -> torch.Tensor:
@@ -104,18 +111,22 @@ class DistributedBackend(Backend):
         return pending
 
     def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        if not is_sharded(folder):
-            raise ValueError(
-                f"it was written by the single-process backend (unet.safetensors); resume it with "
-                f"parallel.strategy=single, or start {self.name} from its weights via model.pretrained"
-            )
-        load_sharded(folder, model, optimizer, ema)
-        shared = checkpoint.load_state(folder / "state.pt")
+        written_by = consolidated.kind(folder)
+        if written_by == "dcp":
+            has_ema = load_sharded(folder, model, optimizer, ema)
+            shared = checkpoint.load_state(folder / "state.pt")
+        elif written_by == "single":  # full tensors on every rank, each keeps its shards
+            shared = checkpoint.load_state(folder / "state.pt")
+            has_ema = (folder / "ema.safetensors").exists()
+            load_full(model, optimizer, ema, checkpoint.load_tensors(folder / "unet.safetensors"),
+                      shared.pop("optimizer"), checkpoint.load_tensors(folder / "ema.safetensors") if has_ema else None)
+        else:
+            raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
+                             f"or export it and start {self.name} from the export via model.pretrained")
+        if ema is not None and not has_ema:
+            self.warn_no_ema(folder)
         self.load_extra_state(shared.pop("backend", {}))
-        rank_file = folder / f"rank_{self.rank}.pt"
-        # A rank the saving run did not have (new world size) starts fresh RNG streams.
-        per_rank = checkpoint.load_state(rank_file) if rank_file.exists() else {}
-        return shared, per_rank
+        return shared, self.load_rank_state(folder)
 
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
         return full_model_state(model)

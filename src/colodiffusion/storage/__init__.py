@@ -2,8 +2,11 @@
 
 Owns sealed folders (write into a temporary folder, fsync, a manifest of sizes and SHA-256 hashes
 written last, one atomic rename; recovery after a kill), the file helpers they need, the named
-fault points the kill tests stop at, and reading state files without running code.
+fault points the kill tests stop at, reading every pickle a checkpoint holds without running code
+(`safe_load.py`) and reading any backend's checkpoint as full weights on one process
+(`consolidated.py`).
 
-May import: `config` only. The backends (`parallel/`) and the loop (`train/`) both save through it;
-the loop's policy (when to save, which checkpoint to resume from) stays in `train/`.
+May import: `config` only, and libraries (torch DCP; DeepSpeed lazily, to read its files). The
+backends (`parallel/`) and the loop (`train/`) both save through it; the loop's policy (when to
+save, which checkpoint to resume from) stays in `train/`.
 """

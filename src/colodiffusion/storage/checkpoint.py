@@ -13,8 +13,15 @@ real name, and the previous one untouched:
 - pruning old checkpoints renames them to `.deleted-*` first, so a half-deleted folder never
   carries a real name.
 
-Loading verifies the manifest (a truncated or garbled file is refused with one sentence) and
-reads state files with `torch.load(weights_only=True)`: loading never runs code.
+Loading verifies the manifest (a truncated or garbled file is refused with one sentence). The
+manifest guards against accidents only: whoever can write a checkpoint can rewrite its manifest too.
+What keeps a crafted checkpoint from running code is how each file is read: safetensors for
+weights, `torch.load(weights_only=True)` for our state files, and restricted unpicklers for the
+files torch DCP and DeepSpeed pickle themselves (`safe_load.py`, which lists them).
+
+A write that fails on any rank (a full disk: `OSError` from our code, `RuntimeError` from
+`torch.save`, `SafetensorError`, DCP's `CheckpointException`) becomes one `CheckpointError` sentence
+on every rank, after the ranks agree through `all_ok`, so no rank waits in a barrier for another.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from colodiffusion.config import ConfigError
 from colodiffusion.storage import faults
@@ -37,6 +45,9 @@ from colodiffusion.storage.files import sha256
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 FORMAT = 1
+# What a failed write raises: OSError from our own code, RuntimeError from torch.save,
+# SafetensorError from safetensors, and DCP's CheckpointException (a BaseException) around either.
+WRITE_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(ConfigError):
@@ -160,17 +171,17 @@ def save(root: Path, step: int, write: Callable[[Path], Any], keep: int, is_main
     barrier()
     try:
         pending = write(tmp)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         error = exc
     barrier()
     if pending is not None and all_ok(error is None):
         # DCP's coordinator (rank 0) completes last, after every rank's shards are written.
-        _PENDING.append((pending, (lambda: _finish(root, tmp, final, step, keep)) if is_main else None))
+        _PENDING.append((pending, (root, tmp, final, step, keep), is_main))
         return final
     if all_ok(error is None) and is_main:
         try:
             _seal(root, tmp, final, step)
-        except OSError as exc:
+        except WRITE_ERRORS as exc:
             error = exc
     if not all_ok(error is None):
         _fail(root, tmp, step, error, is_main)
@@ -193,16 +204,37 @@ def _fail(root: Path, tmp: Path, step: int, error: Optional[BaseException], is_m
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     previous = step_folders(root) if is_main else []
-    why = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else "a write failed on another rank"
+    why = _why(error) if error is not None else "a write failed on another rank"
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     raise CheckpointError(f"could not write checkpoint step {step} to {root} ({why}); {kept}, "
-                          f"so the run stops: free space and rerun with train.resume=auto")
+                          f"so the run stops: free space and rerun with train.resume=auto") from error
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (which carries one per rank)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return root_cause(inner[0] if isinstance(inner, tuple) else inner)
+    return exc
+
+
+def _why(error: BaseException) -> str:
+    error = root_cause(error)
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    text = str(error).strip()
+    errno = re.search(r"os error (\d+)", text)  # safetensors: "... I/O error: File too large (os error 27)"
+    if errno:
+        return os.strerror(int(errno.group(1)))
+    line = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.splitlines()[0] if text else "")  # torch.save
+    return f"a write failed: {type(error).__name__}{': ' + line if line else ''}"
 
 
 def _finish(root: Path, tmp: Path, final: Path, step: int, keep: int) -> None:
     try:
         _seal(root, tmp, final, step)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         _fail(root, tmp, step, exc, True)
     _prune(root, keep)
 
@@ -213,10 +245,13 @@ _PENDING: list = []
 def finish_pending() -> None:
     """Wait for asynchronous checkpoint writes and publish them (in order)."""
     while _PENDING:
-        future, publish = _PENDING.pop(0)
-        future.result()
-        if publish is not None:
-            publish()
+        future, (root, tmp, final, step, keep), is_main = _PENDING.pop(0)
+        try:
+            future.result()  # DCP's coordinator gathers every rank's result: all ranks fail together
+        except WRITE_ERRORS as exc:
+            _fail(root, tmp, step, exc, is_main)
+        if is_main:
+            _finish(root, tmp, final, step, keep)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

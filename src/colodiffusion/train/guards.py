@@ -18,7 +18,8 @@ The learning-rate schedule, the data position and the EMA still advance on a ski
 EMA averages the unchanged weights once more), as with PyTorch's GradScaler. Counters stay on
 the device; they are read, and the `train.max_bad_steps` limit enforced, at the logging interval
 and before each checkpoint (skipped steps do not change the weights, so a checkpoint written
-during a short bad streak still holds good weights).
+during a short bad streak still holds good weights). They are saved in the checkpoint, so a
+streak and the totals continue across a resume.
 
 fp16: the GradScaler already skips overflowing steps and lowers its scale; those are counted as
 `overflow_steps` but do not count toward the limit (overflow is how the scaler calibrates). A
@@ -120,6 +121,15 @@ class NumericalGuard:
         self.bad_total += b
         self.run = (self.run + 1) * b
         self.worst = torch.maximum(self.worst, self.run)
+
+    # -- checkpoints: the counters continue across a resume -----------------------------------------
+    def state_dict(self) -> dict:
+        return {"bad_total": int(self.bad_total.item()), "overflow_total": int(self.overflow_total.item()),
+                "run": int(self.run.item()), "worst": int(self.worst.item())}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("bad_total", "overflow_total", "run", "worst"):
+            getattr(self, name).fill_(float(state.get(name, 0)))
 
     # -- read at the logging interval and before checkpoints --------------------------------------
     def check(self, step: int) -> dict:

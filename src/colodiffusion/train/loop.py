@@ -7,6 +7,8 @@ interval (loss and grad norm are accumulated on the device in between).
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captio
 from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
 from colodiffusion.models import Components, encode_images
 from colodiffusion.models.lora import has_lora, merged, save_lora
+from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
@@ -90,12 +93,23 @@ def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
     t = cfg.train
     if not t.max_epochs:
         return
-    micro = max(1, t.batch_size // backend.dp_size // t.grad_accum)
-    steps = max(1, t.max_epochs * (len(dataset) // backend.dp_size // micro) // t.grad_accum)
+    steps = max(1, t.max_epochs * batches_per_epoch(cfg, backend, dataset) // t.grad_accum)
     if steps < t.max_steps:
         if backend.is_main:
             print(f"train.max_epochs={t.max_epochs}: {steps} steps of {t.batch_size} over {len(dataset)} samples")
         t.max_steps = steps
+
+
+def batches_per_epoch(cfg: Config, backend: Backend, dataset) -> int:
+    """Micro-batches per rank in one pass over the data (what train.max_epochs and save_every_n_epochs count)."""
+    t = cfg.train
+    micro = max(1, t.batch_size // backend.dp_size // t.grad_accum)
+    return max(1, len(dataset) // backend.dp_size // micro)
+
+
+def epochs_done(step: int, batches: int, grad_accum: int) -> int:
+    """Whole epochs finished by `step` optimizer steps (epoch e ends at step e * batches // grad_accum)."""
+    return ((step + 1) * grad_accum - 1) // batches if step else 0
 
 
 def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:
@@ -141,12 +155,16 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
 
 
 def shared_state(s: State) -> dict:
-    return {"step": s.step, "lr_scheduler": s.lr_scheduler.state_dict(), "loader": s.loader.state_dict()}
+    return {"step": s.step, "lr_scheduler": s.lr_scheduler.state_dict(), "loader": s.loader.state_dict(),
+            "guard": s.guard.state_dict()}
 
 
 def rank_state(s: State) -> dict:
-    return {"noise_gen": s.noise_gen.get_state(), "data_gen": s.data_gen.get_state(),
-            "torch_rng": torch.get_rng_state()}
+    state = {"noise_gen": s.noise_gen.get_state(), "data_gen": s.data_gen.get_state(),
+             "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout etc. on the GPU
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
 
 
 def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
@@ -165,10 +183,13 @@ def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
     s.step = int(shared["step"])
     s.lr_scheduler.load_state_dict(shared["lr_scheduler"])
     s.loader.load_state_dict(shared["loader"])
-    if per_rank:
+    s.guard.load_state_dict(shared.get("guard", {}))
+    if per_rank:  # {} only for a rank the saving run did not have (the backend warned)
         s.noise_gen.set_state(per_rank["noise_gen"])
         s.data_gen.set_state(per_rank["data_gen"])
         torch.set_rng_state(per_rank["torch_rng"])
+        if "cuda_rng" in per_rank and torch.cuda.is_available():
+            torch.cuda.set_rng_state(per_rank["cuda_rng"])
     if backend.is_main:
         print(f"resumed from {path} at step {s.step}")
 
@@ -223,6 +244,7 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
     s.model.train()
     loss_sum = torch.zeros((), device=backend.device)
     n, t0 = 0, time.perf_counter()
+    batches = batches_per_epoch(cfg, backend, s.loader.dataset)
     while s.step < t.max_steps:
         loss, grad_norm = train_step(cfg, backend, comps, objective, s)
         loss_sum += loss
@@ -241,6 +263,10 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             save_checkpoint(cfg, backend, s, run_dir)
         if t.sample_every and (s.step % t.sample_every == 0 or s.step == t.max_steps):
             write_samples(cfg, backend, comps, s, run_dir)
+        epoch = epochs_done(s.step, batches, t.grad_accum)
+        if t.save_every_n_epochs and epoch > epochs_done(s.step - 1, batches, t.grad_accum) \
+                and epoch % t.save_every_n_epochs == 0:
+            save_epoch_model(cfg, backend, comps, s, run_dir, epoch)
         if s.step < t.max_steps and signals.stop_requested(backend, s.step, t.preempt_check_every):
             if not saved:
                 save_checkpoint(cfg, backend, s, run_dir)
@@ -280,6 +306,28 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
         comps.text_encoder.to("cpu")
         comps.vae.to("cpu")
     del pipe, unet
+    s.model.train()
+
+
+def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path, epoch: int) -> None:
+    """RUN_DIR/models/epoch_NNNNNN.safetensors|.ckpt|/ (train.save_model_as): EMA weights, LoRA merged,
+    written beside its final name and renamed, so a reader never sees half a file."""
+    unet = inference_unet(backend, comps, s)  # collective
+    if not backend.is_main:
+        return
+    unet, text_encoder = split(unet, comps)
+    unet, text_encoder = merged(unet), merged(text_encoder)
+    kind = cfg.train.save_model_as
+    out = run_dir / "models" / f"epoch_{epoch:06d}{'' if kind == 'diffusers' else '.' + kind}"
+    tmp = out.with_name(".tmp-" + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "diffusers":
+        export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer, comps.noise_scheduler)
+    os.replace(tmp, out)
+    print(f"epoch {epoch}: model written to {out}")
     s.model.train()
 
 
