@@ -189,3 +189,42 @@ def test_tokenizer_is_the_same_in_every_process():
             for _ in range(2)]
     assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:]
     assert outs[0].stdout.splitlines()[-1] == outs[1].stdout.splitlines()[-1]
+
+
+class _OneProcess:
+    is_main, world_size, rank = True, 1, 0
+
+    def barrier(self):
+        pass
+
+
+def test_run_folder_choices_without_training(tmp_path, monkeypatch):
+    from colodiffusion.train import run_folder
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 2}\n')
+    (other / "checkpoints" / "step_00000009").mkdir(parents=True)
+    one = _OneProcess()
+
+    def check(*extra):
+        run_folder.check(_cfg(run, *extra), one, run)
+
+    with pytest.raises(ConfigError, match="checkpoints up to step 2"):
+        check()
+    with pytest.raises(ConfigError, match="already holds a run"):  # another run's checkpoint would mix in
+        check(f"train.resume={other / 'checkpoints' / 'step_00000009'}")
+    with pytest.raises(ConfigError, match="give only one of them"):
+        check("run.overwrite=true", f"train.resume={run / 'checkpoints' / 'step_00000002'}")
+    check("train.resume=auto")
+    check("run.overwrite=true", f"train.resume={other / 'checkpoints' / 'step_00000009'}")
+
+    # A worker restarted by torchrun continues the run it started, even with run.overwrite=true.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    check("run.overwrite=true")
+    run_folder.prepare(_cfg(run, "run.overwrite=true"), one, run)
+    assert (run / "checkpoints" / "step_00000002").is_dir() and (run / "metrics.jsonl").exists()
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    run_folder.prepare(_cfg(run, "run.overwrite=true"), one, run)
+    assert not (run / "checkpoints" / "step_00000002").exists() and not (run / "metrics.jsonl").exists()
+    assert (run / "config.yaml").is_file()

@@ -38,11 +38,13 @@ def _inside(path: str, folder: Path) -> bool:
 
 
 def _problem(cfg: Config, run_dir: Path) -> Optional[str]:
-    if cfg.run.overwrite and cfg.train.resume and _inside(cfg.train.resume, run_dir):
+    resume = signals.resume_mode(cfg.train.resume)  # 'auto' by itself in a restarted worker
+    continues_here = resume is not None and _inside(resume, run_dir)
+    if cfg.run.overwrite and cfg.train.resume and continues_here:
         return (f"run.overwrite=true starts the run in '{run_dir}' over and train.resume={cfg.train.resume} "
                 "continues it; give only one of them")
     found = previous_run(run_dir)
-    if found and not cfg.run.overwrite and not signals.resume_mode(cfg.train.resume):
+    if found and not cfg.run.overwrite and not continues_here:  # a checkpoint from elsewhere would mix too
         return (f"run.dir '{run_dir}' already holds a run ({found}); continue it with train.resume=auto, or "
                 "start over with run.overwrite=true (which deletes its checkpoints, final/, samples and logs)")
     return None
