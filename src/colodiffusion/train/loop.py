@@ -53,10 +53,11 @@ def train(cfg: Config) -> Path:
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
     try:
         run_dir = Path(cfg.run.dir)
-        run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
-        dataset = build_dataset(cfg)
-        apply_max_epochs(cfg, backend, dataset)
-        preflight.check(cfg, backend, run_dir, dataset)  # the data first: bad data leaves no run folder
+        with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
+            run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
+            dataset = build_dataset(cfg)
+            apply_max_epochs(cfg, backend, dataset)
+            preflight.check(cfg, backend, run_dir, dataset)
         run_folder.prepare(cfg, backend, run_dir)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)

@@ -2,14 +2,16 @@
 refused with one sentence that names both choices; two runs are never mixed in one folder.
 
 `check` only reads (it runs before the data is checked); `prepare` writes (after the data is
-checked), so a run that stops on bad data or a bad choice leaves no run folder behind.
+checked), so a run that stops on bad data or a bad choice leaves no run folder behind (a data
+source that indexes its shards under run.dir before the check is undone by `removed_if_refused`).
 """
 
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from colodiffusion.config import Config, ConfigError, to_yaml
 from colodiffusion.storage.checkpoint import step_folders
@@ -55,6 +57,18 @@ def check(cfg: Config, backend, run_dir: Path) -> None:
     problem = _problem(cfg, run_dir) if backend.is_main else None
     if not signals.all_ranks(backend, problem is None):
         raise ConfigError(problem or "the run folder check failed on the main rank (see its message)")
+
+
+@contextmanager
+def removed_if_refused(backend, run_dir: Path) -> Iterator[None]:
+    """Remove `run_dir` again if it did not exist before and the checks inside the block fail."""
+    new = not run_dir.exists()
+    try:
+        yield
+    except Exception:
+        if new and backend.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _remove(run_dir: Path, names) -> list[str]:
