@@ -4,7 +4,8 @@ first-stage VAE), its exported final/ model and LoRA adapter, a latent cache's c
 They are written the way `storage/checkpoint.py` writes a checkpoint: into a hidden temporary
 sibling, fsynced, `manifest.json` (size and SHA-256 of every file) written last, then one atomic
 `os.replace` to the real name. A kill at any moment therefore leaves the complete folder under its
-name, or nothing under its name (a stale `.tmp-NAME`/`.replaced-NAME` that the next write removes).
+name, or nothing under its name (a stale `.tmp-NAME`/`.replaced-NAME`, never read, removed by the
+next write of that folder).
 A folder under its name without a valid manifest (altered, or written by an older version) is not
 sealed, and its owner rebuilds it rather than trusting it.
 """
