@@ -30,6 +30,9 @@ def choice(default: str, *allowed: str):
 class RunConfig:
     dir: str = "runs/default"
     """Output folder: config.yaml, metrics.jsonl, checkpoints/, samples/, final/ are written here."""
+    overwrite: bool = False
+    """Start over in a run.dir that already holds a run: delete its checkpoints, final/, components/, samples
+    and logs first. Without it such a folder is refused unless train.resume continues it."""
 
 
 @dataclass

@@ -81,5 +81,9 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
 
 def export_diffusers(out_dir: Path, tokenizer, text_encoder, vae, unet, noise_scheduler) -> Path:
     """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # else tokenizer.json keeps the last call's padding (transformers sets it per call)
+        backend.no_truncation()
+        backend.no_padding()
     make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler).save_pretrained(out_dir)
     return out_dir

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ from colodiffusion.data.latents import MANIFEST
 from colodiffusion.data.transforms import BadSample, Filtered
 from colodiffusion.models import Components, encode_prompts
 from colodiffusion.storage.files import sha256
+from colodiffusion.storage.sealed import is_sealed, write_sealed
 
 
 def shard_done(out: Path, k: int) -> bool:
@@ -176,15 +176,10 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
 
 
 def _save_components(comps, folder: Path) -> None:
-    if (folder / "vae").is_dir():
-        return
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    comps.tokenizer.save_pretrained(tmp / "tokenizer")
-    comps.text_encoder.save_pretrained(tmp / "text_encoder")
-    comps.vae.save_pretrained(tmp / "vae")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    """The frozen parts the latents were made with, each a sealed folder (`storage/sealed.py`)."""
+    for name in ("tokenizer", "text_encoder", "vae"):
+        if not is_sealed(folder / name):
+            write_sealed(folder / name, getattr(comps, name).save_pretrained)
 
 
 def _write_manifest(cfg: Config, comps, out: Path, shards: int, n: int) -> None:

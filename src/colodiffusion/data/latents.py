@@ -21,6 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
+from colodiffusion.config import ConfigError
+from colodiffusion.storage.sealed import is_sealed
+
 MANIFEST = "manifest.json"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
 _REBUILD = "rebuild it with `colodiffusion cache`"
@@ -87,7 +90,13 @@ def cached_components(cfg) -> Optional[Path]:
     if cfg.data.source != "latents" or cfg.model.pretrained:
         return None
     folder = Path(cfg.data.path) / "components"
-    return folder if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    unsealed = [n for n in ("tokenizer", "text_encoder", "vae") if not is_sealed(folder / n)]
+    if unsealed:
+        raise ConfigError(f"the latent cache '{cfg.data.path}' has incomplete components ({', '.join(unsealed)} "
+                          "not sealed: cut short, altered or made by an older version); make it again with colodiffusion cache")
+    return folder
 
 
 class LatentDataset(Dataset):

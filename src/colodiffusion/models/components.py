@@ -4,13 +4,21 @@ and building them fresh from a preset; loading them from files is `models/loadin
 The tiny preset also trains its tokenizer on the dataset's captions (no downloads) and, unless
 `model.vae` is given, trains its KL autoencoder first (`train/first_stage.py`). Frozen parts made
 this way are saved once under RUN_DIR/components/ so that a resumed run reloads exactly them.
+
+Each part is initialised from its own seed (`component_seed`: train.seed and the part's name) inside
+a forked RNG, so a part comes out the same whichever other parts were already on disk (a run killed
+in its first stage and resumed builds the very model an uninterrupted run builds), and the global
+RNG is left as it was. Each saved part is a sealed folder (`storage/sealed.py`): a folder that is
+not sealed (a kill while an older version wrote it, or altered since) is rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -20,6 +28,8 @@ from colodiffusion.config import Config, ConfigError
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models.presets import build_text_encoder, build_unet, build_vae, get_preset
 from colodiffusion.models.tokenizer import train_clip_tokenizer
+from colodiffusion.storage import faults
+from colodiffusion.storage.sealed import is_sealed, write_sealed
 
 
 @dataclass
@@ -45,40 +55,65 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+def component_seed(seed: int, name: str) -> int:
+    """The seed of one component's initialisation (or training), from train.seed and its name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+@contextmanager
+def seeded(seed: int, name: str) -> Iterator[None]:
+    """Run a component's construction on its own seed; the global RNG is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(component_seed(seed, name))
+        yield
+
+
+def reuse_or_build(folder: Path, load: Callable[[Path], object], build: Callable[[], object]):
+    """The part sealed in `folder`; if there is none, `build()` is written there sealed (temporary
+    folder, manifest, rename) and read back, so a run uses exactly what a resumed run will load."""
+    if not is_sealed(folder):
+        if folder.exists():
+            print(f"{folder} is incomplete or altered (it has no matching manifest.json), so it is built again")
+        write_sealed(folder, build().save_pretrained)
+    return load(folder)
+
+
 def build_fresh_components(
     cfg: Config,
     components_dir: Path,
     captions: Callable[[], Iterable[str]],
     train_vae: Callable[[AutoencoderKL], AutoencoderKL],
 ) -> Components:
-    """Fresh modules from the preset; frozen parts are reused from `components_dir` if saved there."""
-    preset = get_preset(cfg.model.preset)
+    """Fresh modules from the preset; frozen parts are reused from `components_dir` if sealed there."""
+    preset, seed = get_preset(cfg.model.preset), cfg.train.seed
     tok_dir, te_dir, vae_dir = (components_dir / s for s in ("tokenizer", "text_encoder", "vae"))
-    if tok_dir.is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    elif preset.needs_pretrained_tokenizer:
+    if preset.needs_pretrained_tokenizer and not is_sealed(tok_dir):
         raise ConfigError(
             f"model.preset={cfg.model.preset} needs model.pretrained: a local diffusers folder with its CLIP "
             "tokenizer and weights (nothing is downloaded)."
         )
-    else:
-        tokenizer = train_clip_tokenizer(captions(), max_length=preset.text_encoder["max_position_embeddings"])
-        tokenizer.save_pretrained(tok_dir)
-    torch.manual_seed(cfg.train.seed)
-    if te_dir.is_dir():
-        text_encoder = CLIPTextModel.from_pretrained(te_dir)
-    else:
-        text_encoder = build_text_encoder(preset, vocab_size=None if preset.needs_pretrained_tokenizer else len(tokenizer))
-        text_encoder.save_pretrained(te_dir)
+    tokenizer = reuse_or_build(tok_dir, CLIPTokenizer.from_pretrained, lambda: train_clip_tokenizer(
+        captions(), max_length=preset.text_encoder["max_position_embeddings"]))
+    vocab_size = None if preset.needs_pretrained_tokenizer else len(tokenizer)
+
+    def text_encoder_fresh():
+        with seeded(seed, "text_encoder"):
+            return build_text_encoder(preset, vocab_size=vocab_size)
+
+    def vae_fresh():
+        with seeded(seed, "vae"):
+            vae = build_vae(preset)
+        with seeded(seed, "first_stage"):
+            return train_vae(vae)
+
+    text_encoder = reuse_or_build(te_dir, CLIPTextModel.from_pretrained, text_encoder_fresh)
     if cfg.model.vae:
         vae = AutoencoderKL.from_pretrained(cfg.model.vae)
-    elif vae_dir.is_dir():
-        vae = AutoencoderKL.from_pretrained(vae_dir)
     else:
-        vae = train_vae(build_vae(preset))
-        vae.save_pretrained(vae_dir)
-    torch.manual_seed(cfg.train.seed)
-    unet = build_unet(preset)
+        vae = reuse_or_build(vae_dir, AutoencoderKL.from_pretrained, vae_fresh)
+    with seeded(seed, "unet"):
+        unet = build_unet(preset)
+    faults.point("unet_built")
     prediction_type = cfg.model.prediction_type or preset.prediction_type
     return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
                       build_noise_scheduler(cfg, prediction_type))

@@ -84,7 +84,8 @@ class Model:
 
 
 def _refuse_training(*_args):
-    raise ConfigError("the run folder lacks components/ (its frozen parts), so its checkpoints cannot be loaded.")
+    raise ConfigError("the run folder lacks a complete components/ (its frozen parts, sealed), so its checkpoints "
+                      "cannot be loaded.")
 
 
 def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:

@@ -17,12 +17,16 @@ SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 
 
 def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_length: int = 24) -> CLIPTokenizer:
-    """Train a CLIP-compatible BPE vocabulary on `texts` (deterministic for the same texts)."""
+    """Train a CLIP-compatible BPE vocabulary on `texts`, identical in every process for the same texts."""
     base = CLIPTokenizer(vocab={s: i for i, s in enumerate(SPECIALS)}, merges=[])
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    # Every byte must also exist as a word-final symbol, as in CLIP's vocabulary, so any text encodes.
+    # Registered up front: the trainer would otherwise number them in its hash-map order, which
+    # differs per process, and break ties between equally frequent merges by those numbers.
+    word_final = [ch + "</w>" for ch in alphabet]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        vocab_size=vocab_size + len(word_final),
+        special_tokens=SPECIALS + word_final,
         initial_alphabet=alphabet,
         end_of_word_suffix="</w>",
         show_progress=False,
@@ -30,9 +34,6 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_lengt
     backend = base.backend_tokenizer
     backend.train_from_iterator(list(texts), trainer=trainer)
     vocab = backend.get_vocab()
-    # Every byte must also exist as a word-final symbol, as in CLIP's vocabulary, so any text encodes.
-    for ch in sorted(alphabet):
-        vocab.setdefault(ch + "</w>", len(vocab))
     merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = max_length

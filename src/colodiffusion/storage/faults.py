@@ -9,7 +9,10 @@ Points, in the order a checkpoint save passes them: `tensors_written` (after eac
 file), `files_written` (all ranks wrote, nothing fsynced), `manifest_written` (before the rename),
 `replaced_aside` (re-saving a step: the old folder moved aside),
 `published` (renamed, `latest` not yet updated), `pruning` (an old checkpoint renamed aside,
-not yet deleted).
+not yet deleted). Before training, in order: `tokenizer_written`, `text_encoder_written` (a sealed
+folder's files written, not sealed: `storage/sealed.py`), `first_stage` (mid-way through the
+autoencoder's training), `scale_factor`, `vae_written`, `unet_built`; after it, `final_written`
+(and `lora_written`) while final/ is exported.
 """
 
 from __future__ import annotations

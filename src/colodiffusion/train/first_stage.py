@@ -1,7 +1,9 @@
 """First stage: train the tiny preset's KL autoencoder on the data, then measure its latent scale.
 
 SD's 0.18215 is 1 / std of its VAE's latents on its data; we measure ours the same way so that
-scaled latents have unit variance, which the noise schedule assumes."""
+scaled latents have unit variance, which the noise schedule assumes. Both phases draw from their own
+seeded generators; the trained VAE is saved sealed only when both are done, so a kill in either
+makes the next start train it again from scratch, with the same result."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from tqdm import tqdm
 from colodiffusion.data import caption_corpus
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.models import Components, build_components
+from colodiffusion.models.components import component_seed
+from colodiffusion.storage import faults
 
 
 def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True) -> Components:
@@ -27,12 +31,14 @@ def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, 
 def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, show_progress: bool = True) -> AutoencoderKL:
     fs = cfg.first_stage
     vae = vae.to(device).train()
-    gen = torch.Generator(device).manual_seed(cfg.train.seed + 17)
+    gen = torch.Generator(device).manual_seed(component_seed(cfg.train.seed, "first_stage"))
     opt = torch.optim.AdamW(vae.parameters(), lr=fs.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / max(1, fs.steps)) ** 0.5)
     loader = ResumableLoader(dataset, fs.batch_size, seed=cfg.train.seed + 1)
     bar = tqdm(range(fs.steps), desc="first stage (autoencoder)", disable=not show_progress, mininterval=1.0)
-    for _ in bar:
+    for i in bar:
+        if i == fs.steps // 2:
+            faults.point("first_stage")  # the kill tests stop here, mid-training
         x = next(loader)["pixel_values"].to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample
@@ -45,6 +51,8 @@ def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, sh
         if bar.n % 25 == 0:
             bar.set_postfix(recon=f"{rec.item():.4f}", refresh=False)
     vae.eval()
+    faults.point("scale_factor")
+    gen = torch.Generator(device).manual_seed(component_seed(cfg.train.seed, "scale_factor"))
     vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, fs.scale_samples, device, gen))
     return vae.cpu()
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from colodiffusion.config import Config, ConfigError, to_yaml
+from colodiffusion.config import Config, ConfigError
 from colodiffusion.data import build_dataset
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
@@ -28,7 +28,8 @@ from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
-from colodiffusion.train import guards, preflight, signals
+from colodiffusion.storage.sealed import write_sealed
+from colodiffusion.train import guards, preflight, run_folder, signals
 from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
@@ -55,10 +56,13 @@ def train(cfg: Config) -> Path:
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
     clean = False
     try:
-        run_dir = prepare_run_dir(cfg, backend)
-        dataset = build_dataset(cfg)
-        apply_max_epochs(cfg, backend, dataset)
-        preflight.check(cfg, backend, run_dir, dataset)
+        run_dir = Path(cfg.run.dir)
+        with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
+            run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
+            dataset = build_dataset(cfg)
+            apply_max_epochs(cfg, backend, dataset)
+            preflight.check(cfg, backend, run_dir, dataset)
+        run_folder.prepare(cfg, backend, run_dir)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
         resume(cfg, backend, state, run_dir)
@@ -75,16 +79,6 @@ def train(cfg: Config) -> Path:
     finally:
         signals.uninstall()
         backend.shutdown(clean)
-
-
-def prepare_run_dir(cfg: Config, backend: Backend) -> Path:
-    run_dir = Path(cfg.run.dir)
-    if backend.is_main:
-        for sub in ("", "checkpoints", "samples"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    backend.barrier()
-    return run_dir
 
 
 def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
@@ -139,6 +133,7 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
             f"train.batch_size ({t.batch_size}) must split evenly over {backend.dp_size} data-parallel rank(s) "
             f"and train.grad_accum ({t.grad_accum}) micro-batches."
         )
+    torch.manual_seed(t.seed)  # global-RNG users (LoRA init) start the same however the components were made
     trainable = build_trainable(cfg, comps)  # the UNet, with LoRA adapters and/or the text encoder if configured
     te_params = frozenset(text_encoder_param_ids(trainable))
     guard = guards.NumericalGuard(cfg, backend)
@@ -336,8 +331,10 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
     if not backend.is_main:
         return
     unet, text_encoder = split(unet, comps)
+    # Sealed like a checkpoint: a kill mid-export leaves no final/ (resuming exports it again).
     if has_lora(unet) or has_lora(text_encoder):  # the adapter alone, and final/ with it merged in
-        save_lora(run_dir / "lora", unet, text_encoder)
+        write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder), step=s.step)
         unet, text_encoder = merged(unet), merged(text_encoder)
-    export_diffusers(run_dir / "final", comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
+    write_sealed(run_dir / "final", lambda folder: export_diffusers(
+        folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler), step=s.step)
     print(f"final model (EMA weights) written to {run_dir / 'final'}")

@@ -1,8 +1,12 @@
-"""Metrics as JSON lines and TensorBoard, and a progress bar; only the main rank writes."""
+"""Metrics as JSON lines and TensorBoard, and a progress bar; only the main rank writes.
+
+A run that starts at step N (resumed, or N = 0) first cuts both logs back to step N: the steps a
+killed attempt logged after its last checkpoint are trained again and must not appear twice."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,11 +20,13 @@ class Telemetry:
         self.tb = None
         if not enabled:
             return
+        cut_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step hides events at or after it that an earlier attempt wrote
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a dependency; degrade to JSON lines if it is broken
             self.tb = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
@@ -54,3 +60,20 @@ class Telemetry:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step`; drop later ones and lines cut short by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
