@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.data import build_dataset
