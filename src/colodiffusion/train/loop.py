@@ -125,7 +125,7 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     guard = guards.NumericalGuard(cfg, backend)
     model, optimizer = backend.prepare(
         trainable, lambda params: guard.wrap(build_optimizer(params, cfg, backend.device, te_params)))
-    ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
+    ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup, optimizer) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,
                              bad_log=Path(cfg.run.dir) / "bad_samples.jsonl", max_bad_fraction=cfg.data.max_bad_fraction,
