@@ -283,6 +283,10 @@ class PerfConfig:
     """Inductor: lower 1x1 convolutions to matmuls (unmeasured; compile=full only)."""
     coordinate_descent_tuning: bool = False
     """Inductor: coordinate-descent tuning of the generated kernels' block sizes (unmeasured; longer compile)."""
+    cudnn_benchmark: bool = True
+    """CUDA: let cuDNN time its convolution algorithms at each new shape and keep the fastest (every GPU
+    figure so far ran with it, as the anchor does), with TF32 for fp32 leftovers under bf16/fp16 autocast.
+    Off: no autotuning workspaces in the warm-up's memory peak (the memory recipe)."""
     channels_last: bool = False
     """Keep UNet weights and activations in NHWC (channels-last) memory format. Part of the measured
     1.43x set under compile=full; in eager it is slower (CUDA GroupNorm copies NHWC to NCHW and back)."""

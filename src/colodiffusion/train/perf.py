@@ -32,6 +32,8 @@ SDPA_BACKENDS = {
 def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None = None) -> torch.nn.Module:
     """Apply `cfg.perf` to the UNet in place (and return it)."""
     p = cfg.perf
+    if device is not None and device.type == "cuda":
+        cuda_kernel_flags(p.cudnn_benchmark, cfg.precision)
     if p.fp8:
         convert_fp8(unet, device)
     by_head_dim = parse_sdpa_by_head_dim(p.sdpa_by_head_dim)
@@ -46,6 +48,14 @@ def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None =
         use_compile_cache(p.compile_cache)
     compile_unet(unet, p.compile, p.compile_mode, options=inductor_options(p))
     return unet
+
+
+def cuda_kernel_flags(cudnn_benchmark: bool, precision: str) -> None:
+    """Process-wide CUDA flags the trainer and the bench share (the bench's figures are the trainer's)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if precision != "fp32":  # only the fp32 leftovers of an autocast step; a pure fp32 run keeps full fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class FastAttnProcessor(AttnProcessor2_0):
