@@ -68,6 +68,9 @@ def test_perf_config_defaults_and_errors():
     with pytest.raises(ConfigError, match="optimizer_offload does not work with precision=fp16"):
         load_config(None, ["perf.optimizer_offload=true", "precision=fp16"])
     assert load_config(None, ["perf.sdpa_by_head_dim='40:cudnn,80:flash'"]).perf.sdpa_by_head_dim == "40:cudnn,80:flash"
+    for off in ("off", "no", "false", "none"):  # YAML booleans must not become a folder named "False"
+        assert load_config(None, [f"perf.compile_cache={off}"]).perf.compile_cache == "off"
+    assert load_config(None, ["perf.compile_cache=on"]).perf.compile_cache == "auto"
 
 
 # -- attention ------------------------------------------------------------------------------------

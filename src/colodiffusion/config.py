@@ -278,7 +278,7 @@ class PerfConfig:
     compile_cache: str = "auto"
     """Folder where Inductor/AOTAutograd/Triton keep compiled graphs across processes, so a second run
     skips the cold compile: auto = $TORCHINDUCTOR_CACHE_DIR if set, else the user's cache folder
-    (~/.cache/colodiffusion/torch_compile); off = torch's own default; or a path."""
+    (~/.cache/colodiffusion/torch_compile); off (or none) = torch's own default; or a path."""
     conv_1x1_as_mm: bool = False
     """Inductor: lower 1x1 convolutions to matmuls (unmeasured; compile=full only)."""
     coordinate_descent_tuning: bool = False
@@ -490,6 +490,12 @@ def _check_perf(cfg: Config) -> None:
         raise ConfigError("perf.optimizer_offload does not work with precision=fp16 (the grad scaler cannot see "
                           "the offloaded optimizer's gradients); use precision=bf16.")
     parse_sdpa_by_head_dim(cfg.perf.sdpa_by_head_dim)
+    # YAML reads off/no/false (and on/yes/true) as booleans, which reach this str field as "False"/"True".
+    cache = cfg.perf.compile_cache
+    if cache.lower() in ("false", "off", "no", "none", ""):
+        cfg.perf.compile_cache = "off"
+    elif cache.lower() in ("true", "on", "yes"):
+        cfg.perf.compile_cache = "auto"
 
 
 def _check_parallel(cfg: Config) -> None:
