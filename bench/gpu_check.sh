@@ -21,6 +21,7 @@
 #               samples_per_s after warm-up >= 95% of speed_b32's fast img/s
 #   loss_match  50 steps of the recipe against the eager fp32-master path at batch 32 (warm cache): ok
 #   sdpa        each SDPA kernel on each sd15 attention shape at batch 32: the perf.sdpa_by_head_dim to try
+#   offload     the offloaded optimizer step alone (sd15 size): fused vs foreach CPU AdamW, if time is left
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -102,6 +103,8 @@ if [ "${EXTRA:-0}" != 1 ]; then
   step trainer 150 trainer
   step loss_match 130 bench loss_match -c configs/sd15_gpu.yaml --batch "$B" --loss-match "$LM" perf.compile_cache="$CC"
   step sdpa 60 python3 bench/sdpa_shapes.py --preset "$PRESET" --batch "$B" --out "$OUT/results.jsonl"
+  step offload 60 python3 bench/offload_step.py --params "$([ "$PRESET" = sd15 ] && echo 859.5e6 || echo 2e6)" \
+    --out "$OUT/results.jsonl"
 else
   # Levers, one cold compile each (~2.5 min): ordered by the gain expected; a second 9-minute call.
   SDPA=${SDPA:-$(python3 -c "import json; r=[json.loads(l) for l in open('$OUT/results.jsonl')] if __import__('os').path.exists('$OUT/results.jsonl') else []; print(next((x['sdpa_by_head_dim'] for x in r if x.get('event')=='sdpa_recommendation'), '40:cudnn,80:cudnn,160:flash'))")}

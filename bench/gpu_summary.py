@@ -83,6 +83,9 @@ def rows(out: Path) -> list[dict]:
         row("SDPA kernel per head dim (to try: EXTRA=1)", g(sdpa, "sdpa_by_head_dim"),
             str(g(sdpa, "attention_ms_per_step_fwd_bwd")), None),
     ]
+    for o in (x for x in r if x.get("event") == "offload_step"):
+        out_rows.append(row(f"offload step alone, {o['inner']} AdamW, {o['chunks']} chunks: s", o["step_s"],
+                            f"{o['params_per_s']:.3g} params/s", None))
     for lever in sorted({x["tag"] for x in r if str(x.get("tag", "")).startswith(("lever_", "speed_b64"))}):
         f, b = find(r, lever, "bench", "colodiffusion"), find(r, lever, "bench", "diffusers-default")
         rt = find(r, lever, "ratio")
