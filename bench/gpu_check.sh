@@ -86,7 +86,8 @@ trainer() {
     train.batch_size="$B" train.log_every=10 train.checkpoint_every=0 train.sample_every=0 perf.compile_cache="$CC" \
     $XS &
   local pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
+  while kill -0 "$pid" 2>/dev/null; do  # copied as it grows: a step cut short keeps its intervals
+    cp "$run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null
     [ "$(grep -c samples_per_s "$run/metrics.jsonl" 2>/dev/null)" -ge 6 ] 2>/dev/null && break
     sleep 1
   done
@@ -107,8 +108,16 @@ if [ "${EXTRA:-0}" != 1 ]; then
     --out "$OUT/results.jsonl"
 else
   # Levers, one cold compile each (~2.5 min): ordered by the gain expected; a second 9-minute call.
-  SDPA=${SDPA:-$(python3 -c "import json; r=[json.loads(l) for l in open('$OUT/results.jsonl')] if __import__('os').path.exists('$OUT/results.jsonl') else []; print(next((x['sdpa_by_head_dim'] for x in r if x.get('event')=='sdpa_recommendation'), '40:cudnn,80:cudnn,160:flash'))")}
-  step sdpa_b32 200 bench lever_sdpa -c configs/sd15_gpu.yaml --baseline --batch 32 perf.sdpa_by_head_dim="$SDPA"
+  # SDPA="40:cudnn,..." from the first call's summary skips timing the kernels again.
+  if [ -z "${SDPA:-}" ]; then
+    step sdpa 60 python3 bench/sdpa_shapes.py --preset "$PRESET" --batch "$B" --out "$OUT/results.jsonl"
+    SDPA=$(python3 -c "
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+print(next(x['sdpa_by_head_dim'] for x in r if x.get('event') == 'sdpa_recommendation'))" "$OUT/results.jsonl" 2>/dev/null)
+  fi
+  [ -n "$SDPA" ] && step sdpa_b32 200 bench lever_sdpa -c configs/sd15_gpu.yaml --baseline --batch "$B" \
+    perf.sdpa_by_head_dim="$SDPA"
   step speed_b64 200 bench speed_b64 -c configs/sd15_gpu.yaml --batch 64 --warmup 3 --steps 8
   step nhwc_off_b32 200 bench lever_no_channels_last -c configs/sd15_gpu.yaml --baseline --batch 32 perf.channels_last=false
   step inductor_b32 240 bench lever_inductor -c configs/sd15_gpu.yaml --baseline --batch 32 perf.conv_1x1_as_mm=true \

@@ -184,11 +184,11 @@ def baseline_step(preset: Preset, batch: int, resolution: Optional[int], device:
     return step
 
 
-def bench_config(cfg: Config, batch: int, samples: int) -> Config:
+def bench_config(cfg: Config, batch: int, steps: int) -> Config:
     """The trainer config the bench runs: one rank, no accumulation, `batch` images per step."""
     cfg = copy.deepcopy(cfg)
     cfg.train.batch_size, cfg.train.grad_accum = batch, 1
-    cfg.train.max_steps = max(cfg.train.max_steps, samples)  # the LR schedule must not end inside the bench
+    cfg.train.max_steps = max(cfg.train.max_steps, steps)  # the LR schedule must not end inside the bench
     return cfg
 
 
@@ -363,6 +363,7 @@ def run_losses(step: StepFn, steps: int) -> torch.Tensor:
 
 def loss_match(cfg: Config, steps: int, batch: int, resolution: Optional[int], device: torch.device) -> dict:
     fast = run_losses(trainer_step(cfg, batch, resolution, device, steps=steps), steps)
+    torch._dynamo.reset()  # compiled code keeps the fast path's model alive: free it before the reference
     free(device)
     ref = run_losses(trainer_step(reference_config(cfg), batch, resolution, device, steps=steps), steps)
     free(device)

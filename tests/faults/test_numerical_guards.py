@@ -20,14 +20,14 @@ def _backend():
     return types.SimpleNamespace(device=torch.device("cpu"), world_size=1, scaler=None)
 
 
-def _master_adamw(params):
+def _master_adamw(params, offload: bool):
     from colodiffusion.train.master_weights import MasterWeightOptimizer
 
     return MasterWeightOptimizer(params, lambda masters: torch.optim.AdamW(masters, lr=1e-2, fused=True),
-                                 chunk_numel=16)  # several chunks: each must skip
+                                 offload=offload, chunk_numel=16)  # several chunks: each must skip
 
 
-@pytest.mark.parametrize("path", ["foreach", "fused", "fp32_masters"])
+@pytest.mark.parametrize("path", ["foreach", "fused", "fp32_masters", "fp32_masters_offload"])
 @pytest.mark.parametrize("poison", ["loss", "grad"])
 def test_non_finite_gradient_skips_the_update_exactly(path, poison, tmp_path):
     """Every path: the host-checked one (foreach AdamW), the sync-free one (fused AdamW + found_inf) and
@@ -38,9 +38,9 @@ def test_non_finite_gradient_skips_the_update_exactly(path, poison, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     x = torch.randn(16, 8)
-    if path == "fp32_masters":
+    if path.startswith("fp32_masters"):
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-        opt = guard.wrap(_master_adamw(model.parameters()))
+        opt = guard.wrap(_master_adamw(model.parameters(), offload=path.endswith("offload")))
     else:
         opt = guard.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=path == "fused" or None))
 
