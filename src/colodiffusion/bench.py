@@ -1,29 +1,39 @@
 """`colodiffusion bench`: time the UNet training step on synthetic latents and text embeddings.
 
-Random weights and inputs (throughput does not depend on trained values; no tokenizer, VAE or
-data). The *fast* path is the trainer's own step: preset UNet -> `apply_perf` -> backend ->
-`build_optimizer` -> objective loss -> backward -> clip -> step. `--baseline` also runs, in the same
-process, the plain diffusers-style loop of `shared/reference/gpu_anchor.py` ("diffusers-default":
-fp32 weights, bf16 autocast, foreach AdamW, SDPA) and prints the ratio, so a speed claim never
-depends on the machine's mood. Each result is one JSON line on stdout (and in `--out`).
+Random weights and inputs (throughput does not depend on trained values; no tokenizer or VAE). The
+*fast* path IS the trainer's step: `train.loop.build_state` (backend, `build_optimizer` with the
+numerical guard, LR schedule, EMA, data loader) over an in-memory latent dataset shaped like a
+latent cache, and `train.loop.train_step` for each step (caption dropout, posterior sample,
+objective, backward, guard, clip, step, EMA), after `apply_perf` on the preset's UNet. `--baseline`
+also runs, in the same process, the plain diffusers-style loop of `shared/reference/gpu_anchor.py`
+("diffusers-default": fp32 weights, bf16 autocast, foreach AdamW, SDPA) doing the same work as the
+fast path (gradient clipping and EMA as `train.grad_clip` / `train.ema.enabled` say; `work` in the
+JSON), and prints the ratio, so a speed claim never depends on the machine's mood. Each result is
+one JSON line on stdout (and in `--out`).
 
-Timing: warm-up steps first (compilation happens there and is reported as first_step_s), then
-CUDA events around the timed steps on a GPU, perf_counter on the CPU. Memory: peak
-torch.cuda.max_memory_allocated over the timed steps on a GPU; on the CPU the process's max RSS
-(memory_kind says which).
+Timing: warm-up steps first (compilation happens there and is reported as first_step_s, with the
+compile cache's state: cold or warm), then CUDA events around the timed steps on a GPU, perf_counter
+on the CPU. Memory: peak torch.cuda.max_memory_allocated over the timed steps, and over warm-up plus
+timed steps (peak statistics are reset before each measured path; the FLOP count runs on the meta
+device, so it allocates nothing); on the CPU the process's max RSS (memory_kind says which).
+`state_gib` adds up, by arithmetic, the bytes the step keeps between steps on the device
+(weights, gradients, optimizer, EMA).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from colodiffusion.config import Config, ConfigError, load_config
@@ -35,8 +45,9 @@ PEAK_BF16_TFLOPS = {
     "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0,
     "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
 }
-FAST = ["perf.compile=blocks", "perf.param_dtype=bf16", "perf.channels_last=true", "perf.fuse_qkv=true"]
-"""The fast path's levers (`--fast`); overrides given after them win."""
+FAST = ["perf.compile=full", "perf.param_dtype=bf16", "perf.channels_last=true", "perf.fuse_qkv=true"]
+"""The fast path's levers (`--fast`): the set measured at 1.43x the diffusers-default loop (H100,
+sd15, batch 32, bench/RESULTS.md); overrides given after them win."""
 StepFn = Callable[[], Optional[torch.Tensor]]
 
 
@@ -62,14 +73,42 @@ def latent_shape(preset: Preset, resolution: Optional[int]) -> tuple[int, int]:
     return preset.unet.get("in_channels", 4), side
 
 
+def context_shape(preset: Preset) -> tuple[int, int]:
+    return preset.text_encoder["max_position_embeddings"], preset.unet["cross_attention_dim"]
+
+
 def synthetic_batch(preset: Preset, batch: int, resolution: Optional[int], device: torch.device, seed: int = 0):
     """Latents (B, C, H, W) and text context (B, L, D), as a latent cache would hand them over."""
     g = torch.Generator(device).manual_seed(seed)
     c, side = latent_shape(preset, resolution)
-    seq, dim = preset.text_encoder["max_position_embeddings"], preset.unet["cross_attention_dim"]
     x0 = torch.randn(batch, c, side, side, generator=g, device=device)
-    context = torch.randn(batch, seq, dim, generator=g, device=device)
+    context = torch.randn(batch, *context_shape(preset), generator=g, device=device)
     return x0, context
+
+
+class SyntheticLatents(torch.utils.data.Dataset):
+    """`n` random samples in the latent cache's format (data/latents.py: fp16 posterior mean and
+    logvar, fp16 context, a caption), held in memory: the trainer's loader reads it as a cache."""
+
+    name = "latents"
+
+    def __init__(self, preset: Preset, n: int, resolution: Optional[int], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        c, side = latent_shape(preset, resolution)
+        self.mean = torch.randn(n, c, side, side, generator=g).half()
+        self.logvar = (torch.randn(n, c, side, side, generator=g) - 6).half()
+        self.context = torch.randn(n, *context_shape(preset), generator=g).half()
+        self.empty_context = torch.randn(*context_shape(preset), generator=g).half()
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "context": self.context[i],
+                "caption": "a red circle"}
+
+    def batch_extras(self) -> dict[str, torch.Tensor]:
+        return {"empty_context": self.empty_context}
 
 
 def make_unet(preset: Preset, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -78,26 +117,52 @@ def make_unet(preset: Preset, device: torch.device, seed: int = 0) -> torch.nn.M
         return build_unet(preset)
 
 
-def count_train_flops(preset: Preset, resolution: Optional[int], device: torch.device) -> float:
-    """FLOPs of one image's forward + backward, counted as the anchor does (eager, autocast bf16, batch 2)."""
-    unet = make_unet(preset, device)
-    x0, context = synthetic_batch(preset, 2, resolution, device)
-    t = torch.tensor([10, 500], device=device)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, torch.bfloat16):
-            out = unet(x0, t, context).sample
+class _AttentionAsOnGPU(TorchFunctionMode):
+    """SDPA as the memory-efficient kernel's op, whose FLOP formula (FlopCounterMode) counts what a GPU
+    kernel does, backward recomputation of the scores included; on the meta device SDPA would otherwise
+    decompose into plain matmuls (one fewer in backward)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention and not (kwargs or {}).get("attn_mask") and len(args) == 3:
+            q, k, v = args
+            return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[0]
+        return func(*args, **(kwargs or {}))
+
+
+def count_train_flops(preset: Preset, resolution: Optional[int]) -> float:
+    """FLOPs of one image's forward + backward, counted as the anchor does (its batch of 2, GPU attention
+    kernels), on the meta device: no memory, no arithmetic (sd15: 2.4698e12, the anchor's figure)."""
+    meta = torch.device("meta")
+    unet = make_unet(preset, meta)
+    c, side = latent_shape(preset, resolution)
+    x0 = torch.empty(2, c, side, side, device=meta)
+    context = torch.empty(2, *context_shape(preset), device=meta)
+    t = torch.tensor([10, 500], device=meta)
+    with FlopCounterMode(display=False) as counter, _AttentionAsOnGPU():
+        out = unet(x0, t, context).sample
         F.mse_loss(out.float(), x0).backward()
-    del unet, out
     return counter.get_total_flops() / 2
 
 
 # -- the two steps ------------------------------------------------------------------------------
-def baseline_step(preset: Preset, batch: int, resolution: Optional[int], device: torch.device) -> StepFn:
-    """gpu_anchor.py's "diffusers-default": fp32 weights, bf16 autocast, foreach AdamW, SDPA."""
+def work_of(cfg: Config) -> dict:
+    """What both loops do besides forward/backward/AdamW, so the ratio compares like with like."""
+    return {"grad_clip": cfg.train.grad_clip, "ema": cfg.train.ema.enabled}
+
+
+def baseline_step(preset: Preset, batch: int, resolution: Optional[int], device: torch.device,
+                  work: Optional[dict] = None, keep: Optional[dict] = None) -> StepFn:
+    """gpu_anchor.py's "diffusers-default": fp32 weights, bf16 autocast, foreach AdamW, SDPA; plus the
+    trainer's gradient clipping and fp32 EMA when `work` asks for them (the anchor had neither)."""
+    work = work or {"grad_clip": 0.0, "ema": False}
     unet = make_unet(preset, device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ema = [p.detach().clone() for p in params] if work["ema"] else None
     c, side = latent_shape(preset, resolution)
-    seq, dim = preset.text_encoder["max_position_embeddings"], preset.unet["cross_attention_dim"]
+    seq, dim = context_shape(preset)
+    if keep is not None:
+        keep.update(model=unet, optimizer=opt, ema=ema)
 
     def step():
         lat = torch.randn(batch, c, side, side, device=device)
@@ -108,41 +173,74 @@ def baseline_step(preset: Preset, batch: int, resolution: Optional[int], device:
             pred = unet(lat + noise, tt, emb).sample
         loss = F.mse_loss(pred.float(), noise)
         loss.backward()
+        if work["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, work["grad_clip"], foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(ema, params, 1e-3)
         return loss.detach()
 
     return step
 
 
-def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: torch.device, seed: int = 0) -> StepFn:
-    """The trainer's step (backend, perf levers, optimizer, objective) on one fixed synthetic batch."""
+def bench_config(cfg: Config, batch: int, steps: int) -> Config:
+    """The trainer config the bench runs: one rank, no accumulation, `batch` images per step."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.batch_size, cfg.train.grad_accum = batch, 1
+    cfg.train.max_steps = max(cfg.train.max_steps, steps)  # the LR schedule must not end inside the bench
+    return cfg
+
+
+def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: torch.device, seed: int = 0,
+                 steps: int = 16, keep: Optional[dict] = None) -> StepFn:
+    """The trainer's own step (train.loop.train_step) over a synthetic latent cache of `steps` batches
+    (one epoch covers the run: no loader restart while timing)."""
     from colodiffusion.diffusion import alphas_cumprod, build_noise_scheduler, build_objective
     from colodiffusion.parallel import Backend
-    from colodiffusion.train.optim import build_optimizer
+    from colodiffusion.train import loop
     from colodiffusion.train.perf import apply_perf
 
     preset = get_preset(cfg.model.preset)
+    cfg = bench_config(cfg, batch, steps)
+    cfg.train.seed = seed
     backend = Backend(cfg)
     backend.device = device
     unet = apply_perf(make_unet(preset, device, seed), cfg, device)
-    model, opt = backend.prepare(unet, lambda params: build_optimizer(params, cfg, device))
+    comps = SimpleNamespace(unet=unet, text_encoder=None, scaling_factor=0.18215)
+    state = loop.build_state(cfg, backend, comps, SyntheticLatents(preset, batch * steps, resolution, seed))
     prediction_type = cfg.model.prediction_type or preset.prediction_type
-    acp = alphas_cumprod(build_noise_scheduler(cfg, prediction_type)).to(device)  # on the device: no copy per step
-    objective = build_objective(cfg, acp, prediction_type)
-    x0, context = synthetic_batch(preset, batch, resolution, device, seed)
-    if cfg.perf.channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-    noise_gen = torch.Generator(device).manual_seed(seed + 1)
+    objective = build_objective(cfg, alphas_cumprod(build_noise_scheduler(cfg, prediction_type)), prediction_type)
+    state.model.train()
+    if keep is not None:
+        keep.update(model=state.model, optimizer=state.optimizer, ema=state.ema.shadow if state.ema else None,
+                    state=state)
 
     def step():
-        with backend.autocast():
-            loss = objective.loss(lambda x_t, t, c: model(x_t, t, c).sample, x0, context, noise_gen)
-        backend.backward(loss)
-        backend.step(model, opt, cfg.train.grad_clip)
-        return loss.detach()
+        loss, _ = loop.train_step(cfg, backend, comps, objective, state)
+        return loss
 
     return step
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[list],
+                device: torch.device) -> dict:
+    """Bytes kept between steps, by arithmetic over the live tensors: weights, one gradient per
+    trainable weight (in its dtype), the optimizer's tensors and the EMA; `on_device` sums those on
+    `device` (offloaded masters, states and EMA live on the CPU)."""
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts if t.device.type == device.type)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(optimizer, "held_bytes"):
+        held = optimizer.held_bytes()
+        opt = sum(v for k, v in held.items() if k != "device") if held["device"].split(":")[0] == device.type else 0
+    else:
+        opt = nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    out = {"weights": nbytes(model.parameters()), "grads": nbytes(params), "optimizer": opt,
+           "ema": nbytes(ema or [])}
+    out["on_device"] = sum(out.values())
+    return out
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -165,11 +263,18 @@ def count_host_syncs(step: StepFn, device: torch.device) -> Optional[int]:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def now() -> float:
+    """The host clock of CPU timings and first_step_s (a function, so tests can drive it)."""
+    return time.perf_counter()
+
+
 def time_step(step: StepFn, device: torch.device, warmup: int, steps: int) -> dict:
-    t0 = time.perf_counter()
+    if device.type == "cuda":  # this path's own peak: nothing measured before it counts
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = now()
     step()
     synchronize(device)
-    first = time.perf_counter() - t0
+    first = now() - t0
     for _ in range(max(0, warmup - 1)):
         step()
     syncs = count_host_syncs(step, device)
@@ -186,12 +291,14 @@ def time_step(step: StepFn, device: torch.device, warmup: int, steps: int) -> di
         end.record()
         end.synchronize()
         seconds = start.elapsed_time(end) / 1000
+        extra["peak_memory_incl_warmup_gib"] = max(
+            extra["peak_memory_incl_warmup_gib"], round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
         memory, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     else:
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(steps):
             step()
-        seconds = time.perf_counter() - t0
+        seconds = now() - t0
         memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_process_max_rss"
     return {"step_s": seconds / steps, "first_step_s": round(first, 2), "host_syncs_per_step": syncs,
             "peak_memory_gib": round(memory / 2**30, 3), "memory_kind": kind, **extra}
@@ -207,12 +314,30 @@ def measure(name: str, step: StepFn, batch: int, device: torch.device, warmup: i
             "mfu": float(f"{mfu:.4g}") if mfu is not None else None, "peak_tflops": peak[0], "peak_source": peak[1]}
 
 
+def state_gib(keep: dict, device: torch.device) -> dict:
+    b = state_bytes(keep["model"], keep["optimizer"], keep["ema"], device)
+    return {k: round(v / 2**30, 3) for k, v in b.items()}
+
+
 def free(device: torch.device) -> None:
     import gc
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def compile_cache_state(cfg: Config) -> Optional[dict]:
+    """The compile cache folder and whether it held anything before this process compiled (cold/warm)."""
+    if cfg.perf.compile == "none":
+        return None
+    from colodiffusion.train.perf import compile_cache_dir
+
+    folder = compile_cache_dir(cfg.perf.compile_cache)
+    if folder is None:
+        return {"dir": None, "state": "torch default folder"}
+    warm = folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+    return {"dir": str(folder), "state": "warm" if warm else "cold"}
 
 
 # -- modes ----------------------------------------------------------------------------------------
@@ -237,9 +362,10 @@ def run_losses(step: StepFn, steps: int) -> torch.Tensor:
 
 
 def loss_match(cfg: Config, steps: int, batch: int, resolution: Optional[int], device: torch.device) -> dict:
-    fast = run_losses(trainer_step(cfg, batch, resolution, device), steps)
+    fast = run_losses(trainer_step(cfg, batch, resolution, device, steps=steps), steps)
+    torch._dynamo.reset()  # compiled code keeps the fast path's model alive: free it before the reference
     free(device)
-    ref = run_losses(trainer_step(reference_config(cfg), batch, resolution, device), steps)
+    ref = run_losses(trainer_step(reference_config(cfg), batch, resolution, device, steps=steps), steps)
     free(device)
     rel = (fast - ref).abs() / ref.abs().clamp_min(1e-8)
     ok = bool(rel.max() <= LOSS_MATCH_RTOL and rel.mean() <= LOSS_MATCH_RTOL / 5)
@@ -254,7 +380,7 @@ def describe(cfg: Config, resolution: Optional[int], device: torch.device) -> di
 
     preset = get_preset(cfg.model.preset)
     return {"preset": cfg.model.preset, "resolution": resolution or preset.resolution,
-            "precision": cfg.precision, "grad_clip": cfg.train.grad_clip, "optimizer_lr": cfg.train.lr,
+            "precision": cfg.precision, "work": work_of(cfg), "optimizer_lr": cfg.train.lr,
             "perf": dataclasses.asdict(cfg.perf), "device": device_name(device), "torch": torch.__version__}
 
 
@@ -272,34 +398,44 @@ def run(cfg: Config, args, emit: Callable[[dict], None]) -> int:
         result = loss_match(cfg, args.loss_match, args.batch, res, device)
         emit(result)
         return 0 if result["ok"] else 1
-    flops = count_train_flops(preset, res, device)
-    free(device)
+    flops = count_train_flops(preset, res)
     peak = peak_tflops(device, args.peak_tflops)
+    cache = compile_cache_state(cfg)  # read before this process compiles anything
+    steps_run = args.warmup + args.steps + 1
     if args.memory:
         for batch in (1, 8):
-            emit({**measure("memory", trainer_step(cfg, batch, res, device), batch, device, args.warmup,
-                            args.steps, flops, peak), "config": config})
+            keep: dict = {}
+            r = measure("memory", trainer_step(cfg, batch, res, device, steps=steps_run, keep=keep), batch, device,
+                        args.warmup, args.steps, flops, peak)
+            emit({**r, "state_gib": state_gib(keep, device), "work": work_of(cfg), "config": config})
+            del keep
             free(device)
         return 0
     base = None
     if args.baseline:
-        base = measure("diffusers-default", baseline_step(preset, args.batch, res, device), args.batch, device,
-                       args.warmup, args.steps, flops, peak)
+        keep = {}
+        base = measure("diffusers-default", baseline_step(preset, args.batch, res, device, work_of(cfg), keep=keep),
+                       args.batch, device, args.warmup, args.steps, flops, peak)
+        base.update(state_gib=state_gib(keep, device), work=work_of(cfg))
         emit(base)
+        del keep
         free(device)
-    fast = measure("colodiffusion", trainer_step(cfg, args.batch, res, device), args.batch, device,
-                   args.warmup, args.steps, flops, peak)
-    emit({**fast, "config": config})
+    keep = {}
+    fast = measure("colodiffusion", trainer_step(cfg, args.batch, res, device, steps=steps_run, keep=keep),
+                   args.batch, device, args.warmup, args.steps, flops, peak)
+    emit({**fast, "state_gib": state_gib(keep, device), "work": work_of(cfg), "compile_cache": cache,
+          "config": config})
     if base is not None:
-        emit({"event": "ratio", "batch": args.batch, "fast_img_per_s": fast["img_per_s"],
-              "baseline_img_per_s": base["img_per_s"], "ratio": round(fast["img_per_s"] / base["img_per_s"], 3)})
+        emit({"event": "ratio", "batch": args.batch, "work": work_of(cfg), "fast_img_per_s": fast["img_per_s"],
+              "baseline_img_per_s": base["img_per_s"], "ratio": round(fast["img_per_s"] / base["img_per_s"], 3),
+              "fast_peak_gib": fast["peak_memory_gib"], "baseline_peak_gib": base["peak_memory_gib"]})
     return 0
 
 
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     p.add_argument("-c", "--config", help="YAML recipe whose model/perf/precision/train settings are benchmarked")
-    p.add_argument("--preset", default="sd15", help="model preset (sd15 at 512 px by default; tiny for CPU)")
+    p.add_argument("--preset", help="model preset (default: the recipe's, else sd15 at 512 px; tiny for CPU)")
     p.add_argument("--resolution", type=int, help="image resolution in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, default=32, help="images per step")
     p.add_argument("--steps", type=int, default=12, help="timed steps")
@@ -312,7 +448,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: a table by device name)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--out", help="also append the JSON lines to this file")
-    p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. perf.compile=blocks")
+    p.add_argument("--tag", help="a label copied into every JSON line (bench/gpu_check.sh names its steps)")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. perf.compile=full")
     return p
 
 
@@ -322,11 +459,13 @@ def main_args(args) -> int:
             raise ConfigError(f"--{name} must be a whole number >= 1, not {getattr(args, name)}.")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise ConfigError(f"--resolution must be a multiple of 8, at least 8, not {args.resolution}.")
-    overrides = ["precision=bf16", f"model.preset={args.preset}"] + (FAST if args.fast else []) + args.overrides
+    preset = [f"model.preset={args.preset}"] if args.preset else ([] if args.config else ["model.preset=sd15"])
+    # The bench feeds synthetic latents: a recipe's data source (and its data.path) is not read.
+    overrides = ["precision=bf16", "data.source=shapes", *preset] + (FAST if args.fast else []) + args.overrides
     cfg = load_config(args.config, overrides)
 
     def emit(record: dict) -> None:
-        line = json.dumps(record)
+        line = json.dumps({"tag": args.tag, **record} if args.tag else record)
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:

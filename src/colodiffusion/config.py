@@ -279,31 +279,55 @@ class ParallelConfig:
 @dataclass
 class PerfConfig:
     """Speed and memory levers for the UNet training step (applied by `train/perf.py` and
-    `train/optim.py`). Defaults are the plain eager path; `docs/performance.md` says what each buys."""
-    compile: str = choice("none", "none", "blocks", "full")
-    """torch.compile the UNet: each down/mid/up block on its own (short compile), the whole model, or not."""
+    `train/optim.py`). The defaults are the plain eager path: a lever is on by default only after it
+    measured faster on a GPU, and none has measured faster by itself (figures: bench/RESULTS.md).
+    `colodiffusion bench --fast` and configs/sd15_gpu.yaml turn on the one measured-faster set
+    (compile=full, param_dtype=bf16, channels_last, fuse_qkv: 1.43x the diffusers-default loop at
+    batch 32 on an H100). `docs/performance.md` says what each lever buys."""
+    compile: str = choice("none", "none", "full")
+    """torch.compile the whole UNet (static shapes). H100, sd15, batch 32, with the other --fast levers:
+    121.4 img/s (1.43x the diffusers-default loop), first step 120 s; without it 81.3 img/s (0.96x).
+    (Compiling each down/mid/up block separately was dropped: it never finished warming up on the H100
+    and ran 40% slower on the CPU: the SD blocks all differ in shape, so it compiled as much.)"""
     compile_mode: str = choice(
         "default", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"
     )
-    """torch.compile mode; reduce-overhead and max-autotune also capture CUDA graphs."""
+    """torch.compile mode; reduce-overhead and max-autotune also capture CUDA graphs (unmeasured here)."""
+    compile_cache: str = "auto"
+    """Folder where Inductor/AOTAutograd/Triton keep compiled graphs across processes, so a second run
+    skips the cold compile: auto = $TORCHINDUCTOR_CACHE_DIR if set, else the user's cache folder
+    (~/.cache/colodiffusion/torch_compile); off (or none) = torch's own default; or a path."""
+    conv_1x1_as_mm: bool = False
+    """Inductor: lower 1x1 convolutions to matmuls (unmeasured; compile=full only)."""
+    coordinate_descent_tuning: bool = False
+    """Inductor: coordinate-descent tuning of the generated kernels' block sizes (unmeasured; longer compile)."""
+    cudnn_benchmark: bool = True
+    """CUDA: let cuDNN time its convolution algorithms at each new shape and keep the fastest (every GPU
+    figure so far ran with it, as the anchor does), with TF32 for fp32 leftovers under bf16/fp16 autocast.
+    Off: no autotuning workspaces in the warm-up's memory peak (the memory recipe)."""
     channels_last: bool = False
-    """Keep UNet weights and activations in NHWC (channels-last) memory format (faster cuDNN convs in bf16)."""
+    """Keep UNet weights and activations in NHWC (channels-last) memory format. Part of the measured
+    1.43x set under compile=full; in eager it is slower (CUDA GroupNorm copies NHWC to NCHW and back)."""
     sdpa_backend: str = choice("auto", "auto", "flash", "cudnn", "efficient", "math")
     """Attention kernel for scaled_dot_product_attention; auto lets PyTorch choose per call."""
+    sdpa_by_head_dim: str = ""
+    """Attention kernel per head dimension, overriding sdpa_backend for those, e.g. "40:cudnn,80:flash,160:flash"
+    (SD 1.x attends with head dims 40/80/160; bench/sdpa_shapes.py times each kernel per shape)."""
     fuse_qkv: bool = False
     """One matmul for the q/k/v (self-attention) and k/v (cross-attention) projections; weights keep their names."""
     param_dtype: str = choice("fp32", "fp32", "bf16")
     """UNet parameters and gradients in this dtype; bf16 keeps fp32 master weights inside the optimizer
     (needs precision=bf16)."""
     fp8: bool = False
-    """Train the UNet's nn.Linear layers in float8 (torchao; Hopper/Ada GPUs only)."""
+    """Train the UNet's nn.Linear layers in float8 (torchao; Hopper/Ada GPUs only; unmeasured)."""
     activation_checkpointing: str = choice("none", "none", "full", "attention", "resnets")
     """Recompute activations in backward: all blocks, only the transformer (attention) blocks, or only the
     resnets; model.gradient_checkpointing=true is the same as full."""
     optimizer: str = choice("adamw", "adamw", "adamw8bit")
     """AdamW with fp32 states, or 8-bit states (bitsandbytes on CUDA, else torchao)."""
     optimizer_offload: bool = False
-    """Keep fp32 master weights and optimizer states in (pinned) CPU memory and run the optimizer step there."""
+    """Keep fp32 master weights and optimizer states (and the EMA) in CPU memory and run the optimizer
+    step there (fused CPU AdamW, overlapped with the chunked transfers)."""
 
 
 @dataclass
@@ -462,11 +486,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")
 
 
+SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
+
+
+def parse_sdpa_by_head_dim(spec: str) -> dict[int, str]:
+    """"40:cudnn,80:flash" -> {40: "cudnn", 80: "flash"}; ConfigError naming the bad part."""
+    table: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        dim, _, kernel = part.partition(":")
+        if not dim.strip().isdigit() or kernel.strip() not in SDPA_KERNELS:
+            raise ConfigError(f"perf.sdpa_by_head_dim entry '{part}' is not HEAD_DIM:KERNEL with KERNEL one of "
+                              f"{', '.join(SDPA_KERNELS)} (e.g. 40:cudnn,80:flash).")
+        table[int(dim)] = kernel.strip()
+    return table
+
+
 def _check_perf(cfg: Config) -> None:
     if cfg.perf.param_dtype == "bf16" and cfg.precision != "bf16":
         raise ConfigError(
             f"perf.param_dtype=bf16 needs precision=bf16 (precision is {cfg.precision}): bf16 weights compute in bf16."
         )
+    if cfg.perf.optimizer_offload and cfg.precision == "fp16":
+        raise ConfigError("perf.optimizer_offload does not work with precision=fp16 (the grad scaler cannot see "
+                          "the offloaded optimizer's gradients); use precision=bf16.")
+    parse_sdpa_by_head_dim(cfg.perf.sdpa_by_head_dim)
+    # YAML reads off/no/false (and on/yes/true) as booleans, which reach this str field as "False"/"True".
+    cache = cfg.perf.compile_cache
+    if cache.lower() in ("false", "off", "no", "none", ""):
+        cfg.perf.compile_cache = "off"
+    elif cache.lower() in ("true", "on", "yes"):
+        cfg.perf.compile_cache = "auto"
 
 
 def _check_parallel(cfg: Config) -> None:

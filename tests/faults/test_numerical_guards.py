@@ -20,34 +20,54 @@ def _backend():
     return types.SimpleNamespace(device=torch.device("cpu"), world_size=1, scaler=None)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_non_finite_gradient_skips_the_update_exactly(fused, tmp_path):
-    """Both paths: the host-checked one (foreach AdamW) and the sync-free one (fused AdamW + found_inf)."""
+def _master_adamw(params, offload: bool):
+    from colodiffusion.train.master_weights import MasterWeightOptimizer
+
+    return MasterWeightOptimizer(params, lambda masters: torch.optim.AdamW(masters, lr=1e-2, fused=True),
+                                 offload=offload, chunk_numel=16)  # several chunks: each must skip
+
+
+@pytest.mark.parametrize("path", ["foreach", "fused", "fp32_masters", "fp32_masters_offload"])
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_non_finite_gradient_skips_the_update_exactly(path, poison, tmp_path):
+    """Every path: the host-checked one (foreach AdamW), the sync-free one (fused AdamW + found_inf) and
+    bf16 weights with fp32 masters (the flag reaches the fused inner AdamW; the guard checks the model's
+    gradients, which the masters only get inside step()). A NaN loss, or a NaN gradient behind a finite loss."""
     cfg = load_config(None, [f"run.dir={tmp_path}"])
     guard = NumericalGuard(cfg, _backend())
+    torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    opt = guard.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None))
     x = torch.randn(16, 8)
+    if path.startswith("fp32_masters"):
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+        opt = guard.wrap(_master_adamw(model.parameters(), offload=path.endswith("offload")))
+    else:
+        opt = guard.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=path == "fused" or None))
 
-    def step(poison: bool):
-        loss = model(x).square().mean() * (float("nan") if poison else 1.0)
+    def step(bad: bool):
+        loss = model(x).float().square().mean() * (float("nan") if bad and poison == "loss" else 1.0)
         loss.backward()
+        if bad and poison == "grad":
+            model.bias.grad[0] = float("nan")
         guard.before_step(loss)
         opt.step()
         guard.after_step()
         opt.zero_grad()
 
+    def snapshot():
+        masters = list(getattr(opt, "masters", []))
+        states = [v for s in opt.state.values() for v in s.values()]
+        return [t.detach().clone() for t in [*model.parameters(), *masters, *states]]
+
     step(False)
-    before = [p.detach().clone() for p in model.parameters()]
-    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+    before = snapshot()
     step(True)
     step(True)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
-    assert all(torch.equal(state[k], after[k]) for k in state)  # moments and step count untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))  # weights, masters, moments, step counts
     assert guard.check(3)["bad_steps"] == 2
     step(False)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # good steps still update
+    assert all(torch.isfinite(t).all() for t in snapshot())
     assert guard.check(4)["bad_steps"] == 2
 
 

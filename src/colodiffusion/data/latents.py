@@ -174,6 +174,8 @@ def latents_and_context(batch: dict, captions: list[str], scaling_factor: float,
     std = torch.exp(0.5 * batch["latent_logvar"].to(device, torch.float32, non_blocking=True))
     noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
     context = batch["context"].to(device, torch.float32, non_blocking=True)
-    dropped = torch.tensor([c == "" for c in captions], device=device)
-    context = torch.where(dropped[:, None, None], batch["empty_context"].to(device, torch.float32), context)
+    # Built on the host, then copied without blocking: torch.tensor(..., device=cuda) would sync.
+    dropped = torch.tensor([c == "" for c in captions]).to(device, non_blocking=True)
+    empty = batch["empty_context"].to(device, torch.float32, non_blocking=True)
+    context = torch.where(dropped[:, None, None], empty, context)
     return (mean + std * noise) * scaling_factor, context

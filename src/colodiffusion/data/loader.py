@@ -147,8 +147,13 @@ def probe(dataset: Dataset, n: int = 64) -> tuple[int, list[dict], Counter]:
 class ResumableLoader:
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, shuffle: bool = True, collate_fn: Callable = collate,
-                 bad_log: Optional[str | Path] = None, max_bad_fraction: float = 1.0, block_shuffle: bool = False):
+                 bad_log: Optional[str | Path] = None, max_bad_fraction: float = 1.0, block_shuffle: bool = False,
+                 pin_memory: bool = False):
+        """`pin_memory`: batches (and the dataset's batch extras) in page-locked memory, so the trainer's
+        `.to(cuda, non_blocking=True)` copies overlap the GPU's work instead of waiting for it."""
         self.dataset = dataset if isinstance(dataset, SkipBad) else SkipBad(dataset)
+        self.pin_memory = pin_memory
+        self._extras: Optional[dict] = None
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.num_workers, self.shuffle = rank, world_size, num_workers, shuffle
         self.collate_fn = collate_fn
@@ -194,7 +199,8 @@ class ResumableLoader:
         # (a resume starts an iterator mid-epoch, which would otherwise shift the global stream).
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self._it = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                   collate_fn=self.collate_fn, persistent_workers=False, generator=gen))
+                                   collate_fn=self.collate_fn, persistent_workers=False, generator=gen,
+                                   pin_memory=self.pin_memory))
 
     def __iter__(self):
         return self
@@ -212,7 +218,9 @@ class ResumableLoader:
         self._account(batch.pop("_skips", ()))
         extras = getattr(self.dataset.dataset, "batch_extras", None)
         if extras is not None:
-            batch.update(extras())
+            if self._extras is None:  # the same tensors every batch: pinned once
+                self._extras = {k: v.pin_memory() if self.pin_memory else v for k, v in extras().items()}
+            batch.update(self._extras)
         return batch
 
     def _next_batch(self) -> dict[str, Any]:

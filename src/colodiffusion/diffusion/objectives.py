@@ -43,9 +43,16 @@ class Objective:
             noise = noise + self.offset_noise * offset
         return t, noise.to(x0.device)
 
+    def alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        """The schedule on `device`, moved there once: a copy per step would be a blocking host->device
+        transfer (a host sync) in every training step."""
+        if self.alphas_cumprod.device != device:
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self.alphas_cumprod
+
     def noisy(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
         """x_t = sqrt(a) x0 + sqrt(1-a) eps, and the regression target for the prediction type."""
-        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        a = self.alphas_cumprod_on(x0.device)[t].view(-1, 1, 1, 1)
         sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
         x_t = sqrt_a * x0 + sqrt_1ma * noise
         target = noise if self.prediction_type == "epsilon" else sqrt_a * noise - sqrt_1ma * x0
@@ -55,7 +62,7 @@ class Objective:
         """Min-SNR-gamma weights (Hang et al. 2023), expressed for the model's target."""
         if self.min_snr_gamma is None:
             return None
-        a = self.alphas_cumprod.to(t.device)[t]
+        a = self.alphas_cumprod_on(t.device)[t]
         snr = a / (1 - a)
         w = torch.clamp(snr, max=self.min_snr_gamma) / snr
         if self.prediction_type == "v_prediction":

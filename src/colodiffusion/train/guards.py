@@ -10,7 +10,9 @@ before) without a host sync per step:
   backend so every rank skips the same steps (a NaN in one FSDP shard skips all ranks).
 - Fused optimizers (AdamW `fused=True`, what CUDA runs use) take the flag as `found_inf`, the
   GradScaler's contract: the kernel leaves parameters and moments alone and undoes its step
-  count increment. No host sync.
+  count increment. No host sync. The fp32-master optimizer (train/master_weights.py) hands the
+  flag on to its fused inner AdamW; the flag is computed from the model's gradients, not from the
+  masters' (which only get gradients inside its step).
 - Other optimizers (the CPU foreach AdamW) read the flag on the host and do not call `step()`;
   on a CPU that sync costs nothing.
 
@@ -39,6 +41,14 @@ from colodiffusion.config import ConfigError
 
 class TrainingDiverged(ConfigError):
     """Too many consecutive non-finite steps: one sentence, exit code 2 in the CLI."""
+
+
+def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients `optimizer.step()` is about to apply: the model's, also when the optimizer steps
+    fp32 master copies (MasterWeightOptimizer.model_grads) whose own .grad is set only inside step()."""
+    if hasattr(optimizer, "model_grads"):
+        return optimizer.model_grads()
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +87,7 @@ class NumericalGuard:
 
         def guarded_step(_opt, *args, **kwargs):
             self._stepped = True
-            bad = self._flag([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+            bad = self._flag(gradients(optimizer))
             if optimizer.defaults.get("fused"):
                 return self._fused_step(optimizer, step, bad, args, kwargs)
             self._record(bad)

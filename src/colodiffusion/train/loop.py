@@ -139,11 +139,11 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     guard = guards.NumericalGuard(cfg, backend)
     model, optimizer = backend.prepare(
         trainable, lambda params: guard.wrap(build_optimizer(params, cfg, backend.device, te_params)))
-    ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup) if t.ema.enabled else None
+    ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup, optimizer) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,
                              bad_log=Path(cfg.run.dir) / "bad_samples.jsonl", max_bad_fraction=cfg.data.max_bad_fraction,
-                             block_shuffle=cfg.data.shuffle == "block")
+                             block_shuffle=cfg.data.shuffle == "block", pin_memory=backend.device.type == "cuda")
     noise_gen = torch.Generator(backend.device).manual_seed(t.seed * 7919 + 1 + backend.dp_rank)
     data_gen = torch.Generator("cpu").manual_seed(t.seed * 7919 + 2 + backend.dp_rank)
     return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen, guard=guard)

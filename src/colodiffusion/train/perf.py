@@ -10,13 +10,15 @@ after, in the backend. The optimizer side (fp32 master weights, CPU offload, 8-b
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from colodiffusion.config import Config, ConfigError
+from colodiffusion.config import Config, ConfigError, parse_sdpa_by_head_dim
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -29,43 +31,64 @@ SDPA_BACKENDS = {
 def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None = None) -> torch.nn.Module:
     """Apply `cfg.perf` to the UNet in place (and return it)."""
     p = cfg.perf
+    if device is not None and device.type == "cuda":
+        cuda_kernel_flags(p.cudnn_benchmark, cfg.precision)
     if p.fp8:
         convert_fp8(unet, device)
-    if p.fuse_qkv or p.sdpa_backend != "auto":
-        unet.set_attn_processor(FastAttnProcessor(fuse_qkv=p.fuse_qkv, sdpa_backend=p.sdpa_backend))
+    by_head_dim = parse_sdpa_by_head_dim(p.sdpa_by_head_dim)
+    if p.fuse_qkv or p.sdpa_backend != "auto" or by_head_dim:
+        unet.set_attn_processor(FastAttnProcessor(p.fuse_qkv, p.sdpa_backend, by_head_dim))
     if p.param_dtype == "bf16":
         unet.to(torch.bfloat16)
     if p.channels_last:
         unet.to(memory_format=torch.channels_last)
     select_checkpointing(unet, p.activation_checkpointing)
-    compile_unet(unet, p.compile, p.compile_mode)
+    if p.compile != "none":
+        use_compile_cache(p.compile_cache)
+    compile_unet(unet, p.compile, p.compile_mode, options=inductor_options(p))
     return unet
+
+
+def cuda_kernel_flags(cudnn_benchmark: bool, precision: str) -> None:
+    """Process-wide CUDA flags the trainer and the bench share (the bench's figures are the trainer's)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if precision != "fp32":  # only the fp32 leftovers of an autocast step; a pure fp32 run keeps full fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class FastAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA attention with a chosen SDPA kernel and, optionally, fused projections.
 
-    Fusion concatenates the q/k/v (or cross-attention k/v) weights on the fly into one matmul, so
-    the parameters keep their names and shapes: checkpoints, EMA and exports are unchanged (diffusers'
-    own `fuse_qkv_projections` adds new `to_qkv` parameters beside the old ones). Anything this fast
-    path does not cover (masks, group/spatial norms, 4-D inputs, wrapped or fp8 linears) goes
-    through diffusers' processor."""
+    The kernel is `sdpa_backend` for every call, or the entry of `by_head_dim` for the layer's head
+    dimension (SD 1.x: 40, 80, 160), so each attention shape gets the kernel measured fastest for it
+    (bench/sdpa_shapes.py). Fusion concatenates the q/k/v (or cross-attention k/v) weights on the fly
+    into one matmul, so the parameters keep their names and shapes: checkpoints, EMA and exports are
+    unchanged (diffusers' own `fuse_qkv_projections` adds new `to_qkv` parameters beside the old
+    ones). Anything this fast path does not cover (masks, group/spatial norms, 4-D inputs, wrapped or
+    fp8 linears) goes through diffusers' processor."""
 
-    def __init__(self, fuse_qkv: bool = True, sdpa_backend: str = "auto"):
+    def __init__(self, fuse_qkv: bool = True, sdpa_backend: str = "auto", by_head_dim: dict[int, str] | None = None):
         super().__init__()
-        if sdpa_backend != "auto" and sdpa_backend not in SDPA_BACKENDS:
-            raise ConfigError(f"perf.sdpa_backend '{sdpa_backend}' is unknown; use auto or {', '.join(SDPA_BACKENDS)}.")
+        for name in [sdpa_backend, *(by_head_dim or {}).values()]:
+            if name != "auto" and name not in SDPA_BACKENDS:
+                raise ConfigError(f"perf.sdpa_backend '{name}' is unknown; use auto or {', '.join(SDPA_BACKENDS)}.")
         self.fuse_qkv = fuse_qkv
         self.sdpa_backend = sdpa_backend
+        self.by_head_dim = dict(by_head_dim or {})
 
-    def _kernel(self):
-        if self.sdpa_backend == "auto":
+    def kernel_for(self, head_dim: int) -> str:
+        return self.by_head_dim.get(head_dim, self.sdpa_backend)
+
+    def _kernel(self, attn: Attention):
+        name = self.kernel_for(attn.inner_dim // attn.heads)
+        if name == "auto":
             return contextlib.nullcontext()
-        return sdpa_kernel([SDPA_BACKENDS[self.sdpa_backend]])
+        return sdpa_kernel([SDPA_BACKENDS[name]])
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        with self._kernel():
+        with self._kernel(attn):
             if self.fuse_qkv and _fusable(attn, hidden_states, attention_mask):
                 return _fused_attention(attn, hidden_states, encoder_hidden_states)
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -119,30 +142,61 @@ def select_checkpointing(unet: torch.nn.Module, mode: str) -> None:
         module.gradient_checkpointing = is_attention if mode == "attention" else not is_attention
 
 
-def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    return [b for b in blocks if b is not None]
+def compile_unet(unet: torch.nn.Module, how: str, mode: str = "default", backend: str = "inductor",
+                 options: dict | None = None) -> None:
+    """torch.compile the whole UNet in place (`nn.Module.compile`, so parameter names stay as they are).
 
-
-def compile_unet(unet: torch.nn.Module, how: str, mode: str = "default", backend: str = "inductor") -> None:
-    """torch.compile in place (`nn.Module.compile`, so parameter names stay as they are).
-
-    `blocks` compiles each down/mid/up block separately: the blocks hold nearly all the FLOPs, each
-    graph is small, and compile time stays a fraction of compiling the whole UNet. Shapes are
-    static (dynamic=False): blocks of one class see different shapes, which must not turn on
-    dynamic-shape kernels."""
+    Static shapes (dynamic=False): a training run sees one shape, and a dynamic-shape graph would
+    give up kernels specialised for it. `options` are Inductor settings for this compile only."""
     if how == "none":
         return
-    kwargs = {"dynamic": False, "backend": backend}
-    if mode != "default":
+    if how != "full":
+        raise ConfigError(f"perf.compile '{how}' is unknown; use none or full.")
+    kwargs: dict = {"dynamic": False, "backend": backend}
+    if options and backend == "inductor":
+        # torch.compile takes a mode or options, not both: spell the mode out as its options.
+        from torch._inductor import list_mode_options
+
+        kwargs["options"] = {**list_mode_options(mode), **options}
+    elif mode != "default":
         kwargs["mode"] = mode
-    if how == "full":
-        unet.compile(**kwargs)
-    elif how == "blocks":
-        for block in unet_blocks(unet):
-            block.compile(**kwargs)
-    else:
-        raise ConfigError(f"perf.compile '{how}' is unknown; use none, blocks or full.")
+    unet.compile(**kwargs)
+
+
+def inductor_options(p) -> dict:
+    """Inductor settings chosen in `perf` (empty: Inductor's defaults)."""
+    names = ("conv_1x1_as_mm", "coordinate_descent_tuning")
+    return {n: True for n in names if getattr(p, n)}
+
+
+def compile_cache_dir(setting: str) -> Path | None:
+    """Where compiled graphs persist (see PerfConfig.compile_cache); None leaves torch's default."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "colodiffusion" / "torch_compile"
+
+
+def use_compile_cache(setting: str) -> Path | None:
+    """Point Inductor's FX-graph cache, AOTAutograd's cache and Triton's kernel cache at one folder
+    that outlives the process: a second run with the same model, shapes and torch skips code
+    generation (it still traces). Call before the first compile of the process."""
+    folder = compile_cache_dir(setting)
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return folder
 
 
 def convert_fp8(unet: torch.nn.Module, device: torch.device | None = None) -> int:
