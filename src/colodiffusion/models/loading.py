@@ -21,9 +21,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError, load_config
 from colodiffusion.diffusion import build_noise_scheduler
-from colodiffusion.models import lora
+from colodiffusion.models import hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
-from colodiffusion.models.presets import get_preset
+from colodiffusion.models.presets import build_unet, get_preset
 from colodiffusion.models.single_file import is_single_file, load_single_file, read_meta
 from colodiffusion.models.trainable import build_trainable, split
 from colodiffusion.storage import checkpoint
@@ -37,8 +37,11 @@ def build_components(
 ) -> Components:
     """`model.pretrained` if set, else fresh modules from the preset (frozen parts reused from
     `components_dir` when saved there; see `build_fresh_components`)."""
-    if cfg.model.pretrained:
-        return load_pretrained(cfg.model.pretrained, cfg)
+    m = cfg.model
+    if m.init == "scratch" and (m.pretrained or m.text_encoder):
+        return build_scratch(cfg)
+    if m.pretrained:
+        return load_pretrained(m.pretrained, cfg)
     return build_fresh_components(cfg, components_dir, captions, train_vae)
 
 
@@ -47,26 +50,67 @@ def _has(folder: Path, sub: str) -> bool:
 
 
 def load_pretrained(path: str | Path, cfg: Config) -> Components:
-    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or a
+    """Load a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or Hub id, or a
     single-file LDM checkpoint (`models/single_file.py`)."""
-    root = Path(path)
+    m = cfg.model
+    root = hub.resolve(str(path), "model.pretrained", m.revision, m.variant)
     if root.is_file():
         return load_single_file(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
         raise ConfigError(
-            f"model.pretrained '{root}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
+            f"model.pretrained '{path}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
         )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(cfg.model.vae or root, subfolder=None if cfg.model.vae else "vae")
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=m.variant)
+    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+
+
+def build_scratch(cfg: Config) -> Components:
+    """model.init=scratch: a freshly initialised UNet of the preset (seeded by train.seed) with the frozen
+    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the seed trains SD."""
+    m = cfg.model
+    root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
+    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
+    preset = get_preset(m.preset)
+    width = text_encoder.config.hidden_size
+    if preset.unet["cross_attention_dim"] != width:
+        raise ConfigError(f"model.preset={m.preset} cross-attends to {preset.unet['cross_attention_dim']}-d text features, "
+                          f"but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
+    torch.manual_seed(cfg.train.seed)
+    unet = build_unet(preset)
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+
+
+def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
+    """(tokenizer, text encoder, VAE), each from its own key when set, else from the folder `root`."""
+    m = cfg.model
+    te_root = hub.resolve(m.text_encoder, "model.text_encoder", m.revision, m.variant) or root
+    tok_root = hub.resolve(m.tokenizer, "model.tokenizer", m.revision) or (root if root and _has(root, "tokenizer") else te_root)
+    vae_root = hub.resolve(m.vae, "model.vae", m.revision, m.variant) or root
+    if vae_root is None:
+        raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")
+    tokenizer = CLIPTokenizer.from_pretrained(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(_part(te_root, "text_encoder", "config.json", "model.text_encoder"),
+                                                 variant=m.variant)
+    vae = AutoencoderKL.from_pretrained(_part(vae_root, "vae", "config.json", "model.vae"), variant=m.variant)
+    return tokenizer, freeze(text_encoder), freeze(vae)
+
+
+def _part(folder: Path, sub: str, marker: str, key: str) -> Path:
+    """`folder/sub` of a diffusers folder, or `folder` itself when it is that part's own folder."""
+    for candidate in (folder / sub, folder):
+        if (candidate / marker).is_file():
+            return candidate
+    raise ConfigError(f"'{folder}' (from {key} or model.pretrained) has no {sub}: neither {sub}/{marker} nor {marker}.")
+
+
+def _prediction_type(cfg: Config, root: Optional[Path]) -> str:
+    """model.prediction_type, else the folder's scheduler's, else the preset's."""
     prediction_type = cfg.model.prediction_type
-    if prediction_type is None and _has(root, "scheduler"):
+    if prediction_type is None and root is not None and _has(root, "scheduler"):
         prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
-    prediction_type = prediction_type or get_preset(cfg.model.preset).prediction_type
-    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
-                      build_noise_scheduler(cfg, prediction_type))
+    return prediction_type or get_preset(cfg.model.preset).prediction_type
 
 
 @dataclass
