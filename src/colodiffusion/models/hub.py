@@ -18,6 +18,16 @@ from colodiffusion.config import ConfigError, is_hub_id
 _META = ["*.json", "*.txt", "tokenizer/*", "tokenizer_2/*"]
 
 
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def has_variant(folder: Path, variant: Optional[str]) -> bool:
+    """Whether `folder` holds the variant's safetensors weights (name.fp16.safetensors or its shards)."""
+    if not variant:
+        return False
+    return any(folder.glob(f"*.{variant}.safetensors")) or any(folder.glob(f"*.{variant}-*.safetensors"))
+
+
 def weight_patterns(variant: Optional[str]) -> tuple[list[str], list[str]]:
     """(allow, ignore) patterns: the variant's safetensors, or the plain ones (name.safetensors, not name.fp16.safetensors)."""
     if variant:
@@ -38,7 +48,12 @@ def resolve(source: Optional[str], key: str, revision: Optional[str] = None, var
     allow, ignore = weight_patterns(variant)
     where = f"{key} '{source}'" + (f" at revision '{revision}'" if revision else "")
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=allow, ignore_patterns=ignore or None))
+        root = Path(snapshot_download(source, revision=revision, allow_patterns=allow, ignore_patterns=ignore or None))
+        for part in PARTS if variant else ():  # a part without that variant loads its plain weights, as diffusers does
+            if (root / part).is_dir() and not has_variant(root / part, variant):
+                snapshot_download(source, revision=revision, allow_patterns=[f"{part}/*.safetensors"],
+                                  ignore_patterns=["*.*.safetensors"])
+        return root
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise ConfigError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "

@@ -61,7 +61,7 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
         raise ConfigError(
             f"model.pretrained '{path}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
         )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=m.variant)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", m.variant))
     tokenizer, text_encoder, vae = frozen_parts(cfg, root)
     return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
 
@@ -91,10 +91,16 @@ def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
     if vae_root is None:
         raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")
     tokenizer = CLIPTokenizer.from_pretrained(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(_part(te_root, "text_encoder", "config.json", "model.text_encoder"),
-                                                 variant=m.variant)
-    vae = AutoencoderKL.from_pretrained(_part(vae_root, "vae", "config.json", "model.vae"), variant=m.variant)
+    te_dir = _part(te_root, "text_encoder", "config.json", "model.text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(te_dir, variant=_variant(te_dir, m.variant))
+    vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, variant=_variant(vae_dir, m.variant))
     return tokenizer, freeze(text_encoder), freeze(vae)
+
+
+def _variant(folder: Path, variant: Optional[str]) -> Optional[str]:
+    """model.variant where `folder` has it; its plain weights otherwise (as diffusers' pipelines fall back)."""
+    return variant if hub.has_variant(folder, variant) else None
 
 
 def _part(folder: Path, sub: str, marker: str, key: str) -> Path:
