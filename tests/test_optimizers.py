@@ -49,21 +49,22 @@ def test_a_missing_optimizer_package_is_one_sentence(monkeypatch):
         load_config(None, ["train.optimizer=lion", "perf.optimizer=adamw8bit"])
 
 
-# optimizer -> (package, learning rate, a param-group key only that optimizer has)
-OPTIMIZERS = {"lion": ("lion_pytorch", "1e-4", "use_triton"), "adafactor": ("transformers", "1e-3", "relative_step"),
-              "prodigy": ("prodigyopt", "1.0", "d0")}
+# optimizer -> (package, learning rate, test that a saved param group is that optimizer's)
+OPTIMIZERS = {"lion": ("lion_pytorch", "1e-4", lambda g: set(g) - {"params", "lr", "initial_lr"} == {"betas", "weight_decay"}),
+              "adafactor": ("transformers", "1e-3", lambda g: "relative_step" in g),
+              "prodigy": ("prodigyopt", "1.0", lambda g: "d0" in g)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_trains_and_resumes_the_tiny_model(run_dir, name):
-    package, lr, key = OPTIMIZERS[name]
+    package, lr, is_it = OPTIMIZERS[name]
     pytest.importorskip(package)
     common = [*TINY, f"run.dir={run_dir}", f"train.optimizer={name}", f"train.lr={lr}", "train.checkpoint_every=1",
               "train.lr_schedule=linear"]
     loop.train(load_config(None, [*common, "train.max_steps=2"]))
     state = torch.load(run_dir / "checkpoints/step_00000002/state.pt", weights_only=True)
-    assert key in state["optimizer"]["param_groups"][0]  # that library's optimizer ran
+    assert is_it(state["optimizer"]["param_groups"][0])  # that library's optimizer ran (AdamW's has eps, amsgrad, ...)
     loop.train(load_config(None, [*common, "train.max_steps=3", "train.resume=auto"]))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in metrics)
