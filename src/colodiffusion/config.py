@@ -47,8 +47,8 @@ class ModelConfig:
     """CLIP tokenizer folder (or diffusers folder with tokenizer/) or Hub id, for single-file checkpoints that carry
     none or for model.init=scratch."""
     text_encoder: Optional[str] = None
-    """model.init=scratch: the frozen CLIP text encoder's folder (or diffusers folder with text_encoder/) or Hub id,
-    e.g. openai/clip-vit-large-patch14 as the seed's cond_stage_config; None takes model.pretrained's."""
+    """The frozen CLIP text encoder's folder (or diffusers folder with text_encoder/) or Hub id, e.g.
+    openai/clip-vit-large-patch14 as the seed's cond_stage_config (for model.init=scratch); None takes model.pretrained's."""
     init: str = choice("pretrained", "pretrained", "scratch")
     """pretrained: the UNet starts from model.pretrained's weights; scratch: a freshly initialised UNet of
     model.preset (training from scratch) with the frozen tokenizer, text encoder and VAE still taken from

@@ -1,8 +1,10 @@
 """Loading models from files: a local diffusers folder, a single-file LDM checkpoint, or a training
 checkpoint / run folder of ours, rebuilt exactly as training built it.
 
-`build_components` is what training and export call: `model.pretrained` when it is set, otherwise
-the preset's fresh modules (whose frozen parts are reused from a run's components/ folder).
+`build_components` is what training and export call: `model.pretrained` when it is set (a Hub id is
+first resolved to its cache folder by `models/hub.py`), a fresh UNet over frozen parts from files with
+`model.init=scratch`, otherwise the preset's fresh modules (whose frozen parts are reused from a run's
+components/ folder).
 A training checkpoint holds only the trained weights (`unet.safetensors`, `ema.safetensors`); the
 frozen parts come from the run's config (`model.pretrained`, or RUN_DIR/components/ for models
 built from a preset), and LoRA adapters or a trained text encoder are rebuilt before its weights
@@ -11,6 +13,7 @@ are loaded.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -19,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, load_config
+from colodiffusion.config import Config, ConfigError, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
@@ -55,6 +58,9 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
     m = cfg.model
     root = hub.resolve(str(path), "model.pretrained", m.revision, m.variant)
     if root.is_file():
+        if m.tokenizer and is_hub_id(m.tokenizer):  # single_file.py reads a local tokenizer folder
+            cfg = copy.deepcopy(cfg)
+            cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
         return load_single_file(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
