@@ -125,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a latent diffusion model (default: tiny model on shapes)")
-    t.add_argument("-c", "--config", help="YAML recipe (only the values that differ from the defaults)")
+    t.add_argument("-c", "--config", action="append",
+                   help="YAML recipe (only the values that differ from the defaults); repeat to merge left to right")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("cache", help="precompute VAE latents and text embeddings (parallel under torchrun, resumable)")
-    c.add_argument("-c", "--config", help="YAML recipe: the data.* and model.* of the training run")
+    c.add_argument("-c", "--config", action="append", help="YAML recipe(s): the data.* and model.* of the training run")
     c.add_argument("--out", required=True, help="cache folder (train with data.source=latents data.path=OUT)")
     c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     c.add_argument("--batch-size", type=int, default=32, help="images per VAE/text-encoder forward")

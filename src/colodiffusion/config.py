@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -40,12 +41,25 @@ class ModelConfig:
     preset: str = choice("tiny", "tiny", "sd15", "sd2")
     """Architecture from the preset registry: tiny (CPU-sized), sd15 (SD 1.x), sd2 (SD 2.x, v-prediction)."""
     pretrained: Optional[str] = None
-    """Local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/) or single-file checkpoint
-    (.safetensors/.ckpt in the original LDM layout, SD 1.x/2.x) to start from."""
+    """Diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/), a Hugging Face Hub id such as
+    stable-diffusion-v1-5/stable-diffusion-v1-5 (downloaded once into the Hub cache; with HF_HUB_OFFLINE=1 only
+    the cache is read), or a single-file checkpoint (.safetensors/.ckpt in the original LDM layout, SD 1.x/2.x)."""
     original_config: Optional[str] = None
     """The original LDM YAML (e.g. v1-inference.yaml) of a single-file `pretrained`; None infers it from the keys."""
     tokenizer: Optional[str] = None
-    """Local CLIP tokenizer folder (or diffusers folder with tokenizer/) for single-file checkpoints that carry none."""
+    """CLIP tokenizer folder (or diffusers folder with tokenizer/) or Hub id, for single-file checkpoints that carry
+    none or for model.init=scratch."""
+    text_encoder: Optional[str] = None
+    """The frozen CLIP text encoder's folder (or diffusers folder with text_encoder/) or Hub id, e.g.
+    openai/clip-vit-large-patch14 as the seed's cond_stage_config (for model.init=scratch); None takes model.pretrained's."""
+    init: str = choice("pretrained", "pretrained", "scratch")
+    """pretrained: the UNet starts from model.pretrained's weights; scratch: a freshly initialised UNet of
+    model.preset (training from scratch) with the frozen tokenizer, text encoder and VAE still taken from
+    model.pretrained (or model.tokenizer / model.text_encoder / model.vae)."""
+    revision: Optional[str] = None
+    """Hub ids only: the branch, tag or commit of model.pretrained (and of model.vae / tokenizer / text_encoder) to load."""
+    variant: Optional[str] = None
+    """Weights variant to load from diffusers folders and Hub ids, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."""
     pretrained_ema: bool = False
     """Start from the EMA weights (model_ema.*) of a single-file `pretrained` instead of its raw weights."""
     train_text_encoder: bool = False
@@ -53,7 +67,8 @@ class ModelConfig:
     text_encoder_lr: Optional[float] = None
     """Learning rate of the text encoder's param group; None uses train.lr."""
     vae: Optional[str] = None
-    """Local diffusers AutoencoderKL folder; for tiny without it, the first stage is trained from the data."""
+    """Diffusers AutoencoderKL folder or Hub id (e.g. stabilityai/sd-vae-ft-mse); for tiny without it, the first
+    stage is trained from the data."""
     prediction_type: Optional[str] = choice(None, "epsilon", "v_prediction")
     """What the UNet predicts; None takes the preset's (epsilon for sd15/tiny, v_prediction for sd2)."""
     gradient_checkpointing: bool = False
@@ -94,9 +109,11 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = choice("shapes", "shapes", "folder", "webdataset", "parquet", "latents")
+    source: str = choice("shapes", "shapes", "folder", "webdataset", "parquet", "arrow", "latents")
     """Where training images come from: built-in synthetic shapes, a folder of images + .txt captions (or
-    captions.jsonl/csv), webdataset tar shards, parquet files, or a latent cache made by `colodiffusion cache`."""
+    captions.jsonl/csv, or diffusers' ImageFolder metadata.jsonl/csv), webdataset tar shards, parquet files, a
+    Hugging Face `datasets` dataset saved with save_to_disk (or its .arrow files), or a latent cache made by
+    `colodiffusion cache`."""
     path: Optional[str] = None
     """Dataset location: a folder; tar shards as a brace pattern (shards/{00000..00099}.tar), folder or
     fsspec URL (s3://...); parquet file(s) or folder; or the latent cache folder."""
@@ -125,9 +142,9 @@ class DataConfig:
     bucket_max_aspect: float = 2.0
     """Most elongated bucket (long/short side) when bucketing."""
     image_column: str = "image"
-    """Parquet column with the encoded image bytes (or a {bytes, path} struct)."""
+    """Parquet/arrow column with the encoded image bytes (or a {bytes, path} struct, as datasets' Image feature)."""
     caption_column: str = "caption"
-    """Parquet column with the caption text."""
+    """Parquet/arrow column with the caption text (diffusers' scripts call it --caption_column; often "text")."""
     shuffle: str = choice("sample", "sample", "block")
     """Shuffle all samples (sample), or shards/row groups then samples within them (block: local reads)."""
     # 0.05: scraped web data (LAION/img2dataset) typically has a few percent of broken or expired files,
@@ -189,16 +206,26 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     lr: float = 1e-3
     """Peak learning rate."""
-    lr_schedule: str = choice("cosine", "constant", "cosine")
-    """Learning-rate shape after warmup."""
+    lr_schedule: str = choice("cosine", "constant", "cosine", "constant_with_warmup", "linear",
+                              "cosine_with_restarts", "polynomial")
+    """Learning-rate shape after the linear warmup. cosine and constant are ours (warmup counts from 1, so the
+    first step already trains); the other names are diffusers.optimization.get_scheduler's (as --lr_scheduler)."""
     warmup_steps: int = 100
     """Linear warmup steps."""
+    lr_num_cycles: int = 1
+    """cosine_with_restarts: number of hard restarts."""
+    lr_power: float = 1.0
+    """polynomial: power of the decay (1.0 is linear)."""
+    optimizer: str = choice("adamw", "adamw", "lion", "adafactor", "prodigy")
+    """adamw (torch), lion (lion-pytorch; about 3-10x smaller lr than AdamW), adafactor (transformers, at the fixed
+    train.lr), prodigy (prodigyopt; adapts the step size: use train.lr=1.0). The last ones need
+    `pip install 'colodiffusion[optim]'`; perf.optimizer=adamw8bit is AdamW with 8-bit states."""
     weight_decay: float = 1e-2
-    """AdamW weight decay."""
+    """Decoupled weight decay of the optimizer."""
     adam_beta1: float = 0.9
-    """AdamW beta1."""
+    """beta1 of AdamW, Lion and Prodigy."""
     adam_beta2: float = 0.999
-    """AdamW beta2."""
+    """beta2 of AdamW, Lion and Prodigy (Lion's authors use 0.99)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables."""
     resume: Optional[str] = None
@@ -330,6 +357,21 @@ class PerfConfig:
     step there (fused CPU AdamW, overlapped with the chunked transfers)."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LogConfig:
+    report_to: str = "tensorboard"
+    """Experiment trackers that get the metrics, GPU memory and sample grids (metrics.jsonl is always written):
+    tensorboard, wandb, mlflow, several joined by commas, all, or none. wandb and mlflow need their extras;
+    WANDB_MODE=offline and MLFLOW_TRACKING_URI work as usual (mlflow defaults to RUN_DIR/mlruns)."""
+    project: str = "colodiffusion"
+    """wandb project / mlflow experiment name (the seed's -p/--project; diffusers' --tracker_project_name)."""
+    run_name: Optional[str] = None
+    """Name of the run in the trackers; None: the run folder's name."""
+
+
 @dataclass
 class TrainerConfig:
     """The seed's launcher knobs (its PyTorch Lightning Trainer arguments)."""
@@ -354,6 +396,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     """Compute precision: fp32, or bf16/fp16 autocast over fp32 weights (fp16 with a grad scaler).
     The seed's spellings are accepted: 16 (fp16), 32 (fp32), 16-mixed, bf16-mixed, 32-true."""
@@ -402,6 +445,8 @@ _RANGES = {
     "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "train.lr_num_cycles": (lambda v: v >= 1, "a whole number >= 1"),
+    "train.lr_power": (lambda v: v > 0, "a number > 0"),
 }
 
 
@@ -460,16 +505,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.grad_accum ({cfg.train.grad_accum})."
         )
-    for key in ("model.pretrained", "model.vae", "model.original_config", "model.tokenizer"):
+    for key in ("model.pretrained", "model.vae", "model.original_config", "model.tokenizer", "model.text_encoder"):
         value = _get(cfg, key)
-        if value and not Path(value).exists():
-            raise ConfigError(f"config key '{key}' points to '{value}', which does not exist.")
+        if value and not Path(value).exists() and not (key != "model.original_config" and is_hub_id(value)):
+            raise ConfigError(f"config key '{key}' points to '{value}', which does not exist "
+                              "(nor is it a Hub id such as org/name).")
+    _check_model(cfg)
+    _check_log(cfg)
     if cfg.data.source == "folder":
         if not cfg.data.path:
             raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions.")
         if not Path(cfg.data.path).is_dir():
             raise ConfigError(f"config key 'data.path' points to '{cfg.data.path}', which is not a folder.")
-    if cfg.data.source in ("webdataset", "parquet", "latents") and not cfg.data.path:
+    if cfg.data.source in ("webdataset", "parquet", "arrow", "latents") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path (see docs/data.md).")
     if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path '{cfg.data.path}' is not a finished latent cache (no manifest.json); "
@@ -499,6 +547,39 @@ def parse_sdpa_by_head_dim(spec: str) -> dict[int, str]:
                               f"{', '.join(SDPA_KERNELS)} (e.g. 40:cudnn,80:flash).")
         table[int(dim)] = kernel.strip()
     return table
+# A Hugging Face Hub repository id: "org/name" (models/hub.py resolves it through huggingface_hub).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_hub_id(value: str) -> bool:
+    """'org/name' that is not a local path: a model on the Hugging Face Hub (or in its local cache)."""
+    return bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).exists()
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    if m.init == "scratch" and m.preset != "tiny" and not (m.pretrained or (m.text_encoder and m.vae)):
+        raise ConfigError(f"model.init=scratch with model.preset={m.preset} needs its frozen parts: set "
+                          "model.pretrained (a folder or Hub id with text_encoder/, tokenizer/ and vae/), or "
+                          "model.text_encoder and model.vae (and model.tokenizer if the text encoder's folder has none).")
+    if cfg.train.optimizer != "adamw" and cfg.perf.optimizer != "adamw":
+        raise ConfigError(f"perf.optimizer={cfg.perf.optimizer} is AdamW with 8-bit states; it does not combine with "
+                          f"train.optimizer={cfg.train.optimizer}.")
+
+
+def report_to(cfg: Config) -> list[str]:
+    """log.report_to as a list of tracker names."""
+    names = [n.strip() for n in str(cfg.log.report_to).split(",") if n.strip()]
+    if names == ["all"]:
+        return list(TRACKERS)
+    return [] if names == ["none"] else names
+
+
+def _check_log(cfg: Config) -> None:
+    bad = [n for n in report_to(cfg) if n not in TRACKERS]
+    if bad:
+        raise ConfigError(f"config key 'log.report_to' names '{bad[0]}'; allowed: {', '.join(TRACKERS)} "
+                          "(comma-separated), all or none.")
 
 
 def _check_perf(cfg: Config) -> None:
@@ -537,18 +618,20 @@ def _get(cfg: Any, path: str) -> Any:
     return cfg
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; validated."""
+def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file(s) at `path` (a list is merged left to right, as the seed's `-b a b`),
+    then `key=value` overrides; validated."""
     schema = OmegaConf.structured(Config)
     merged = schema
-    if path is not None:
-        p = Path(path)
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    for p in map(Path, paths):
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist.")
         try:
             data = OmegaConf.load(p)
         except Exception as exc:  # YAML syntax errors come in many types
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        _refuse_seed_layout(data, p)
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
@@ -569,6 +652,54 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
         raise _friendly(exc, "the config") from None
     validate(cfg)
     return cfg
+
+
+# The seed's (latent-diffusion's) config keys and ours, for a seed-style YAML (model.target, lightning:).
+SEED_KEYS = {
+    "model.base_learning_rate": "train.lr",
+    "model.params.linear_start": "diffusion.beta_start",
+    "model.params.linear_end": "diffusion.beta_end",
+    "model.params.timesteps": "diffusion.num_train_timesteps",
+    "model.params.parameterization": "model.prediction_type (eps: epsilon, v: v_prediction)",
+    "model.params.unet_config": "model.preset (sd15, sd2, tiny) with model.init=scratch, or model.pretrained",
+    "model.params.first_stage_config": "model.vae",
+    "model.params.cond_stage_config": "model.text_encoder and model.tokenizer",
+    "model.params.use_ema": "train.ema.enabled",
+    "model.params.scale_factor": "the VAE's own scaling_factor",
+    "data.params.batch_size": "train.batch_size (the global batch: per-GPU batch x GPUs)",
+    "data.params.num_workers": "data.num_workers",
+    "data.params.train": "data.source and data.path",
+    "lightning.trainer.max_epochs": "train.max_epochs",
+    "lightning.trainer.max_steps": "train.max_steps",
+    "lightning.trainer.precision": "precision",
+    "lightning.trainer.devices": "trainer.devices",
+    "lightning.trainer.accelerator": "trainer.accelerator",
+    "lightning.trainer.accumulate_grad_batches": "train.grad_accum",
+    "lightning.trainer.gradient_clip_val": "train.grad_clip",
+    "lightning.strategy": "parallel.strategy (and parallel.plugin, parallel.placement_policy for Colossal-AI)",
+    "lightning.callbacks.image_logger": "train.sample_every",
+    "lightning.modelcheckpoint": "train.checkpoint_every",
+}
+
+
+def _refuse_seed_layout(data: Any, path: Path) -> None:
+    """A seed (latent-diffusion) YAML is not this schema: say which of its keys map to which of ours."""
+    if not OmegaConf.is_dict(data):
+        return
+    model = data.get("model")
+    if "lightning" not in data and not (OmegaConf.is_dict(model) and "target" in model):
+        return
+    flat = _flat_keys(OmegaConf.to_container(data, resolve=False))
+    found = [f"{k} -> {v}" for k, v in SEED_KEYS.items() if any(f == k or f.startswith(k + ".") for f in flat)]
+    raise ConfigError(f"config file '{path}' is in the seed's latent-diffusion layout (model.target, lightning:), which "
+                      f"this schema does not read; write its keys as ours: {'; '.join(found) or 'see the table'} "
+                      "(README: 'Coming from the seed project').")
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix.rstrip(".")]
+    return [k for key, value in node.items() for k in _flat_keys(value, f"{prefix}{key}.")]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -47,7 +47,7 @@ def _build_files_dataset(cfg: Config) -> Dataset:
     if d.source == "folder":
         from colodiffusion.data.folder import FolderDataset
 
-        return FolderDataset(d.path, transform)
+        return FolderDataset(d.path, transform, d.caption_column)
     if d.source == "webdataset":
         from colodiffusion.data.webdataset import WebDataset, index_file_for
 
@@ -57,6 +57,10 @@ def _build_files_dataset(cfg: Config) -> Dataset:
         from colodiffusion.data.parquet import ParquetDataset
 
         return ParquetDataset(d.path, transform, d.image_column, d.caption_column)
+    if d.source == "arrow":
+        from colodiffusion.data.arrow import ArrowDataset
+
+        return ArrowDataset(d.path, transform, d.image_column, d.caption_column)
     raise ConfigError(f"data.source '{d.source}' is not supported.")
 
 

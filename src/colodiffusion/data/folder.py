@@ -1,5 +1,7 @@
 """A folder of images with captions: same-name .txt files (a.jpg + a.txt), or a captions.jsonl /
-captions.csv beside the images (fields: file name relative to that file's folder, and caption).
+captions.csv beside the images (fields: file name relative to that file's folder, and caption), or
+diffusers' ImageFolder layout: a metadata.jsonl / metadata.csv with `file_name` and `text` (or the
+column named by data.caption_column).
 
 Images are found by extension (.jpg .jpeg .png .webp .bmp) but decoded by content; a file that
 is empty, truncated, not an image, too large to read, or has no readable caption is a bad sample
@@ -36,8 +38,11 @@ def read_limited(path: Path, limit: int) -> bytes:
     return data
 
 
-def read_caption_table(table: Path) -> dict[Path, str]:
-    """{image path: caption} from a captions.jsonl or captions.csv (paths relative to its folder)."""
+TABLES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
+
+
+def read_caption_table(table: Path, caption_column: str = "caption") -> dict[Path, str]:
+    """{image path: caption} from a captions/metadata .jsonl or .csv (paths relative to its folder)."""
     rows: list[dict] = []
     if table.suffix == ".jsonl":
         for n, line in enumerate(table.read_text(encoding="utf-8", errors="replace").splitlines()):
@@ -51,7 +56,7 @@ def read_caption_table(table: Path) -> dict[Path, str]:
             rows = list(csv.DictReader(f))
     out = {}
     for row in rows:
-        name, text = _pick(row, FILE_FIELDS), _pick(row, CAPTION_FIELDS)
+        name, text = _pick(row, FILE_FIELDS), _pick(row, (caption_column, *CAPTION_FIELDS))
         if name is None:
             raise ValueError(f"'{table}' needs a file column ({', '.join(FILE_FIELDS)}) on every row")
         if text is not None:
@@ -62,16 +67,16 @@ def read_caption_table(table: Path) -> dict[Path, str]:
 class FolderDataset(ImageSource):
     name = "folder"
 
-    def __init__(self, path: str, transform: ImageTransform):
+    def __init__(self, path: str, transform: ImageTransform, caption_column: str = "caption"):
         super().__init__(transform, str(path))
         self.root = Path(path)
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not self.files:
             raise ValueError(f"data.path '{path}' holds no images ({', '.join(IMAGE_EXTS)})")
         self.table: dict[Path, str] = {}
-        for name in ("captions.jsonl", "captions.csv"):
+        for name in TABLES:
             for table in sorted(self.root.rglob(name)):
-                self.table.update(read_caption_table(table))
+                self.table.update(read_caption_table(table, caption_column))
 
     def __len__(self) -> int:
         return len(self.files)

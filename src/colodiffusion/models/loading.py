@@ -1,8 +1,10 @@
 """Loading models from files: a local diffusers folder, a single-file LDM checkpoint, or a training
 checkpoint / run folder of ours, rebuilt exactly as training built it.
 
-`build_components` is what training and export call: `model.pretrained` when it is set, otherwise
-the preset's fresh modules (whose frozen parts are reused from a run's components/ folder).
+`build_components` is what training and export call: `model.pretrained` when it is set (a Hub id is
+first resolved to its cache folder by `models/hub.py`), a fresh UNet over frozen parts from files with
+`model.init=scratch`, otherwise the preset's fresh modules (whose frozen parts are reused from a run's
+components/ folder).
 A training checkpoint holds only the trained weights (`unet.safetensors`, `ema.safetensors`); the
 frozen parts come from the run's config (`model.pretrained`, or RUN_DIR/components/ for models
 built from a preset), and LoRA adapters or a trained text encoder are rebuilt before its weights
@@ -11,6 +13,7 @@ are loaded.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -19,11 +22,11 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, load_config
+from colodiffusion.config import Config, ConfigError, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
-from colodiffusion.models import lora
+from colodiffusion.models import hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
-from colodiffusion.models.presets import get_preset
+from colodiffusion.models.presets import build_unet, get_preset
 from colodiffusion.models.single_file import is_single_file, load_single_file, read_meta
 from colodiffusion.models.trainable import build_trainable, split
 from colodiffusion.storage import checkpoint, consolidated
@@ -37,8 +40,11 @@ def build_components(
 ) -> Components:
     """`model.pretrained` if set, else fresh modules from the preset (frozen parts reused from
     `components_dir` when saved there; see `build_fresh_components`)."""
-    if cfg.model.pretrained:
-        return load_pretrained(cfg.model.pretrained, cfg)
+    m = cfg.model
+    if m.init == "scratch" and (m.pretrained or m.text_encoder):
+        return build_scratch(cfg)
+    if m.pretrained:
+        return load_pretrained(m.pretrained, cfg)
     return build_fresh_components(cfg, components_dir, captions, train_vae)
 
 
@@ -47,26 +53,76 @@ def _has(folder: Path, sub: str) -> bool:
 
 
 def load_pretrained(path: str | Path, cfg: Config) -> Components:
-    """Load a local diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or a
+    """Load a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or Hub id, or a
     single-file LDM checkpoint (`models/single_file.py`)."""
-    root = Path(path)
+    m = cfg.model
+    root = hub.resolve(str(path), "model.pretrained", m.revision, m.variant)
     if root.is_file():
+        if m.tokenizer and is_hub_id(m.tokenizer):  # single_file.py reads a local tokenizer folder
+            cfg = copy.deepcopy(cfg)
+            cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
         return load_single_file(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
         raise ConfigError(
-            f"model.pretrained '{root}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
+            f"model.pretrained '{path}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
         )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(cfg.model.vae or root, subfolder=None if cfg.model.vae else "vae")
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", m.variant))
+    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+
+
+def build_scratch(cfg: Config) -> Components:
+    """model.init=scratch: a freshly initialised UNet of the preset (seeded by train.seed) with the frozen
+    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the seed trains SD."""
+    m = cfg.model
+    root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
+    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
+    preset = get_preset(m.preset)
+    width = text_encoder.config.hidden_size
+    if preset.unet["cross_attention_dim"] != width:
+        raise ConfigError(f"model.preset={m.preset} cross-attends to {preset.unet['cross_attention_dim']}-d text features, "
+                          f"but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
+    torch.manual_seed(cfg.train.seed)
+    unet = build_unet(preset)
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+
+
+def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
+    """(tokenizer, text encoder, VAE), each from its own key when set, else from the folder `root`."""
+    m = cfg.model
+    te_root = hub.resolve(m.text_encoder, "model.text_encoder", m.revision, m.variant) or root
+    tok_root = hub.resolve(m.tokenizer, "model.tokenizer", m.revision) or (root if root and _has(root, "tokenizer") else te_root)
+    vae_root = hub.resolve(m.vae, "model.vae", m.revision, m.variant) or root
+    if vae_root is None:
+        raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")
+    tokenizer = CLIPTokenizer.from_pretrained(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
+    te_dir = _part(te_root, "text_encoder", "config.json", "model.text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(te_dir, variant=_variant(te_dir, m.variant))
+    vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, variant=_variant(vae_dir, m.variant))
+    return tokenizer, freeze(text_encoder), freeze(vae)
+
+
+def _variant(folder: Path, variant: Optional[str]) -> Optional[str]:
+    """model.variant where `folder` has it; its plain weights otherwise (as diffusers' pipelines fall back)."""
+    return variant if hub.has_variant(folder, variant) else None
+
+
+def _part(folder: Path, sub: str, marker: str, key: str) -> Path:
+    """`folder/sub` of a diffusers folder, or `folder` itself when it is that part's own folder."""
+    for candidate in (folder / sub, folder):
+        if (candidate / marker).is_file():
+            return candidate
+    raise ConfigError(f"'{folder}' (from {key} or model.pretrained) has no {sub}: neither {sub}/{marker} nor {marker}.")
+
+
+def _prediction_type(cfg: Config, root: Optional[Path]) -> str:
+    """model.prediction_type, else the folder's scheduler's, else the preset's."""
     prediction_type = cfg.model.prediction_type
-    if prediction_type is None and _has(root, "scheduler"):
+    if prediction_type is None and root is not None and _has(root, "scheduler"):
         prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
-    prediction_type = prediction_type or get_preset(cfg.model.preset).prediction_type
-    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
-                      build_noise_scheduler(cfg, prediction_type))
+    return prediction_type or get_preset(cfg.model.preset).prediction_type
 
 
 @dataclass

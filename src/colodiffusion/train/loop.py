@@ -35,6 +35,8 @@ from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
 from colodiffusion.train.telemetry import Telemetry
+from colodiffusion.train.trackers import Trackers, device_memory
+from colodiffusion.train.trackers import check_available as check_trackers
 
 
 @dataclass
@@ -52,6 +54,7 @@ class State:
 
 
 def train(cfg: Config) -> Path:
+    check_trackers(cfg)  # a missing wandb/mlflow stops here, before anything is built
     backend = build_backend(cfg)
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
     clean = False
@@ -235,7 +238,8 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
     """Train to `train.max_steps` (True), or until a stop signal, after a checkpoint (False)."""
     t = cfg.train
     objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
-    tel = Telemetry(run_dir, t.max_steps, s.step, enabled=backend.is_main)
+    tel = Telemetry(run_dir, t.max_steps, s.step, enabled=backend.is_main,
+                    trackers=Trackers(cfg, run_dir, s.step) if backend.is_main else None)
     s.model.train()
     loss_sum = torch.zeros((), device=backend.device)
     n, t0 = 0, time.perf_counter()
@@ -250,14 +254,17 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             dt = time.perf_counter() - t0
             tel.log(s.step, {"loss": mean.item(), "lr": s.lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm), "samples_per_s": n * t.batch_size / dt,
-                             "epoch": s.loader.epoch, **s.loader.bad_counts(), **s.guard.check(s.step)})
+                             "epoch": s.loader.epoch, **s.loader.bad_counts(), **s.guard.check(s.step),
+                             **device_memory(backend.device)})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
         saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
         if saved:
             save_checkpoint(cfg, backend, s, run_dir)
         if t.sample_every and (s.step % t.sample_every == 0 or s.step == t.max_steps):
-            write_samples(cfg, backend, comps, s, run_dir)
+            grid = write_samples(cfg, backend, comps, s, run_dir)
+            if grid is not None:
+                tel.image(s.step, "samples", grid)
         epoch = epochs_done(s.step, batches, t.grad_accum)
         if t.save_every_n_epochs and epoch > epochs_done(s.step - 1, batches, t.grad_accum) \
                 and epoch % t.save_every_n_epochs == 0:
@@ -286,22 +293,25 @@ def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[to
     return unet.to(backend.device).eval()
 
 
-def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> None:
+def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path):
+    """Write the sample grid of the fixed prompts; return it on the main rank (None elsewhere)."""
     unet = inference_unet(backend, comps, s)
     if not backend.is_main:
-        return
+        return None
     sc = cfg.sample
     unet, text_encoder = split(unet, comps)
     pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
     pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
     seeds = [sc.seed + i for i in range(len(sc.prompts))]
     images = generate(pipe, sc.prompts, seeds, steps=sc.steps, guidance=sc.guidance, sampler=sc.sampler)
-    make_grid(images, cols=len(images)).save(run_dir / "samples" / f"step_{s.step:08d}.png")
+    grid = make_grid(images, cols=len(images))
+    grid.save(run_dir / "samples" / f"step_{s.step:08d}.png")
     if cfg.data.source == "latents":
         comps.text_encoder.to("cpu")
         comps.vae.to("cpu")
     del pipe, unet
     s.model.train()
+    return grid
 
 
 def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path, epoch: int) -> None:

@@ -1,10 +1,12 @@
-"""Optimizer, learning-rate schedule and EMA."""
+"""Optimizer, learning-rate schedule and EMA (other optimizers and diffusers' schedules: train/optimizers.py)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from colodiffusion.train.optimizers import DIFFUSERS_SCHEDULES, diffusers_scheduler, make_optimizer
 
 
 def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset()) -> torch.optim.Optimizer:
@@ -41,6 +43,8 @@ def make_adamw(params, cfg, device: torch.device, fused: bool | None = None) -> 
     foreach path elsewhere (also for CPU-offloaded FSDP parameters, which step on the host)."""
     t = cfg.train
     flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
+    if t.optimizer != "adamw":  # lion, adafactor, prodigy (train/optimizers.py)
+        return make_optimizer(params, cfg)
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     if getattr(cfg, "perf", None) is not None and cfg.perf.optimizer == "adamw8bit":
         return make_adamw8bit(params, device, kwargs)
@@ -86,6 +90,8 @@ def lr_lambda(cfg):
 
 
 def build_lr_scheduler(optimizer, cfg):
+    if cfg.train.lr_schedule in DIFFUSERS_SCHEDULES:
+        return diffusers_scheduler(optimizer, cfg)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 
 class Telemetry:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True, trackers=None):
+        """`trackers`: the experiment trackers of log.report_to (train/trackers.py), fed on the main rank."""
         self.enabled = enabled
         self.bar = None
         self.tb = None
@@ -22,13 +23,7 @@ class Telemetry:
             return
         cut_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events at or after it that an earlier attempt wrote
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is a dependency; degrade to JSON lines if it is broken
-            self.tb = None
+        self.tb = trackers
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
         self._t = time.perf_counter()
         self._last_step = start_step
@@ -39,11 +34,14 @@ class Telemetry:
         record = {"step": step, **metrics, "time": round(time.time(), 3)}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            self.tb.scalars(step, metrics)
         self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                              img_s=f"{metrics.get('samples_per_s', 0):.1f}", refresh=False)
+
+    def image(self, step: int, name: str, image) -> None:
+        """A PIL image (the sample grid) to the trackers."""
+        if self.enabled and self.tb is not None:
+            self.tb.image(step, name, image)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
