@@ -31,8 +31,8 @@
 # Order. Colossal-AI's HybridAdam (Gemini's only optimizer) JIT-compiles two kernels on first use; that
 # build starts first, in the background (niced, MAX_JOBS=6), while LowLevelZero (torch's AdamW, no
 # kernels) and our fsdp are measured; their lines carry a "note" saying so. Then, by value: the
-# baseline, Gemini with cuda and cpu placement, the 50-step loss match of llz-2 and gemini-cuda against
-# the single-process path, the seed's command and resume (gemini), DeepSpeed ZeRO-2/3 with offload,
+# baseline, Gemini with cuda and cpu placement, the 50-step loss match (batch 8, lr 1e-4, bf16) of
+# llz-2 and gemini-cuda against the single-process path, the seed's command and resume (gemini), DeepSpeed ZeRO-2/3 with offload,
 # gemini auto placement, the seed's 5.6 GB claim (gemini cpu + activation checkpointing at batch 1),
 # `colodiffusion train` with low_level_zero and resume. Estimated ~9-11 minutes if every step ran its
 # course: the budget skips the tail, which is why it is the tail.
@@ -167,7 +167,7 @@ step baseline 60 python3 bench/engines.py speed --engine diffusers-default --out
 (( GEMINI_OK )) && step gemini-cpu 120 "${TR[@]}" bench/engines.py speed --engine gemini-cpu --out "$R"
 LOSS=(llz-2)
 (( GEMINI_OK )) && LOSS+=(gemini-cuda)
-step loss-match 100 "${TR[@]}" bench/engines.py loss-match --engine "${LOSS[@]}" --steps 50 --batch 8 --out "$R"
+step loss-match 100 "${TR[@]}" bench/engines.py loss-match --engine "${LOSS[@]}" --steps 50 --batch 8 --out "$R" train.lr=1e-4
 
 # -- the seed's command: sd15 from a latent cache with the recipe, then its resume ------------------
 # (functions, so that `step` can run them under `timeout bash -c NAME`)
