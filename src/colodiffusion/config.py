@@ -282,14 +282,16 @@ class ParallelConfig:
     plugin: str = choice("torch_ddp", "torch_ddp", "gemini", "low_level_zero")
     """colossalai: the Booster plugin: torch_ddp (CPU or GPU), gemini (chunked ZeRO-3 with placement
     policy) or low_level_zero (ZeRO-1/2); the last two need CUDA."""
-    placement_policy: str = choice("static", "static", "auto")
-    """colossalai gemini: static (fixed fractions below) or auto (moves chunks by measured memory)."""
+    placement_policy: str = choice("static", "static", "cuda", "cpu", "auto")
+    """colossalai gemini: where the chunks live. The seed's values: cuda (all on the GPU), cpu (parameters
+    and optimizer state in host memory, moved to the GPU to compute) or auto (moved by measured memory);
+    static sets the three fractions below yourself (cuda and cpu are static with 0 or 1 offloaded)."""
     shard_param_frac: float = 1.0
     """colossalai gemini static: fraction of parameters sharded (1.0 = ZeRO-3, 0.0 = ZeRO-2)."""
     offload_optim_frac: float = 0.0
     """colossalai gemini static: fraction of optimizer state kept in host memory."""
     offload_param_frac: float = 0.0
-    """colossalai gemini static: fraction of parameters kept in host memory (needs offload_optim_frac=1.0)."""
+    """colossalai gemini static: fraction of parameters kept in host memory (useful with offload_optim_frac=1.0)."""
     dp_replicate: int = 1
     """fsdp only: replica groups for hybrid sharding (HSDP), e.g. the number of nodes; shards inside each."""
     tp: int = 1
@@ -605,11 +607,30 @@ def _check_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: use 2 or 3.")
     if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
         raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini for ZeRO-3.")
+    if p.strategy == "colossalai" and p.plugin == "gemini":
+        _check_gemini(cfg)
     if p.deepspeed_config is not None:
         if p.strategy != "deepspeed":
             raise ConfigError(f"parallel.deepspeed_config is only read by parallel.strategy=deepspeed (strategy is {p.strategy}).")
         if not Path(p.deepspeed_config).is_file():
             raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', which is not a file.")
+
+
+GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}
+
+
+def _check_gemini(cfg: Config) -> None:
+    p = cfg.parallel
+    if cfg.precision not in ("fp16", "bf16"):
+        raise ConfigError(f"parallel.plugin=gemini computes in fp16 or bf16 only (precision is {cfg.precision}); "
+                          "set precision=16 (the seed's) or precision=bf16.")
+    if cfg.perf.optimizer != "adamw" or cfg.train.optimizer != "adamw":
+        raise ConfigError("parallel.plugin=gemini steps with Colossal-AI's HybridAdam: leave perf.optimizer=adamw "
+                          "and train.optimizer=adamw.")
+    changed = [k for k, default in GEMINI_FRACTIONS.items() if getattr(p, k) != default]
+    if changed and p.placement_policy != "static":
+        raise ConfigError(f"parallel.{changed[0]} is read only with parallel.placement_policy=static "
+                          f"(it is {p.placement_policy}, which places the chunks itself); set one or the other.")
 
 
 def _get(cfg: Any, path: str) -> Any:
@@ -636,6 +657,7 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
             raise _friendly(exc, f"'{p}'") from None
+    required = set(OmegaConf.missing_keys(merged))  # keys a recipe marks '???': the user must give them
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200).")
@@ -646,6 +668,13 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
             raise _friendly(exc, f"override '{item}'") from None
         except Exception as exc:
             raise ConfigError(f"override '{item}' for key '{key}' could not be parsed: {exc}.") from None
+        required.discard(key)
+    if required:
+        keys = [k for k, _, _ in _walk(Config()) if k in required] or sorted(required)
+        files = ", ".join(f"'{p}'" for p in paths)
+        raise ConfigError(f"{' and '.join(keys)} must be given: {files} leave{'' if len(paths) > 1 else 's'} {'them' if len(keys) > 1 else 'it'} "
+                          f"to you ('???', see the comment at its top); add {' '.join(k + '=...' for k in keys)} "
+                          "to the command line.")
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

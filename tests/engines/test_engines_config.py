@@ -112,7 +112,8 @@ def test_colossalai_zero_plugins_need_cuda(plugin):
     from colodiffusion.parallel import build_backend
 
     with pytest.raises(ConfigError, match=f"parallel.plugin={plugin} runs only on CUDA"):
-        build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.plugin={plugin}", "parallel.zero=2"]))
+        build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.plugin={plugin}", "parallel.zero=2",
+                                         "precision=bf16"]))
 
 
 def test_deepspeed_param_offload_needs_zero3():
@@ -134,3 +135,80 @@ def test_max_epochs_becomes_steps():
     capped = load_config(None, ["train.max_epochs=3", "train.batch_size=8", "train.max_steps=5"])
     apply_max_epochs(capped, backend, range(64))
     assert capped.train.max_steps == 5
+
+
+GEMINI = ["parallel.strategy=colossalai", "parallel.plugin=gemini", "precision=bf16", "train.ema.enabled=false"]
+
+
+@pytest.mark.parametrize("policy, want", [
+    ("cuda", {"placement_policy": "static", "shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}),
+    ("cpu", {"placement_policy": "static", "shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}),
+    ("auto", {"placement_policy": "auto"}),
+])
+def test_gemini_takes_the_seeds_placement_policies(policy, want):
+    from colodiffusion.parallel.colossalai import gemini_placement
+
+    assert gemini_placement(load_config(None, GEMINI + [f"parallel.placement_policy={policy}"]).parallel) == want
+
+
+def test_gemini_static_fractions_and_their_conflicts():
+    from colodiffusion.parallel.colossalai import gemini_placement
+
+    cfg = load_config(None, GEMINI + ["parallel.placement_policy=static", "parallel.offload_optim_frac=0.5"])
+    assert gemini_placement(cfg.parallel) == {"placement_policy": "static", "shard_param_frac": 1.0,
+                                              "offload_optim_frac": 0.5, "offload_param_frac": 0.0}
+    with pytest.raises(ConfigError, match="parallel.offload_optim_frac is read only with parallel.placement_policy=static"):
+        load_config(None, GEMINI + ["parallel.placement_policy=cpu", "parallel.offload_optim_frac=0.5"])
+    with pytest.raises(ConfigError, match="allowed values are: static, cuda, cpu, auto"):
+        load_config(None, GEMINI + ["parallel.placement_policy=gpu"])
+
+
+@pytest.mark.parametrize("precision", ["32", "fp32", "32-true"])
+def test_gemini_refuses_fp32_in_one_sentence(precision):
+    with pytest.raises(ConfigError, match=r"^parallel.plugin=gemini computes in fp16 or bf16 only \(precision is fp32\)"):
+        load_config(None, GEMINI + [f"precision={precision}"])
+    load_config(None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=2", "precision=32"])  # takes fp32
+
+
+def test_gemini_fp32_is_refused_before_main_py_launches(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(root / "main.py"), "-t", "-b", "configs/train_colossalai.yaml", "-l",
+                           str(tmp_path / "logs"), f"model.pretrained={tmp_path / 'sd15'}",
+                           f"data.path={tmp_path / 'cache'}", "precision=32"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "computes in fp16 or bf16 only" in proc.stderr
+    assert "launching" not in proc.stdout and "Traceback" not in proc.stderr and not (tmp_path / "logs").exists()
+
+
+def test_gemini_gets_colossalais_adam_with_the_trainers_settings(monkeypatch):
+    """GeminiOptimizer accepts only Colossal-AI's Adams: the backend asks the trainer for its AdamW
+    settings on HybridAdam (stood in for here: its kernels need CUDA)."""
+    import torch
+
+    from colodiffusion.parallel import colossalai as cai
+    from colodiffusion.train.optim import build_optimizer
+
+    class StandIn(torch.optim.AdamW):
+        pass
+
+    monkeypatch.setattr(cai, "hybrid_adam", lambda: StandIn)
+    cfg = load_config(None, GEMINI + ["train.lr=3e-4", "train.adam_beta2=0.99", "train.weight_decay=0.05"])
+    backend = object.__new__(cai.ColossalAIBackend)  # no process group or Booster: only prepare's wiring
+    backend.cfg, backend.device, backend._model_factory = cfg, torch.device("cpu"), None
+    backend.booster = type("B", (), {"boost": staticmethod(lambda m, o: (m, o))})()
+    model = torch.nn.Linear(3, 2)
+    _, opt = backend.prepare(model, lambda params, **kw: build_optimizer(params, cfg, torch.device("cpu"), **kw))
+    assert type(opt) is StandIn and backend.wrapped_optimizer is opt
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["weight_decay"]) == (3e-4, (0.9, 0.99), 0.05)
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+    with pytest.raises(ConfigError, match="HybridAdam"):
+        load_config(None, GEMINI + ["perf.optimizer=adamw8bit"])

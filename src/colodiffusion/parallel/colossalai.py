@@ -2,7 +2,10 @@
 
 - `torch_ddp`: PyTorch DDP through the Booster (CPU or GPU); precision by the Booster's torch AMP.
 - `low_level_zero`: ZeRO-1/2 (`parallel.zero`), optimizer offload with `parallel.offload=cpu`.
-- `gemini`: chunked ZeRO-3 with a placement policy (`static` fractions or `auto`).
+- `gemini`: chunked ZeRO-3 with a placement policy: the seed's `cuda`, `cpu`, `auto`, or `static`
+  fractions. Its optimizer must be Colossal-AI's own (GeminiOptimizer accepts only HybridAdam and
+  its kin), so the trainer's AdamW settings are handed to HybridAdam, whose kernels Colossal-AI
+  compiles on first use (nvcc and ninja needed).
 
 The last two are Colossal-AI's CUDA-only code paths; asking for them without a GPU is one sentence.
 Colossal-AI pins torch<=2.5.1, so it is installed without its dependencies (see docs/engines.md) and
@@ -26,6 +29,19 @@ from colodiffusion.storage import checkpoint, safe_load
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")
 ZERO_PLUGINS = ("gemini", "low_level_zero")
+# The seed's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
+PLACEMENTS = {"cuda": {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0},
+              "cpu": {"shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}}
+
+
+def gemini_placement(p) -> dict:
+    """GeminiPlugin's placement arguments for `parallel.placement_policy` (and the static fractions)."""
+    if p.placement_policy == "auto":
+        return {"placement_policy": "auto"}
+    fractions = PLACEMENTS.get(p.placement_policy) or {
+        "shard_param_frac": p.shard_param_frac, "offload_optim_frac": p.offload_optim_frac,
+        "offload_param_frac": p.offload_param_frac}
+    return {"placement_policy": "static", **fractions}
 
 
 def import_booster():
@@ -36,6 +52,22 @@ def import_booster():
         raise ConfigError(f"parallel.strategy=colossalai needs Colossal-AI, which is not installed or does not import "
                           f"({exc}): {INSTALL}.") from None
     return Booster, plugin
+
+
+def hybrid_adam():
+    """Colossal-AI's HybridAdam class, its kernels compiled (or loaded from Colossal-AI's cache) now."""
+    from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
+    from colossalai.nn.optimizer import HybridAdam
+
+    try:
+        CPUAdamLoader().load()
+        FusedOptimizerLoader().load()
+    except Exception as exc:  # a failed nvcc/ninja build raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"parallel.plugin=gemini needs Colossal-AI's HybridAdam kernels, which did not build ({first}); "
+                          "they compile on first use with nvcc of torch's CUDA major version and ninja "
+                          "(docs/engines.md), or use parallel.plugin=low_level_zero.") from exc
+    return HybridAdam
 
 
 class ColossalAIBackend(DistributedBackend):
@@ -71,18 +103,19 @@ class ColossalAIBackend(DistributedBackend):
         if p.plugin == "low_level_zero":
             return {"plugin": self.plugins.LowLevelZeroPlugin(stage=p.zero, precision=prec, max_norm=clip,
                                                                cpu_offload=p.offload == "cpu")}
-        return {"plugin": self.plugins.GeminiPlugin(
-            placement_policy=p.placement_policy, shard_param_frac=p.shard_param_frac,
-            offload_optim_frac=p.offload_optim_frac, offload_param_frac=p.offload_param_frac,
-            precision=prec, max_norm=clip)}
+        return {"plugin": self.plugins.GeminiPlugin(**gemini_placement(p), precision=prec, max_norm=clip)}
 
     # -- model ----------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, make_optimizer):
         self.remember_architecture(model)
         model = model.to(self.device)
-        optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
+        params = [q for q in model.parameters() if q.requires_grad]
+        if self.cfg.parallel.plugin == "gemini":
+            optimizer = make_optimizer(params, adamw=hybrid_adam())
+        else:
+            optimizer = make_optimizer(params)
         boosted, self.wrapped_optimizer, *_ = self.booster.boost(model, optimizer)
-        # The loop's LR schedule and guard act on the torch AdamW inside the Booster's wrapper.
+        # The loop's LR schedule and guard act on the optimizer inside the Booster's wrapper.
         return boosted, optimizer
 
     def unwrap(self, model):

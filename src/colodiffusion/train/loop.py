@@ -141,7 +141,7 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
     te_params = frozenset(text_encoder_param_ids(trainable))
     guard = guards.NumericalGuard(cfg, backend)
     model, optimizer = backend.prepare(
-        trainable, lambda params: guard.wrap(build_optimizer(params, cfg, backend.device, te_params)))
+        trainable, lambda params, **kw: guard.wrap(build_optimizer(params, cfg, backend.device, te_params, **kw)))
     ema = EMA(backend.unwrap(model).named_parameters(), t.ema.decay, t.ema.warmup, optimizer) if t.ema.enabled else None
     loader = ResumableLoader(dataset, per_rank // t.grad_accum, seed=t.seed, rank=backend.dp_rank,
                              world_size=backend.dp_size, num_workers=cfg.data.num_workers,

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
 from colodiffusion.train.optimizers import DIFFUSERS_SCHEDULES, diffusers_scheduler, make_optimizer
 
 
-def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset()) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset(),
+                    adamw: Optional[Callable] = None) -> torch.optim.Optimizer:
     """AdamW (or 8-bit AdamW, `perf.optimizer`) over the trainable parameters; those whose id is in
     `text_encoder_params` form their own param group (learning rate model.text_encoder_lr). Runs over
     fp32 master copies when the parameters are not fp32 (`perf.param_dtype`) or when the optimizer
-    lives on the CPU (`perf.optimizer_offload`)."""
+    lives on the CPU (`perf.optimizer_offload`). `adamw`: an AdamW class a backend requires instead of
+    torch's (Colossal-AI's gemini takes only its HybridAdam), built with the same settings."""
     params = [p for p in params if p.requires_grad]
+    if adamw is not None:
+        t = cfg.train
+        return adamw(param_groups(params, cfg, text_encoder_params), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                     weight_decay=t.weight_decay)
     perf = getattr(cfg, "perf", None)
     low_precision = any(p.dtype != torch.float32 for p in params)
     if perf is None or not (low_precision or perf.optimizer_offload):
