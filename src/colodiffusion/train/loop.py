@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from colodiffusion.config import Config, ConfigError, to_yaml
-from colodiffusion.data import build_dataset
+from colodiffusion.data import build_datasets, sample_prompts
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
@@ -31,6 +31,7 @@ from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
 from colodiffusion.train.telemetry import Telemetry
+from colodiffusion.train.validation import ValidationSet, build_validation, validation_loss
 
 
 @dataclass
@@ -45,6 +46,7 @@ class State:
     data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
     step: int = 0
     guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
+    val: Optional[ValidationSet] = None  # held-out samples for the validation loss (train/validation.py)
 
 
 def train(cfg: Config) -> Path:
@@ -52,11 +54,14 @@ def train(cfg: Config) -> Path:
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
     try:
         run_dir = prepare_run_dir(cfg, backend)
-        dataset = build_dataset(cfg)
+        dataset, val_data = build_datasets(cfg)
         apply_max_epochs(cfg, backend, dataset)
         preflight.check(cfg, backend, run_dir, dataset)
+        choose_sample_prompts(cfg, backend, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
+        if val_data is not None and cfg.train.val_every:
+            state.val = build_validation(val_data, cfg.train.val_samples, comps.vae, backend.device)
         resume(cfg, backend, state, run_dir)
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
@@ -89,6 +94,15 @@ def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
         if backend.is_main:
             print(f"train.max_epochs={t.max_epochs}: {steps} steps of {t.batch_size} over {len(dataset)} samples")
         t.max_steps = steps
+
+
+def choose_sample_prompts(cfg: Config, backend: Backend, dataset) -> None:
+    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes)."""
+    if cfg.sample.prompts or not cfg.train.sample_every:
+        return
+    cfg.sample.prompts = sample_prompts(cfg, dataset)
+    if backend.is_main and cfg.data.source != "shapes":
+        print(f"sample.prompts is not set: sample grids use captions from the data: {cfg.sample.prompts}")
 
 
 def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:
@@ -193,8 +207,11 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
         else:
             context = text_input(cfg, comps, captions, backend.device)
             latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
+        weights = batch.get("loss_weight")  # prior preservation: class images carry data.prior_loss_weight
+        if weights is not None:
+            weights = torch.tensor(weights, dtype=torch.float32).to(backend.device, non_blocking=True)
         with backend.autocast():
-            loss = objective.loss(unet_fn, latents, context, s.noise_gen) / accum
+            loss = objective.loss(unet_fn, latents, context, s.noise_gen, weights) / accum
         loss = s.guard.inject(loss, s.step)
         backend.backward(loss)
         total += loss.detach()
@@ -229,6 +246,8 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
                              "epoch": s.loader.epoch, **s.loader.bad_counts(), **s.guard.check(s.step)})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
+        if s.val is not None and (s.step % t.val_every == 0 or s.step == t.max_steps):
+            tel.log(s.step, validate(cfg, backend, comps, objective, s))
         saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
         if saved:
             save_checkpoint(cfg, backend, s, run_dir)
@@ -243,6 +262,18 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             return False
     tel.close()
     return True
+
+
+def validate(cfg: Config, backend: Backend, comps: Components, objective, s: State) -> dict:
+    """The validation loss of the live weights over all ranks (a host sync, at val time only)."""
+    micro = cfg.train.batch_size // backend.dp_size // cfg.train.grad_accum
+    s.model.eval()
+    total, count = validation_loss(
+        objective, lambda x_t, t, context: s.model(x_t, t, context).sample,
+        lambda captions: text_input(cfg, comps, captions, backend.device), s.val, micro, backend.device,
+        backend.dp_rank, backend.dp_size, backend.autocast)
+    s.model.train()
+    return {"val_loss": (backend.all_reduce_mean(total) / backend.all_reduce_mean(count)).item(), "val_n": len(s.val)}
 
 
 def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[torch.nn.Module]:

@@ -36,8 +36,9 @@ class Telemetry:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                             img_s=f"{metrics.get('samples_per_s', 0):.1f}", refresh=False)
+        if "loss" in metrics:  # (validation records carry val_loss only)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('samples_per_s', 0):.1f}",
+                                 refresh=False)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
