@@ -514,6 +514,9 @@ def _check_own_data(cfg: Config) -> None:
         raise ConfigError("eval.every needs local weights to score with: eval.clip_model and/or eval.fid_model.")
     if cfg.eval.every and not (d.val_fraction or d.val_path):
         raise ConfigError("eval.every scores held-out captions and images: set data.val_fraction or data.val_path.")
+    if cfg.eval.every and cfg.eval.fid_model and d.source == "latents":
+        raise ConfigError("FID during training compares held-out images, which a latent cache does not store: use "
+                          "eval.clip_model, or `colodiffusion eval MODEL --data FOLDER --fid-model DIR` afterwards.")
 
 
 def _check_perf(cfg: Config) -> None:

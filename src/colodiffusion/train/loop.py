@@ -31,6 +31,7 @@ from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
 from colodiffusion.train.telemetry import Telemetry
+from colodiffusion.train.quality import HeldOut, QualityProbe
 from colodiffusion.train.validation import ValidationSet, build_validation, validation_loss
 
 
@@ -47,6 +48,7 @@ class State:
     step: int = 0
     guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
     val: Optional[ValidationSet] = None  # held-out samples for the validation loss (train/validation.py)
+    quality: Optional[QualityProbe] = None  # CLIP score / FID on held-out captions (main rank, eval.every)
 
 
 def train(cfg: Config) -> Path:
@@ -62,6 +64,9 @@ def train(cfg: Config) -> Path:
         state = build_state(cfg, backend, comps, dataset)
         if val_data is not None and cfg.train.val_every:
             state.val = build_validation(val_data, cfg.train.val_samples, comps.vae, backend.device)
+        if cfg.eval.every and backend.is_main:  # (config validation made sure there is held-out data)
+            held_out = HeldOut.read(val_data, cfg.eval.num_images)
+            state.quality = QualityProbe(held_out, cfg.eval.clip_model, cfg.eval.fid_model, backend.device)
         resume(cfg, backend, state, run_dir)
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
@@ -248,6 +253,8 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             n, t0 = 0, time.perf_counter()
         if s.val is not None and (s.step % t.val_every == 0 or s.step == t.max_steps):
             tel.log(s.step, validate(cfg, backend, comps, objective, s))
+        if cfg.eval.every and (s.step % cfg.eval.every == 0 or s.step == t.max_steps):
+            measure_quality(cfg, backend, comps, s, tel)
         saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
         if saved:
             save_checkpoint(cfg, backend, s, run_dir)
@@ -304,6 +311,21 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
         comps.text_encoder.to("cpu")
         comps.vae.to("cpu")
     del pipe, unet
+    s.model.train()
+
+
+def measure_quality(cfg: Config, backend: Backend, comps: Components, s: State, tel: Telemetry) -> None:
+    """CLIP score / FID of the EMA weights on the held-out captions (collective gather, main rank scores)."""
+    unet = inference_unet(backend, comps, s)
+    if backend.is_main:
+        unet, text_encoder = split(unet, comps)
+        pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler).to(backend.device)
+        sc = cfg.sample
+        tel.log(s.step, s.quality.measure(pipe, sc.steps, sc.guidance, sc.sampler, sc.seed)[0])
+        if cfg.data.source == "latents":
+            comps.text_encoder.to("cpu")
+            comps.vae.to("cpu")
+        del pipe, unet
     s.model.train()
 
 
