@@ -30,8 +30,8 @@ from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
-from colodiffusion.train.telemetry import Telemetry
 from colodiffusion.train.quality import HeldOut, QualityProbe
+from colodiffusion.train.telemetry import Telemetry
 from colodiffusion.train.validation import ValidationSet, build_validation, validation_loss
 
 
@@ -62,11 +62,7 @@ def train(cfg: Config) -> Path:
         choose_sample_prompts(cfg, backend, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
-        if val_data is not None and cfg.train.val_every:
-            state.val = build_validation(val_data, cfg.train.val_samples, comps.vae, backend.device)
-        if cfg.eval.every and backend.is_main:  # (config validation made sure there is held-out data)
-            held_out = HeldOut.read(val_data, cfg.eval.num_images)
-            state.quality = QualityProbe(held_out, cfg.eval.clip_model, cfg.eval.fid_model, backend.device)
+        build_evaluation(cfg, backend, comps, state, val_data)
         resume(cfg, backend, state, run_dir)
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
@@ -161,6 +157,15 @@ def rank_state(s: State) -> dict:
             "torch_rng": torch.get_rng_state()}
 
 
+def build_evaluation(cfg: Config, backend: Backend, comps: Components, s: State, val_data) -> None:
+    """The held-out samples of the validation loss (every rank) and the CLIP/FID probe (main rank)."""
+    if val_data is not None and cfg.train.val_every:
+        s.val = build_validation(val_data, cfg.train.val_samples, comps.vae, backend.device)
+    if cfg.eval.every and backend.is_main:  # (config validation made sure there is held-out data)
+        held_out = HeldOut.read(val_data, cfg.eval.num_images)
+        s.quality = QualityProbe(held_out, cfg.eval.clip_model, cfg.eval.fid_model, backend.device)
+
+
 def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
     mode = signals.resume_mode(cfg.train.resume)  # 'auto' by itself in a restarted torchrun/SLURM worker
     if not mode:
@@ -251,10 +256,12 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
                              "epoch": s.loader.epoch, **s.loader.bad_counts(), **s.guard.check(s.step)})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
+        t_eval = time.perf_counter()  # (evaluation time is left out of samples_per_s)
         if s.val is not None and (s.step % t.val_every == 0 or s.step == t.max_steps):
             tel.log(s.step, validate(cfg, backend, comps, objective, s))
         if cfg.eval.every and (s.step % cfg.eval.every == 0 or s.step == t.max_steps):
             measure_quality(cfg, backend, comps, s, tel)
+        t0 += time.perf_counter() - t_eval
         saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
         if saved:
             save_checkpoint(cfg, backend, s, run_dir)
