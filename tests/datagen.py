@@ -134,3 +134,37 @@ def make_latent_cache(root: Path, n: int = 6, per_shard: int = 3) -> Path:
     save_file({"context": torch.zeros(1, 3, 8).half()}, str(root / "empty_context.safetensors"))
     (root / "manifest.json").write_text(json.dumps({"version": 1, "num_samples": n, "shards": shards}))
     return root
+
+
+def make_tiny_clip(folder: Path, captions=("a red circle", "a blue square", "a green triangle")) -> Path:
+    """A CLIP model with a tiny config, random weights and a tokenizer trained offline, saved as
+    save_pretrained writes it (config.json + model.safetensors): what eval.clip_model points to."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from colodiffusion.models.tokenizer import train_clip_tokenizer
+
+    tok = train_clip_tokenizer(list(captions) * 4, vocab_size=300, max_length=16)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(common, vocab_size=len(tok), max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(common, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def make_kohya_folder(root: Path, groups: dict[str, int], resolution: int = 16, captions: bool = True) -> Path:
+    """kohya's layout: root/N_name/ holds `count` images each (groups: {"10_sks circle": count});
+    with captions=False the images carry no .txt and take the folder's text as caption."""
+    for name, count in groups.items():
+        sub = root / name
+        sub.mkdir(parents=True, exist_ok=True)
+        for key, data, cap in shapes_items(count, resolution, seed=len(name)):
+            ext = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+            (sub / f"{key}{ext}").write_bytes(data)
+            if captions:
+                (sub / f"{key}.txt").write_text(cap)
+    return root

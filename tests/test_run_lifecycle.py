@@ -106,13 +106,17 @@ def _tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def test_resumed_run_cuts_metrics_and_tensorboard_back_to_its_step(tmp_path):
-    first = Telemetry(tmp_path, 10, 0)
+    from colodiffusion.config import load_config
+    from colodiffusion.train.trackers import Trackers
+
+    cfg = load_config(None, [f"run.dir={tmp_path}"])  # log.report_to=tensorboard, the default
+    first = Telemetry(tmp_path, 10, 0, trackers=Trackers(cfg, tmp_path, 0))
     for step in range(1, 7):
         first.log(step, {"loss": float(step)})
     first.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # cut by a kill
-    resumed = Telemetry(tmp_path, 10, 3)  # the newest checkpoint was step 3
+    resumed = Telemetry(tmp_path, 10, 3, trackers=Trackers(cfg, tmp_path, 3))  # the newest checkpoint was step 3
     for step in (4, 5):
         resumed.log(step, {"loss": 10.0 * step})
     resumed.close()

@@ -82,12 +82,24 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from colodiffusion.evaluate import evaluate_model
+    from colodiffusion.evaluate import choose_scorer, evaluate_model, evaluate_own_data
 
+    if args.num_images < 2:
+        raise UsageError("--num-images must be at least 2 (FID estimates a covariance).")
     _threads()
     pipe = _load(args.model)
-    result = evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps, guidance=args.guidance,
-                            sampler=args.sampler, out_dir=args.out)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    plan = choose_scorer(args.model, args.data, native)
+    print(plan.sentence, file=sys.stderr)
+    if plan.scorer == "shapes":
+        result = {"scorer": "shapes", **evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps,
+                                                       guidance=args.guidance, sampler=args.sampler, out_dir=args.out)}
+    else:
+        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+                                   sampler=args.sampler, clip_model=args.clip_model, fid_model=args.fid_model,
+                                   out_dir=args.out)
+        if "note" in result:
+            print(result["note"] + ".", file=sys.stderr)
     if not args.json:
         for k, v in result.items():
             print(f"{k:>16}: {v}")
@@ -164,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tokenizer", help="CLIP tokenizer folder for a single-file source that carries none")
     x.set_defaults(func=cmd_export)
 
-    e = sub.add_parser("eval", help="score a model on held-out shape prompts")
+    e = sub.add_parser("eval", help="score a model: held-out shape prompts (shapes data), or validation loss, "
+                                    "CLIP score and FID on its own data")
     e.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
     e.add_argument("--json", action="store_true", help="print only the JSON result line")
@@ -173,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=4.0)
     e.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     e.add_argument("--out", help="also save the generated images here")
+    e.add_argument("--data", help="score on this folder of images + captions (default: the run's own data; "
+                                  "the shapes judge only for shapes data)")
+    e.add_argument("--clip-model", help="local transformers CLIP folder for the CLIP score (default: eval.clip_model)")
+    e.add_argument("--fid-model", help="local transformers image-encoder folder for FID (default: eval.fid_model)")
+    e.add_argument("--num-images", type=int, default=64, help="images generated for CLIP score / FID on own data")
     e.set_defaults(func=cmd_eval)
 
     from colodiffusion.bench import build_parser as bench_parser

@@ -154,6 +154,25 @@ class DataConfig:
     skipped below it; judged with a 3-standard-deviation margin, first on a 64-sample probe before training)."""
     index_dir: Optional[str] = None
     """Where the webdataset tar index is cached; null: RUN_DIR/data_index."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the data (chosen by train.seed, at least one sample) for the validation loss,
+    `eval` prompts and reference images; it is never trained on. 0: no held-out split (see data.val_path)."""
+    val_path: Optional[str] = None
+    """Validation data of the same data.source kept apart from data.path (instead of data.val_fraction)."""
+    repeats: int = 1
+    """Passes over each training sample per epoch (kohya's num_repeats); folder sources also read a leading
+    count from subfolder names (10_sks dog/ repeats its images 10 times), multiplied by this."""
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of each caption every time it is read (kohya's shuffle_caption)."""
+    keep_tokens: int = 0
+    """Leading tags that stay first and are never dropped (e.g. 1 keeps a trigger word in front)."""
+    tag_dropout: float = 0.0
+    """Drop each tag (beyond data.keep_tokens) with this probability (kohya's caption_tag_dropout_rate)."""
+    class_path: Optional[str] = None
+    """Prior preservation (DreamBooth): a folder of class images with captions (or a kohya `N_class` subfolder
+    name as caption), mixed in as many as there are training samples, their loss weighted by data.prior_loss_weight."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class images' loss against the instance images' (1.0 as in DreamBooth)."""
 
 
 @dataclass
@@ -168,10 +187,9 @@ class EMAConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(
-        default_factory=lambda: ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    )
-    """Fixed prompts of the sample grid written during training."""
+    prompts: list[str] = field(default_factory=list)
+    """Fixed prompts of the sample grid written during training; empty: four from the data (the shapes
+    demo's "a red circle", "a blue square", ...; otherwise captions spread over the training data)."""
     steps: int = 25
     """Denoising steps for samples and evaluation."""
     guidance: float = 4.0
@@ -256,6 +274,11 @@ class TrainConfig:
     save_model_as: str = choice("safetensors", "safetensors", "ckpt", "diffusers")
     """Form of the save_every_n_epochs models: an LDM-layout single file (.safetensors or .ckpt, what
     SD UIs load) or a diffusers folder."""
+    val_every: int = 100
+    """Log the validation loss (fixed noise and timesteps: comparable across steps and runs) every N steps
+    and at the end, when there is validation data (data.val_fraction or data.val_path); 0 disables."""
+    val_samples: int = 256
+    """At most this many held-out samples (spread over the validation data) are scored."""
     debug_nan_steps: list[int] = field(default_factory=list)
     """Test hook: make the loss of these steps (1-based) NaN, to exercise the numerical guard."""
 
@@ -375,6 +398,22 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Image-quality metrics from local weights (nothing is downloaded): `colodiffusion eval` and, with
+    eval.every, during training (on the held-out data)."""
+    clip_model: Optional[str] = None
+    """Local transformers CLIP folder (e.g. openai/clip-vit-large-patch14 saved with save_pretrained) for the CLIP score."""
+    fid_model: Optional[str] = None
+    """Local transformers image-encoder folder (CLIP, DINOv2, ViT, ...) whose pooled features FID compares
+    (the Frechet distance of generated and held-out images in that feature space)."""
+    every: int = 0
+    """During training, every N steps and at the end: CLIP score / FID of eval.num_images images for held-out
+    captions (needs validation data and eval.clip_model or eval.fid_model); 0 disables."""
+    num_images: int = 64
+    """Images generated for the CLIP score and FID (FID is biased upward for few images: compare like with like)."""
+
+
+@dataclass
 class TrainerConfig:
     """The seed's launcher knobs (its PyTorch Lightning Trainer arguments)."""
     accelerator: str = choice("auto", "auto", "gpu", "cpu")
@@ -399,6 +438,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     """Compute precision: fp32, or bf16/fp16 autocast over fp32 weights (fp16 with a grad scaler).
     The seed's spellings are accepted: 16 (fp16), 32 (fp32), 16-mixed, bf16-mixed, 32-true."""
@@ -443,6 +483,15 @@ _RANGES = {
     "parallel.offload_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "train.max_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: train.max_steps alone decides)"),
     "train.save_every_n_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: no per-epoch models)"),
+    "train.val_every": (lambda v: v >= 0, "a whole number >= 0 (0 disables)"),
+    "train.val_samples": (lambda v: v >= 1, "a whole number >= 1"),
+    "data.val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "data.repeats": (lambda v: v >= 1, "a whole number >= 1"),
+    "data.keep_tokens": (lambda v: v >= 0, "a whole number >= 0"),
+    "data.tag_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "data.prior_loss_weight": (lambda v: v >= 0, "a number >= 0"),
+    "eval.every": (lambda v: v >= 0, "a whole number >= 0 (0 disables)"),
+    "eval.num_images": (lambda v: v >= 2, "a whole number >= 2 (FID needs two images to estimate a covariance)"),
     "trainer.devices": (lambda v: v >= 0, "a whole number >= 0 (0: as many processes as were launched)"),
     "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),
@@ -524,6 +573,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path '{cfg.data.path}' is not a finished latent cache (no manifest.json); "
                           "make one with `colodiffusion cache`.")
+    _check_own_data(cfg)
     lora = cfg.train.lora
     if lora.text_encoder and not lora.rank:
         raise ConfigError("train.lora.text_encoder=true needs train.lora.rank > 0 (the adapter rank).")
@@ -549,6 +599,8 @@ def parse_sdpa_by_head_dim(spec: str) -> dict[int, str]:
                               f"{', '.join(SDPA_KERNELS)} (e.g. 40:cudnn,80:flash).")
         table[int(dim)] = kernel.strip()
     return table
+
+
 # A Hugging Face Hub repository id: "org/name" (models/hub.py resolves it through huggingface_hub).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
@@ -582,6 +634,30 @@ def _check_log(cfg: Config) -> None:
     if bad:
         raise ConfigError(f"config key 'log.report_to' names '{bad[0]}'; allowed: {', '.join(TRACKERS)} "
                           "(comma-separated), all or none.")
+
+
+def _check_own_data(cfg: Config) -> None:
+    d = cfg.data
+    for key in ("data.val_path", "data.class_path", "eval.clip_model", "eval.fid_model"):
+        value = _get(cfg, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"config key '{key}' points to '{value}', which does not exist.")
+    if d.val_path and d.val_fraction:
+        raise ConfigError("give data.val_path or data.val_fraction, not both: both say where validation data comes from.")
+    if d.val_path and d.source == "shapes":
+        raise ConfigError("data.val_path is for image sources; for shapes data use data.val_fraction.")
+    if d.class_path and not Path(d.class_path).is_dir():
+        raise ConfigError(f"config key 'data.class_path' points to '{d.class_path}', which is not a folder of class images.")
+    if d.source == "latents" and (d.shuffle_caption or d.tag_dropout or d.class_path):
+        raise ConfigError("data.shuffle_caption, data.tag_dropout and data.class_path need captions and images at "
+                          "training time; a latent cache stores finished text contexts: train from the images.")
+    if cfg.eval.every and not (cfg.eval.clip_model or cfg.eval.fid_model):
+        raise ConfigError("eval.every needs local weights to score with: eval.clip_model and/or eval.fid_model.")
+    if cfg.eval.every and not (d.val_fraction or d.val_path):
+        raise ConfigError("eval.every scores held-out captions and images: set data.val_fraction or data.val_path.")
+    if cfg.eval.every and cfg.eval.fid_model and d.source == "latents":
+        raise ConfigError("FID during training compares held-out images, which a latent cache does not store: use "
+                          "eval.clip_model, or `colodiffusion eval MODEL --data FOLDER --fid-model DIR` afterwards.")
 
 
 def _check_perf(cfg: Config) -> None:

@@ -1,12 +1,16 @@
-"""Evaluation of text-to-image samples on the built-in "shapes" task."""
+"""`colodiffusion eval`: the shapes pixel judge for models trained on the built-in shapes data, and
+for a model trained on other data its validation loss, CLIP score and FID on that data (`choose_scorer`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
+from colodiffusion.config import Config, ConfigError, load_config
 from colodiffusion.data.shapes import COLORS, SHAPES
 
 # =============================================================================
@@ -291,4 +295,100 @@ def evaluate_model(pipe, per_combo: int = 4, steps: int = 25, guidance: float = 
         make_grid(images, cols=per_combo * 3).save(Path(out_dir) / "eval_grid.png")
     result = score(images, [(it["color"], it["shape"]) for it in items])
     result.update(steps=steps, guidance=guidance, sampler=sampler)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Which scorer: the shapes judge only for shapes data. A model trained on other data is scored on
+# that data: validation loss, and CLIP score / FID when local weights are given.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    scorer: str  # "shapes" or "data"
+    cfg: Optional[Config]
+    sentence: str  # what is scored and why, printed before the result
+
+
+def run_config(model: str) -> Optional[Config]:
+    """The config.yaml of a run folder (MODEL, or the run around MODEL when MODEL is its final/)."""
+    p = Path(model)
+    candidates = [p / "config.yaml"] + ([p.parent / "config.yaml"] if p.name == "final" else [])
+    for file in candidates:
+        if file.is_file():
+            try:
+                return load_config(file)
+            except ConfigError as exc:
+                raise ConfigError(f"the run config '{file}' no longer loads ({exc}) Give the images to score "
+                                  "with --data FOLDER.") from None
+    return None
+
+
+def choose_scorer(model: str, data: Optional[str] = None, native_resolution: Optional[int] = None) -> Plan:
+    cfg = run_config(model)
+    if data:
+        if not Path(data).is_dir():
+            raise ConfigError(f"--data '{data}' is not a folder of images with captions.")
+        base = cfg or load_config(None, [f"data.resolution={native_resolution}"] if native_resolution else [])
+        base.data = replace(base.data, source="folder", path=str(data), val_fraction=0.0, val_path=None,
+                            class_path=None, repeats=1, shuffle_caption=False, tag_dropout=0.0)
+        return Plan("data", base, f"scorer: your images in --data '{data}' (validation loss; CLIP score and FID "
+                                  "with local weights)")
+    if cfg is None:
+        return Plan("shapes", None, f"scorer: the shapes judge, because '{model}' has no run config.yaml and no "
+                                    "--data was given; it is meaningful only for a model trained on the built-in shapes "
+                                    "data (give --data FOLDER to score on your own images)")
+    if cfg.data.source == "shapes":
+        return Plan("shapes", cfg, "scorer: the shapes judge on held-out prompts (the run trained on the built-in "
+                                   "shapes data)")
+    return Plan("data", cfg, f"scorer: the run's own data (data.source={cfg.data.source}, data.path "
+                             f"'{cfg.data.path}'): validation loss; CLIP score and FID with local weights")
+
+
+def evaluation_view(cfg: Config):
+    """(held-out samples, whether they were held out from training)."""
+    from colodiffusion.data import build_dataset, build_datasets
+    from colodiffusion.data.views import Part, SampleView
+
+    _, val = build_datasets(cfg)
+    if val is not None:
+        return val, True
+    dataset = build_dataset(cfg)
+    return SampleView([Part(dataset, list(range(len(dataset))))]), False
+
+
+def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, guidance: float = 4.0,
+                      sampler: str = "ddim", clip_model: Optional[str] = None, fid_model: Optional[str] = None,
+                      out_dir: Optional[str] = None, seed: int = 0) -> dict:
+    """Validation loss on the held-out data (or all of it when nothing was held out), and CLIP score and
+    FID of `num_images` images generated for its captions when local weights are given."""
+    import torch
+
+    from colodiffusion.diffusion import build_objective
+    from colodiffusion.generate import make_grid
+    from colodiffusion.models import encode_prompts
+    from colodiffusion.train.quality import MISSING_WEIGHTS, HeldOut, QualityProbe
+    from colodiffusion.train.validation import build_validation, validation_loss
+
+    view, held_out = evaluation_view(cfg)
+    device, unet = pipe.device, pipe.unet
+    objective = build_objective(cfg, pipe.scheduler.alphas_cumprod.float(), pipe.scheduler.config.prediction_type)
+    vset = build_validation(view, cfg.train.val_samples, pipe.vae, device)
+    total, count = validation_loss(
+        objective, lambda x_t, t, c: unet(x_t.to(unet.dtype), t, c.to(unet.dtype)).sample.float(),
+        lambda captions: encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, device),
+        vset, 16, device)
+    result = {"scorer": "data", "val_loss": float(total / count), "val_n": len(vset), "held_out": held_out}
+    clip_model, fid_model = clip_model or cfg.eval.clip_model, fid_model or cfg.eval.fid_model
+    if not (clip_model or fid_model):
+        result["note"] = MISSING_WEIGHTS
+        return result
+    probe = QualityProbe(HeldOut.read(view, num_images), clip_model, fid_model, device, ("--clip-model", "--fid-model"))
+    with torch.no_grad():
+        metrics, images = probe.measure(pipe, steps, guidance, sampler, seed)
+    result.update(metrics, steps=steps, guidance=guidance, sampler=sampler)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=min(8, len(images))).save(Path(out_dir) / "eval_grid.png")
     return result

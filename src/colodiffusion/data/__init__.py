@@ -5,6 +5,8 @@ May import: `config`, `diffusion`, `storage`, `models` (encoding images and prom
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch.utils.data import Dataset
 
 from colodiffusion.config import Config, ConfigError
@@ -25,6 +27,51 @@ def build_dataset(cfg: Config) -> Dataset:
         raise ConfigError(str(exc).rstrip(".") + ".") from None
     except ImportError as exc:
         raise missing_extra(exc, f"data.source={d.source}") from None
+
+
+def build_datasets(cfg: Config) -> tuple[Dataset, Optional[Dataset]]:
+    """(training data, validation data or None) with the data.* split, repeats, class images and caption
+    controls applied (data/views.py); without them the training data is `build_dataset(cfg)` itself."""
+    from dataclasses import replace
+
+    from colodiffusion.data.views import Part, SampleView, held_out, training_view
+
+    d = cfg.data
+    dataset = build_dataset(cfg)
+    try:
+        val_indices = held_out(len(dataset), d.val_fraction, cfg.train.seed) if d.val_fraction else []
+        val = SampleView([Part(dataset, val_indices)]) if val_indices else None
+        if d.val_path:
+            source = build_dataset(replace(cfg, data=replace(d, path=d.val_path)))
+            val = SampleView([Part(source, list(range(len(source))))])
+        return training_view(cfg, dataset, val_indices, _class_images(cfg)), val
+    except ValueError as exc:
+        raise ConfigError(str(exc).rstrip(".") + ".") from None
+
+
+def _class_images(cfg: Config) -> Optional[Dataset]:
+    if not cfg.data.class_path:
+        return None
+    from colodiffusion.data.folder import FolderDataset
+    from colodiffusion.data.transforms import ImageTransform
+
+    return FolderDataset(cfg.data.class_path, ImageTransform.from_config(cfg))
+
+
+# The shapes demo's grid prompts: one of each shape, three colours.
+SHAPES_SAMPLE_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
+
+
+def sample_prompts(cfg: Config, dataset: Dataset) -> list[str]:
+    """The sample grid's prompts: sample.prompts, else the demo's for shapes data, else four captions
+    spread over the training data."""
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    if cfg.data.source == "shapes":
+        return list(SHAPES_SAMPLE_PROMPTS)
+    from colodiffusion.data.views import sample_prompts as from_data
+
+    return from_data(dataset) or [""]
 
 
 def missing_extra(exc: ImportError, what: str) -> ConfigError:

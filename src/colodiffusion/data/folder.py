@@ -3,6 +3,10 @@ captions.csv beside the images (fields: file name relative to that file's folder
 diffusers' ImageFolder layout: a metadata.jsonl / metadata.csv with `file_name` and `text` (or the
 column named by data.caption_column).
 
+kohya's folder convention is read too: images in a subfolder named `N_text` (e.g. `10_sks dog/`) are
+repeated N times per epoch (`repeat_counts`, applied by data/views.py) and take `text` as their caption
+when they have none of their own.
+
 Images are found by extension (.jpg .jpeg .png .webp .bmp) but decoded by content; a file that
 is empty, truncated, not an image, too large to read, or has no readable caption is a bad sample
 (skipped, listed).
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +25,7 @@ from colodiffusion.data.transforms import IMAGE_EXTS, MAX_TEXT_BYTES, BadSample,
 
 CAPTION_FIELDS = ("caption", "text", "prompt")
 FILE_FIELDS = ("file", "file_name", "image", "path")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # "10_sks dog": 10 repeats, caption "sks dog"
 
 
 def _pick(row: dict, names: tuple[str, ...]) -> Optional[str]:
@@ -74,12 +80,22 @@ class FolderDataset(ImageSource):
         if not self.files:
             raise ValueError(f"data.path '{path}' holds no images ({', '.join(IMAGE_EXTS)})")
         self.table: dict[Path, str] = {}
+        self.folder_info = [self._kohya(p) for p in self.files]  # (repeats, caption) per file, or None
         for name in TABLES:
             for table in sorted(self.root.rglob(name)):
                 self.table.update(read_caption_table(table, caption_column))
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _kohya(self, path: Path) -> Optional[tuple[int, str]]:
+        parts = path.relative_to(self.root).parts
+        match = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        return (int(match.group(1)), match.group(2).strip()) if match else None
+
+    def repeat_counts(self) -> list[int]:
+        """Passes per epoch of each image: N for images under a kohya `N_text/` subfolder, else 1."""
+        return [info[0] if info else 1 for info in self.folder_info]
 
     def key(self, i: int) -> str:
         return str(self.files[i].relative_to(self.root))
@@ -91,4 +107,6 @@ class FolderDataset(ImageSource):
         if caption is None:
             txt = path.with_suffix(".txt")
             caption = read_limited(txt, MAX_TEXT_BYTES) if txt.is_file() else None
+        if caption is None and self.folder_info[i]:
+            caption = self.folder_info[i][1]
         return image, caption, None

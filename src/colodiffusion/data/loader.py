@@ -121,8 +121,9 @@ class SkipBad(Dataset):
                 sample["_skips"] = (bad, filtered)
                 return sample
             if k == 0:  # only the slot's own sample is reported: each bad sample once per epoch
-                if rec is not None:
-                    bad.append({**rec, "index": j})
+                if rec is not None:  # (a repeated file has one source_index: it is counted once)
+                    source_index = getattr(self.dataset, "source_index", None)
+                    bad.append({**rec, "index": source_index(j) if source_index else j})
                 else:
                     filtered[reason] = 1
         raise AllBad(f"{min(n, MAX_PROBE)} samples in a row from index {i} are unreadable or filtered out")

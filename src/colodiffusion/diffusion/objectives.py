@@ -3,7 +3,7 @@
 The trainer never builds noisy latents itself (k-diffusion's Denoiser, DiT's training_losses):
 it hands clean latents and the text context to an `Objective`, which draws timesteps and noise
 from an explicit generator (so resume and data-parallel RNG are exact), noises the latents,
-calls the model and returns the (optionally min-SNR-weighted) MSE.
+calls the model and returns the (optionally min-SNR-weighted, optionally per-sample-weighted) MSE.
 """
 
 from __future__ import annotations
@@ -69,14 +69,24 @@ class Objective:
             w = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1)
         return w
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator):
-        t, noise = self.draw(x0, generator)
+    def per_sample_loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """(B,) loss of each sample at the given timesteps and noise (min-SNR-weighted if configured):
+        the validation loss fixes t and noise, training draws them."""
         x_t, target = self.noisy(x0.float(), t, noise)
         pred = model_fn(x_t, t, context)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         w = self.weights(t)
-        if w is not None:
-            per_sample = per_sample * w
+        return per_sample * w if w is not None else per_sample
+
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
+             sample_weights: Optional[torch.Tensor] = None):
+        """Mean loss over the batch; `sample_weights` (B,) scales each sample's term (prior-preservation
+        class images carry data.prior_loss_weight, instance images 1)."""
+        t, noise = self.draw(x0, generator)
+        per_sample = self.per_sample_loss(model_fn, x0, context, t, noise)
+        if sample_weights is not None:
+            per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
         return per_sample.mean()
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from colodiffusion.config import Config, ConfigError
-from colodiffusion.data import build_dataset
+from colodiffusion.data import build_datasets, sample_prompts
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
@@ -34,9 +34,11 @@ from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
+from colodiffusion.train.quality import HeldOut, QualityProbe
 from colodiffusion.train.telemetry import Telemetry
 from colodiffusion.train.trackers import Trackers, device_memory
 from colodiffusion.train.trackers import check_available as check_trackers
+from colodiffusion.train.validation import ValidationSet, build_validation, validation_loss
 
 
 @dataclass
@@ -51,6 +53,8 @@ class State:
     data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
     step: int = 0
     guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
+    val: Optional[ValidationSet] = None  # held-out samples for the validation loss (train/validation.py)
+    quality: Optional[QualityProbe] = None  # CLIP score / FID on held-out captions (main rank, eval.every)
 
 
 def train(cfg: Config) -> Path:
@@ -62,12 +66,14 @@ def train(cfg: Config) -> Path:
         run_dir = Path(cfg.run.dir)
         with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
             run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
-            dataset = build_dataset(cfg)
+            dataset, val_data = build_datasets(cfg)
             apply_max_epochs(cfg, backend, dataset)
             preflight.check(cfg, backend, run_dir, dataset)
         run_folder.prepare(cfg, backend, run_dir)
+        choose_sample_prompts(cfg, backend, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
         state = build_state(cfg, backend, comps, dataset)
+        build_evaluation(cfg, backend, comps, state, val_data)
         resume(cfg, backend, state, run_dir)
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
@@ -107,6 +113,15 @@ def batches_per_epoch(cfg: Config, backend: Backend, dataset) -> int:
 def epochs_done(step: int, batches: int, grad_accum: int) -> int:
     """Whole epochs finished by `step` optimizer steps (epoch e ends at step e * batches // grad_accum)."""
     return ((step + 1) * grad_accum - 1) // batches if step else 0
+
+
+def choose_sample_prompts(cfg: Config, backend: Backend, dataset) -> None:
+    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes)."""
+    if cfg.sample.prompts or not cfg.train.sample_every:
+        return
+    cfg.sample.prompts = sample_prompts(cfg, dataset)
+    if backend.is_main and cfg.data.source != "shapes":
+        print(f"sample.prompts is not set: sample grids use captions from the data: {cfg.sample.prompts}")
 
 
 def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Components:
@@ -165,6 +180,15 @@ def rank_state(s: State) -> dict:
     return state
 
 
+def build_evaluation(cfg: Config, backend: Backend, comps: Components, s: State, val_data) -> None:
+    """The held-out samples of the validation loss (every rank) and the CLIP/FID probe (main rank)."""
+    if val_data is not None and cfg.train.val_every:
+        s.val = build_validation(val_data, cfg.train.val_samples, comps.vae, backend.device)
+    if cfg.eval.every and backend.is_main:  # (config validation made sure there is held-out data)
+        held_out = HeldOut.read(val_data, cfg.eval.num_images)
+        s.quality = QualityProbe(held_out, cfg.eval.clip_model, cfg.eval.fid_model, backend.device)
+
+
 def resume(cfg: Config, backend: Backend, s: State, run_dir: Path) -> None:
     mode = signals.resume_mode(cfg.train.resume)  # 'auto' by itself in a restarted torchrun/SLURM worker
     if not mode:
@@ -219,8 +243,11 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
         else:
             context = text_input(cfg, comps, captions, backend.device)
             latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
+        weights = batch.get("loss_weight")  # prior preservation: class images carry data.prior_loss_weight
+        if weights is not None:
+            weights = torch.tensor(weights, dtype=torch.float32).to(backend.device, non_blocking=True)
         with backend.autocast():
-            loss = objective.loss(unet_fn, latents, context, s.noise_gen) / accum
+            loss = objective.loss(unet_fn, latents, context, s.noise_gen, weights) / accum
         loss = s.guard.inject(loss, s.step)
         backend.backward(loss)
         total += loss.detach()
@@ -258,6 +285,12 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
                              **device_memory(backend.device)})
             loss_sum.zero_()
             n, t0 = 0, time.perf_counter()
+        t_eval = time.perf_counter()  # (evaluation time is left out of samples_per_s)
+        if s.val is not None and (s.step % t.val_every == 0 or s.step == t.max_steps):
+            tel.log(s.step, validate(cfg, backend, comps, objective, s))
+        if cfg.eval.every and (s.step % cfg.eval.every == 0 or s.step == t.max_steps):
+            measure_quality(cfg, backend, comps, s, tel)
+        t0 += time.perf_counter() - t_eval
         saved = t.checkpoint_every and s.step % t.checkpoint_every == 0 or s.step == t.max_steps
         if saved:
             save_checkpoint(cfg, backend, s, run_dir)
@@ -278,6 +311,18 @@ def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir
             return False
     tel.close()
     return True
+
+
+def validate(cfg: Config, backend: Backend, comps: Components, objective, s: State) -> dict:
+    """The validation loss of the live weights over all ranks (a host sync, at val time only)."""
+    micro = cfg.train.batch_size // backend.dp_size // cfg.train.grad_accum
+    s.model.eval()
+    total, count = validation_loss(
+        objective, lambda x_t, t, context: s.model(x_t, t, context).sample,
+        lambda captions: text_input(cfg, comps, captions, backend.device), s.val, micro, backend.device,
+        backend.dp_rank, backend.dp_size, backend.autocast)
+    s.model.train()
+    return {"val_loss": (backend.all_reduce_mean(total) / backend.all_reduce_mean(count)).item(), "val_n": len(s.val)}
 
 
 def inference_unet(backend: Backend, comps: Components, s: State) -> Optional[torch.nn.Module]:
@@ -333,6 +378,21 @@ def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State,
         save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer, comps.noise_scheduler)
     os.replace(tmp, out)
     print(f"epoch {epoch}: model written to {out}")
+    s.model.train()
+
+
+def measure_quality(cfg: Config, backend: Backend, comps: Components, s: State, tel: Telemetry) -> None:
+    """CLIP score / FID of the EMA weights on the held-out captions (collective gather, main rank scores)."""
+    unet = inference_unet(backend, comps, s)
+    if backend.is_main:
+        unet, text_encoder = split(unet, comps)
+        pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler).to(backend.device)
+        sc = cfg.sample
+        tel.log(s.step, s.quality.measure(pipe, sc.steps, sc.guidance, sc.sampler, sc.seed)[0])
+        if cfg.data.source == "latents":
+            comps.text_encoder.to("cpu")
+            comps.vae.to("cpu")
+        del pipe, unet
     s.model.train()
 
 

@@ -35,8 +35,9 @@ class Telemetry:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.scalars(step, metrics)
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                             img_s=f"{metrics.get('samples_per_s', 0):.1f}", refresh=False)
+        if "loss" in metrics:  # (validation records carry val_loss only)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('samples_per_s', 0):.1f}",
+                                 refresh=False)
 
     def image(self, step: int, name: str, image) -> None:
         """A PIL image (the sample grid) to the trackers."""
