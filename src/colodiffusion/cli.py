@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from colodiffusion import lifeline  # first: it records the launcher's pid before anything slow
+
 # transformers warns at import about optional image processors we never use; bitsandbytes (imported
 # by diffusers) about an optional CPU kernel package.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -255,6 +257,8 @@ def _rank_tag() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if lifeline.launched():  # a torchrun/deepspeed worker exits with its launcher (lifeline.py)
+        lifeline.bind()
     args = build_parser().parse_args(argv)
 
     def run(args) -> int:

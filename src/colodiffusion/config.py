@@ -371,6 +371,11 @@ class ParallelConfig:
     """Tensor-parallel degree over the UNet's attention and feed-forward layers (fsdp only)."""
     async_checkpoint: bool = False
     """ddp/fsdp: write sharded checkpoints in a background thread (published when the write completes)."""
+    timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, all-gather) waits for the other ranks before the run stops
+    with an error naming the rank that stopped answering; the process group's timeout (torch's default for
+    gloo; NCCL's own is 600). Raise it if one rank legitimately works alone for longer (e.g. the main rank
+    training the tiny preset's first stage while the others wait)."""
 
 
 @dataclass
@@ -473,6 +478,7 @@ _RANGES = {
     "trainer.devices": (lambda v: v >= 0, "a whole number >= 0 (0: as many processes as were launched)"),
     "parallel.dp_replicate": (lambda v: v >= 1, "a whole number >= 1"),
     "parallel.tp": (lambda v: v >= 1, "a whole number >= 1"),
+    "parallel.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
 }
 
 

@@ -121,6 +121,10 @@ def run_case(out: Path, spec: str) -> None:
 
 
 if __name__ == "__main__":
+    from colodiffusion import lifeline
+
+    if lifeline.launched():  # as the CLI does: a killed torchrun (e.g. a test timeout) takes us along
+        lifeline.bind()
     out = Path(sys.argv[1])
     backend = None
     for spec in sys.argv[2].split(","):

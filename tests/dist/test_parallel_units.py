@@ -45,7 +45,8 @@ def test_tp_ranks_share_a_data_parallel_rank():
 @pytest.mark.parametrize("override, key", [("parallel.zero=4", "parallel.zero"),
                                             ("parallel.strategy=zero", "parallel.strategy"),
                                             ("parallel.offload=disk", "parallel.offload"),
-                                            ("parallel.tp=0", "parallel.tp")])
+                                            ("parallel.tp=0", "parallel.tp"),
+                                            ("parallel.timeout_s=0", "parallel.timeout_s")])
 def test_bad_parallel_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+
+import procs
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:
@@ -62,6 +66,42 @@ def launch(run_dir: Path, *extra: str, **env_extra: str) -> subprocess.Popen:
 def run_to_end(run_dir: Path, *extra: str, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "colodiffusion", "train", *overrides(run_dir, *extra)]
     return subprocess.run(cmd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+
+
+def start_job(cmd: list[str], log: Path, **env_extra: str) -> tuple[subprocess.Popen, str]:
+    """Start a launcher (torchrun, main.py) in a session of its own; its workers, which torchrun starts in
+    sessions of their own, are found again by the returned launch id in their environment."""
+    launch_id = procs.new_id()
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, env=env(**{procs.LAUNCH: launch_id}, **env_extra), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, launch_id
+
+
+def workers(launch_id: str, launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the launcher's training processes (its children, each with a RANK)."""
+    children = [pid for pid in procs.marked(procs.LAUNCH, launch_id) if procs.ppid(pid) == launcher.pid]
+    ranks = {pid: procs.getenv(pid, "RANK") for pid in children}
+    return {int(rank): pid for pid, rank in ranks.items() if rank is not None}
+
+
+def stop_job(proc: subprocess.Popen, launch_id: str) -> None:
+    """SIGKILL the launcher's process group and every process of the job wherever it was re-parented
+    (run in a `finally`, so a failed assertion leaves nothing running)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    procs.kill(procs.LAUNCH, launch_id, procs.marked(procs.LAUNCH, launch_id))
+    proc.wait(60)
+    left = procs.wait_gone(procs.LAUNCH, launch_id, timeout=30)
+    assert not left, f"still alive after SIGKILL: {procs.describe(left)}"
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, after: int = 0, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while len(metrics(run_dir)) <= after:
+        assert proc.poll() is None, f"the launcher exited with {proc.returncode} before a training step"
+        assert time.monotonic() < end, "timed out waiting for a training step"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

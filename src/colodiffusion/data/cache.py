@@ -47,14 +47,16 @@ def _atomic_json(path: Path, obj) -> None:
 class _Ranks:
     """Rank, world size and barrier from torchrun's environment (gloo: works on CPU and GPU hosts)."""
 
-    def __init__(self):
+    def __init__(self, timeout_s: float):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
         if self.world > 1:
+            import datetime
+
             import torch.distributed as dist
 
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))  # parallel.timeout_s
         self.is_main = self.rank == 0
 
     def barrier(self) -> None:
@@ -131,7 +133,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
     if cfg.data.bucketing:
         raise ConfigError("colodiffusion cache stores one resolution: turn data.bucketing off.")
     out = Path(out)
-    ranks = _Ranks()
+    ranks = _Ranks(cfg.parallel.timeout_s)
     try:
         dataset = build_dataset(cfg)
         comps = make_components(dataset, ranks.device, True) if ranks.is_main else None

@@ -48,8 +48,13 @@ class Backend:
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self, clean: bool = True) -> None:
+        """Release the process group; `clean=False` after a failure (no rank waits for the others)."""
+
+    def explain_failure(self, exc: BaseException) -> Optional[Exception]:
+        """A clearer error for `exc` if it is this backend's (a collective that timed out names the rank
+        that stopped answering), else None."""
+        return None
 
     # -- model --------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

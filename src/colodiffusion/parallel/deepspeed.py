@@ -249,7 +249,7 @@ class DeepSpeedBackend(DistributedBackend):
         dist.all_gather(pieces, part.contiguous())
         return torch.cat(pieces)[: param.ds_numel].view(param.ds_shape).cpu()
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
         if self.engine is not None:
             self.engine.destroy()
-        super().shutdown()
+        super().shutdown(clean)

@@ -78,6 +78,7 @@ def launch_env() -> tuple[int, int, int]:
 
 def init_process_group(timeout_s: Optional[float] = None) -> torch.device:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU) and pick this rank's device.
+    Every collective of the group waits at most `timeout_s` (parallel.timeout_s) for the other ranks.
 
     A plain `python -m colodiffusion train` (no torchrun) gets a one-process group on an in-memory
     store, so the distributed strategies also run, and resume, on one process."""
@@ -96,7 +97,9 @@ def init_process_group(timeout_s: Optional[float] = None) -> torch.device:
     return device
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(barrier: bool = True) -> None:
+    """`barrier=False` after a failure: a peer may be gone, and waiting for it would hide the error."""
     if dist.is_initialized():
-        dist.barrier()  # nobody leaves while another rank still talks to it
+        if barrier:
+            dist.barrier()  # nobody leaves while another rank still talks to it
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ weights for export. `ddp.py` and `fsdp.py` only say how the model is wrapped.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.backend import Backend
 from colodiffusion.parallel.dims import ParallelDims, destroy_process_group, init_process_group
+from colodiffusion.parallel.heartbeat import Heartbeat, explain
 from colodiffusion.parallel.sharded_checkpoint import (
     full_model_state,
     full_tensors,
@@ -31,11 +33,13 @@ class DistributedBackend(Backend):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.device = init_process_group()
+        self.device = init_process_group(cfg.parallel.timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.heartbeat = Heartbeat.start(self.rank, self.world_size, cfg.parallel.timeout_s)
         try:
             self.dims = ParallelDims.from_config(cfg, self.world_size)
         except ConfigError:
+            self._stop_heartbeat()
             dist.destroy_process_group()
             raise
         self.mesh = self.dims.build_mesh(self.device.type)
@@ -62,9 +66,24 @@ class DistributedBackend(Backend):
         dist.all_reduce(t)
         return t / self.world_size
 
-    def shutdown(self) -> None:
-        checkpoint.finish_pending()
-        destroy_process_group()
+    def shutdown(self, clean: bool = True) -> None:
+        self._stop_heartbeat()
+        try:
+            checkpoint.finish_pending()
+        except Exception as exc:
+            if clean:
+                raise
+            # The run already failed: say this too, but let the error that ended the run be the one raised.
+            print(f"rank {self.rank}: the background checkpoint write failed as well ({exc}); it stays unpublished.",
+                  file=sys.stderr)
+        destroy_process_group(barrier=clean)
+
+    def explain_failure(self, exc: BaseException) -> Optional[Exception]:
+        return explain(exc, self.heartbeat, self.rank, self.cfg.parallel.timeout_s)
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def remember_architecture(self, model: torch.nn.Module) -> None:
         """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""

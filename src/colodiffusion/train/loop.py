@@ -51,6 +51,7 @@ class State:
 def train(cfg: Config) -> Path:
     backend = build_backend(cfg)
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
+    clean = False
     try:
         run_dir = prepare_run_dir(cfg, backend)
         dataset = build_dataset(cfg)
@@ -64,10 +65,16 @@ def train(cfg: Config) -> Path:
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
         backend.barrier()
+        clean = True
         return run_dir
+    except Exception as exc:
+        clearer = backend.explain_failure(exc)  # e.g. a collective timeout names the rank that went silent
+        if clearer is None:
+            raise
+        raise clearer from exc
     finally:
         signals.uninstall()
-        backend.shutdown()
+        backend.shutdown(clean)
 
 
 def prepare_run_dir(cfg: Config, backend: Backend) -> Path:
