@@ -158,3 +158,18 @@ def test_karras_needs_a_k_sampler():
     with pytest.raises(ConfigError, match="sample.karras=true needs a k-sampler"):
         load_config(None, ["sample.karras=true"])
     assert load_config(None, ["sample.karras=true", "sample.sampler=dpm++"]).sample.karras
+
+
+def test_sample_flags_fill_what_a_prompt_leaves_out():
+    from colodiffusion.cli import build_parser, sample_specs
+
+    args = build_parser().parse_args(["sample", "m", "--prompt", "a", "--prompt", "b --d 42 --n red --s 7", "--n", "2",
+                                      "--negative-prompt", "ugly", "--seed", "5", "--sampler", "euler", "--karras"])
+    specs = sample_specs(args)
+    assert [(s.prompt, s.seed, s.negative_prompt, s.steps) for s in specs] == [
+        ("a", 5, "ugly", 25), ("a", 6, "ugly", 25), ("b", 42, "red", 7), ("b", 43, "red", 7)]
+    assert all(s.sampler == "euler" and s.karras for s in specs)
+    bad = build_parser().parse_args(["sample", "m", "--prompt", "a", "--karras"])  # dpm++ by default: fine
+    assert sample_specs(bad)[0].karras
+    with pytest.raises(ConfigError, match="Karras sigmas need a k-sampler"):
+        sample_specs(build_parser().parse_args(["sample", "m", "--prompt", "a", "--karras", "--sampler", "ddim"]))

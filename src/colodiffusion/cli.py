@@ -76,16 +76,15 @@ def sample_specs(args) -> list:
         if v is not None and (v < 8 or v % 8):
             raise UsageError(f"--{flag} {v} is not a multiple of 8; use {multiples_of_8(v)}.")
     specs = []
+    flags = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
+             "sampler": args.sampler, "karras": args.karras, "width": args.width, "height": args.height,
+             "init_image": args.init_image}
     for text in args.prompt:
-        base = parse_prompt(text)
         for j in range(args.n):
             spec = parse_prompt(text)
-            defaults = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
-                        "seed": base.seed + j if base.seed is not None else args.seed + len(specs),
-                        "sampler": args.sampler, "karras": args.karras, "width": args.width, "height": args.height,
-                        "init_image": args.init_image}
-            for name, value in defaults.items():
-                if getattr(spec, name) is None or name == "seed":
+            spec.seed = spec.seed + j if spec.seed is not None else args.seed + len(specs)  # --d: its n seeds
+            for name, value in flags.items():
+                if getattr(spec, name) is None:
                     setattr(spec, name, value)
             if spec.init_image and spec.strength is None:
                 spec.strength = args.strength
