@@ -1,13 +1,17 @@
 """The seed's sampling command, on top of colodiffusion's loading and `generate`:
 
     python scripts/txt2img.py --prompt "a red circle" --ckpt RUN_OR_MODEL --ddim_steps 50 --scale 7.5 \
-        --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver] --outdir outputs/txt2img-samples
+        --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver [--karras]] \
+        [--negative_prompt TEXT] [--init-img IMAGE --strength 0.75] --outdir outputs/txt2img-samples
 
 `--ckpt` is a single-file checkpoint (.safetensors/.ckpt, LDM layout; `--config` its original YAML,
 inferred when left out), a diffusers folder, a colodiffusion run folder, or one of its
 `checkpoints/step_N` folders (any backend's; its EMA weights when it has them). Images go to
-OUTDIR/samples/NNNNN.png and one grid per call to OUTDIR/grid-NNNN.png, numbered after what is there.
+OUTDIR/samples/NNNNN.png and one labelled grid per call to OUTDIR/grid-NNNN.png, numbered after what
+is there; each PNG carries its prompt and settings (the `parameters` text chunk UIs read).
 Each image has its own seed (seed, seed+1, ...), so an image does not depend on the batch size.
+A prompt (or a --from-file line) may end in its own options, as in kohya's prompt files:
+"a dog --n blurry --s 30 --l 7 --d 5 --w 512 --h 512".
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def parse(argv):
     p.add_argument("--n_samples", type=int, default=3, help="how many samples to produce for each prompt (batch size)")
     p.add_argument("--n_rows", type=int, default=0, help="columns in the grid (default: n_samples)")
     p.add_argument("--scale", type=float, default=7.5, help="unconditional guidance scale")
+    p.add_argument("--negative_prompt", default="", help="what guidance steers away from")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (with --dpm_solver)")
+    p.add_argument("--init-img", dest="init_img", help="img2img: start from this image (resized to H x W)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: strength for noising/unnoising; 1.0 destroys the information in the init image")
     p.add_argument("--config", default=None, help="original LDM YAML of a single-file --ckpt (default: inferred)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single file that carries none")
     p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder, run folder or checkpoints/step_N folder")
@@ -44,42 +53,69 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def specs_for(opt, prompt: str, first_seed: int):
+    """`n_samples` specs for one prompt line: its own options first, then the flags."""
+    from colodiffusion.config import check_prompt, parse_prompt
+
+    sampler = "pndm" if opt.plms else "dpm++" if opt.dpm_solver else "ddim"
+    out = []
+    for i in range(opt.n_samples):
+        spec = parse_prompt(prompt)
+        flags = {"negative_prompt": opt.negative_prompt, "steps": opt.ddim_steps, "guidance": opt.scale,
+                 "sampler": sampler, "karras": opt.karras or None, "width": opt.W, "height": opt.H,
+                 "init_image": opt.init_img}
+        for name, value in flags.items():
+            if getattr(spec, name) is None:
+                setattr(spec, name, value)
+        spec.seed = (spec.seed if spec.seed is not None else first_seed) + i
+        if spec.init_image and spec.strength is None:
+            spec.strength = opt.strength
+        check_prompt(spec, f"prompt '{prompt}'")
+        out.append(spec)
+    return out
+
+
 def main(argv=None) -> int:
     from colodiffusion.config import ConfigError
-    from colodiffusion.generate import generate, load_pipeline, make_grid
 
     opt = parse(argv)
     if opt.plms and opt.dpm_solver:
         print("error: choose one of --plms and --dpm_solver.", file=sys.stderr)
         return 2
-    sampler = "pndm" if opt.plms else "dpm++" if opt.dpm_solver else "ddim"
     if opt.from_file:
         prompts = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
     else:
         prompts = [opt.prompt]
     try:
-        pipe = load_pipeline(opt.ckpt, original_config=opt.config, tokenizer=opt.tokenizer)
+        return run(opt, prompts)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def run(opt, prompts) -> int:
+    from colodiffusion.generate import load_pipeline, render, save_grid, save_image
+
+    batches = [specs_for(opt, p, opt.seed + (it * len(prompts) + k) * opt.n_samples)
+               for it in range(opt.n_iter) for k, p in enumerate(prompts)]
+    pipe = load_pipeline(opt.ckpt, original_config=opt.config, tokenizer=opt.tokenizer)
+    model = Path(opt.ckpt).stem if Path(opt.ckpt).is_file() else Path(opt.ckpt).resolve().name
     sample_dir = Path(opt.outdir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     base = len(list(sample_dir.glob("*.png")))
     grid_count = len(list(Path(opt.outdir).glob("grid-*.png")))
-    rows = []
-    for it in range(opt.n_iter):
-        for prompt in prompts:
-            seeds = [opt.seed + len(rows) * opt.n_samples + i for i in range(opt.n_samples)]
-            images = generate(pipe, [prompt] * opt.n_samples, seeds, steps=opt.ddim_steps, guidance=opt.scale,
-                              sampler=sampler, height=opt.H, width=opt.W)
-            rows.append(images)
-            if not opt.skip_save:
-                for img in images:
-                    img.save(sample_dir / f"{base:05d}.png")
-                    base += 1
+    images, specs = [], []
+    for batch in batches:
+        out = render(pipe, batch)
+        images.extend(out)
+        specs.extend(batch)
+        if not opt.skip_save:
+            for img, spec in zip(out, batch):
+                save_image(img, sample_dir / f"{base:05d}.png", spec, model)
+                base += 1
     if not opt.skip_grid:
-        flat = [img for row in rows for img in row]
-        make_grid(flat, cols=opt.n_rows or opt.n_samples).save(Path(opt.outdir) / f"grid-{grid_count:04d}.png")
+        save_grid(images, specs, Path(opt.outdir) / f"grid-{grid_count:04d}.png", cols=opt.n_rows or opt.n_samples,
+                  model=model)
     print(f"Your samples are ready and waiting for you here: \n{opt.outdir} \n \nEnjoy.")
     return 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 PKG = "colodiffusion"
 SRC = Path(__file__).resolve().parents[1] / "src" / PKG
 LAYERS = [{"config", "lifeline", "__init__"}, {"diffusion", "storage"}, {"models"}, {"generate"}, {"data"}, {"parallel"},
-          {"train"}, {"cli", "export", "evaluate", "bench", "__main__"}]
+          {"train"}, {"cli", "export", "evaluate", "bench", "bench_args", "__main__"}]
 COMMANDS = LAYERS[-1]
 
 

@@ -22,7 +22,6 @@ device, so it allocates nothing); on the CPU the process's max RSS (memory_kind 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import resource
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from colodiffusion.bench_args import FAST, build_parser
 from colodiffusion.config import Config, ConfigError, load_config
 from colodiffusion.models.presets import Preset, build_unet, get_preset
 
@@ -45,9 +45,6 @@ PEAK_BF16_TFLOPS = {
     "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0,
     "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
 }
-FAST = ["perf.compile=full", "perf.param_dtype=bf16", "perf.channels_last=true", "perf.fuse_qkv=true"]
-"""The fast path's levers (`--fast`): the set measured at 1.43x the diffusers-default loop (H100,
-sd15, batch 32, bench/RESULTS.md); overrides given after them win."""
 StepFn = Callable[[], Optional[torch.Tensor]]
 
 
@@ -430,27 +427,6 @@ def run(cfg: Config, args, emit: Callable[[dict], None]) -> int:
               "baseline_img_per_s": base["img_per_s"], "ratio": round(fast["img_per_s"] / base["img_per_s"], 3),
               "fast_peak_gib": fast["peak_memory_gib"], "baseline_peak_gib": base["peak_memory_gib"]})
     return 0
-
-
-def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
-    p.add_argument("-c", "--config", help="YAML recipe whose model/perf/precision/train settings are benchmarked")
-    p.add_argument("--preset", help="model preset (default: the recipe's, else sd15 at 512 px; tiny for CPU)")
-    p.add_argument("--resolution", type=int, help="image resolution in pixels (default: the preset's)")
-    p.add_argument("--batch", type=int, default=32, help="images per step")
-    p.add_argument("--steps", type=int, default=12, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--fast", action="store_true", help=f"turn on the fast path: {' '.join(FAST)}")
-    p.add_argument("--baseline", action="store_true", help="also time the diffusers-default loop; print the ratio")
-    p.add_argument("--memory", action="store_true", help="report peak memory of full UNet training at batch 1 and 8")
-    p.add_argument("--loss-match", type=int, default=0, metavar="N",
-                   help="compare N steps of losses with the eager fp32-master path (exit 1 if they differ)")
-    p.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: a table by device name)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", help="also append the JSON lines to this file")
-    p.add_argument("--tag", help="a label copied into every JSON line (bench/gpu_check.sh names its steps)")
-    p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. perf.compile=full")
-    return p
 
 
 def main_args(args) -> int:

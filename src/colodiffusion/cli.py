@@ -1,21 +1,25 @@
-"""`colodiffusion train | sample | export | eval`: thin argument parsing over the modules.
+"""`colodiffusion train | sample | export | eval | config`: thin argument parsing over the modules.
 
 A user mistake (bad config key, missing path) prints one sentence and exits with code 2; no
-traceback. Anything else is a bug and keeps its traceback.
+traceback. Anything else is a bug and keeps its traceback. The parser imports neither torch nor
+diffusers (each command imports what it needs), so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from colodiffusion import lifeline  # first: it records the launcher's pid before anything slow
 
-# transformers warns at import about optional image processors we never use.
+# transformers warns at import about optional image processors we never use; bitsandbytes (imported
+# by diffusers) about an optional CPU kernel package.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from colodiffusion.config import ConfigError  # noqa: E402
 
@@ -63,21 +67,54 @@ def cmd_cache(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    from colodiffusion.generate import generate, make_grid
+def sample_specs(args) -> list:
+    """Each --prompt (with its own kohya-style options, if any) --n times, the flags filling the rest."""
+    from colodiffusion.config import check_prompt, multiples_of_8, parse_prompt
 
+    for flag in ("height", "width"):
+        v = getattr(args, flag)
+        if v is not None and (v < 8 or v % 8):
+            raise UsageError(f"--{flag} {v} is not a multiple of 8; use {multiples_of_8(v)}.")
+    specs = []
+    flags = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
+             "sampler": args.sampler, "karras": args.karras, "width": args.width, "height": args.height,
+             "init_image": args.init_image}
+    for text in args.prompt:
+        for j in range(args.n):
+            spec = parse_prompt(text)
+            spec.seed = spec.seed + j if spec.seed is not None else args.seed + len(specs)  # --d: its n seeds
+            for name, value in flags.items():
+                if getattr(spec, name) is None:
+                    setattr(spec, name, value)
+            if spec.init_image and spec.strength is None:
+                spec.strength = args.strength
+            check_prompt(spec, f"prompt '{text}'")
+            specs.append(spec)
+    return specs
+
+
+def model_name(model: str) -> str:
+    """What a PNG's Model field says: the run or model folder's name (not 'final'), or the file's stem."""
+    p = Path(model).resolve()
+    return p.parent.name if p.name == "final" else p.stem if p.is_file() else p.name
+
+
+def cmd_sample(args) -> int:
+    from colodiffusion.generate import render, save_grid, save_image
+
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, not {args.n}.")
+    specs = sample_specs(args)
     _threads()
     pipe = _load(args.model)
-    prompts = [p for p in args.prompt for _ in range(args.n)]
-    seeds = [args.seed + i for i in range(len(prompts))]
-    images = generate(pipe, prompts, seeds, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                      height=args.height, width=args.width)
+    images = render(pipe, specs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (img, prompt) in enumerate(zip(images, prompts)):
-        img.save(out / f"{i:05d}.png")
-    make_grid(images, cols=args.n).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    name = model_name(args.model)
+    for i, (img, spec) in enumerate(zip(images, specs)):
+        save_image(img, out / f"{i:05d}.png", spec, name)
+    save_grid(images, specs, out / "grid.png", cols=args.n, model=name)
+    print(f"wrote {len(images)} images and grid.png to {out} (prompt and settings in each PNG's parameters)")
     return 0
 
 
@@ -107,13 +144,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from colodiffusion.config import describe, load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(describe(cfg) if args.all else to_yaml(cfg).rstrip("\n"))
+    return 0
+
+
 def cmd_export(args) -> int:
     from colodiffusion.export import export
 
+    _quiet()
     out = export(args.source, args.format, args.out, ema=args.ema, dtype=args.dtype, merge_lora=args.merge_lora,
                  original_config=args.original_config, tokenizer=args.tokenizer)
     print(f"wrote {args.format} model to {out}")
     return 0
+
+
 def cmd_bench(args) -> int:
     from colodiffusion.bench import main_args
 
@@ -121,9 +169,19 @@ def cmd_bench(args) -> int:
     return main_args(args)
 
 
+def _quiet() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars: noise on every command."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _load(model: str):
     from colodiffusion.generate import load_pipeline
 
+    _quiet()
     try:
         return load_pipeline(model)
     except FileNotFoundError as exc:
@@ -131,7 +189,9 @@ def _load(model: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colodiffusion.diffusion.samplers import SAMPLERS
+    from colodiffusion.bench_args import DESCRIPTION as BENCH
+    from colodiffusion.bench_args import build_parser as bench_parser
+    from colodiffusion.config import SAMPLER_NAMES
 
     p = argparse.ArgumentParser(prog="colodiffusion", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,19 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=webdataset")
     c.set_defaults(func=cmd_cache)
 
-    s = sub.add_parser("sample", help="generate images from a trained model")
+    s = sub.add_parser("sample", help="generate images from a trained model (PNGs carry their settings)")
     s.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
-    s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    s.add_argument("--prompt", action="append", required=True,
+                   help="text prompt (repeatable); may end in options of its own: --n NEGATIVE --s STEPS --l GUIDANCE "
+                        "--d SEED --w WIDTH --h HEIGHT --ss SAMPLER --karras --i INIT_IMAGE --strength S")
+    s.add_argument("--negative-prompt", default="", help="what guidance steers away from (every prompt)")
     s.add_argument("--n", type=int, default=4, help="images per prompt")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=4.0)
-    s.add_argument("--sampler", default="dpm++", choices=sorted(SAMPLERS))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
+    s.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES)
+    s.add_argument("--karras", action="store_true", help="Karras sigmas (with --sampler dpm++ or euler)")
+    s.add_argument("--init-image", help="img2img: start from this image (resized to the output size)")
+    s.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much noise covers the init image (0-1; 1 ignores it)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
+    s.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    s.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
     s.add_argument("--out", default="samples")
     s.set_defaults(func=cmd_sample)
+
+    g = sub.add_parser("config", help="print the effective config (--all: every key with its default and help)")
+    g.add_argument("-c", "--config", help="YAML recipe (only the values that differ from the defaults)")
+    g.add_argument("--all", action="store_true", help="every key: value, default where it differs, allowed values, help")
+    g.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    g.set_defaults(func=cmd_config)
 
     x = sub.add_parser("export", help="write a run, checkpoint or model as diffusers / single-file / LoRA")
     x.add_argument("source", help="run folder, checkpoint folder, diffusers folder or single-file checkpoint")
@@ -184,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-combo", type=int, default=4, help="images per colour x shape combination")
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=4.0)
-    e.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    e.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     e.add_argument("--out", help="also save the generated images here")
     e.add_argument("--data", help="score on this folder of images + captions (default: the run's own data; "
                                   "the shapes judge only for shapes data)")
@@ -193,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-images", type=int, default=64, help="images generated for CLIP score / FID on own data")
     e.set_defaults(func=cmd_eval)
 
-    from colodiffusion.bench import build_parser as bench_parser
-
-    b = sub.add_parser("bench", help="time the UNet training step on synthetic latents (JSON lines)")
+    b = sub.add_parser("bench", help=BENCH + " (JSON lines)", description=BENCH)
     bench_parser(b).set_defaults(func=cmd_bench)
     return p
 

@@ -7,9 +7,12 @@ names the key: the CLI turns it into exit code 2 without a traceback.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +23,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A user mistake in the config: one sentence naming the key and what is allowed."""
+
+
+# Sampler names (diffusers schedulers, built in `diffusion/samplers.py`; a test keeps the two in step).
+# Kept here so that command-line parsers know them without importing torch or diffusers.
+SAMPLER_NAMES = ("ddim", "dpm++", "euler", "euler_a", "pndm")
+KARRAS_SAMPLERS = ("dpm++", "euler")
+"""The samplers that take Karras sigmas (the k-diffusion noise levels)."""
 
 
 def choice(default: str, *allowed: str):
@@ -186,18 +196,121 @@ class EMAConfig:
 
 
 @dataclass
+class PromptSpec:
+    """One sample prompt and its settings (after `SampleConfig.specs`, none is left None)."""
+    prompt: str
+    negative_prompt: Optional[str] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    seed: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    sampler: Optional[str] = None
+    karras: Optional[bool] = None
+    init_image: Optional[str] = None
+    strength: Optional[float] = None
+
+
+# kohya sd-scripts' inline prompt options (its sample prompt files), plus Karras sigmas and img2img.
+PROMPT_OPTIONS = {"n": ("negative_prompt", str), "s": ("steps", int), "l": ("guidance", float), "d": ("seed", int),
+                  "w": ("width", int), "h": ("height", int), "ss": ("sampler", str), "karras": ("karras", bool),
+                  "i": ("init_image", str), "strength": ("strength", float)}
+
+
+def parse_prompt(text: str) -> PromptSpec:
+    """'a dog --n blurry --s 30' -> PromptSpec('a dog', negative_prompt='blurry', steps=30); one
+    ConfigError sentence for an unknown option or a bad value."""
+    head, *options = text.split(" --")
+    spec = PromptSpec(head.strip())
+    for option in options:
+        name, _, value = option.strip().partition(" ")
+        value = value.strip()
+        if name not in PROMPT_OPTIONS:
+            allowed = ", ".join("--" + k for k in PROMPT_OPTIONS)
+            raise ConfigError(f"prompt '{text}' has an unknown option '--{name}'; the options are: {allowed}.")
+        attr, kind = PROMPT_OPTIONS[name]
+        if kind is bool:
+            if value:
+                raise ConfigError(f"prompt '{text}': --{name} takes no value (it was given '{value}').")
+            setattr(spec, attr, True)
+            continue
+        try:
+            setattr(spec, attr, kind(value))
+        except ValueError:
+            what = {int: "a whole number", float: "a number"}.get(kind, "a value")
+            raise ConfigError(f"prompt '{text}': --{name} needs {what}, not '{value}'.") from None
+    return spec
+
+
+def multiples_of_8(v: int) -> str:
+    """The nearest image sides the pipeline accepts, for a message: '24 or 32'."""
+    below, above = v - v % 8, v - v % 8 + 8
+    return f"{below} or {above}" if below >= 8 else str(above)
+
+
+def check_prompt(spec: PromptSpec, where: str) -> None:
+    """One sentence for a setting no sampler can use (`where` names the prompt or the flags)."""
+    problem = _prompt_problem(spec)
+    if problem:
+        raise ConfigError(f"{where}: {problem}.")
+
+
+def _prompt_problem(s: PromptSpec) -> Optional[str]:
+    if s.steps is not None and s.steps < 1:
+        return f"steps must be at least 1 (got {s.steps})"
+    if s.sampler is not None and s.sampler not in SAMPLER_NAMES:
+        return f"sampler '{s.sampler}' is not one of {', '.join(SAMPLER_NAMES)}"
+    if s.karras and s.sampler not in KARRAS_SAMPLERS:
+        return f"Karras sigmas need a k-sampler ({', '.join(KARRAS_SAMPLERS)}), not '{s.sampler}'"
+    for side in ("width", "height"):
+        v = getattr(s, side)
+        if v is not None and (v < 8 or v % 8):
+            return f"{side} {v} is not a multiple of 8; use {multiples_of_8(v)}"
+    if s.strength is not None and not 0 < s.strength <= 1:
+        return f"strength must be in (0, 1] (got {s.strength})"
+    if s.strength is not None and s.init_image is None:
+        return "strength needs an init image (--i PATH)"
+    if s.init_image is not None and not Path(s.init_image).is_file():
+        return f"init image '{s.init_image}' is not a file"
+    return None
+
+
+@dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=list)
     """Fixed prompts of the sample grid written during training; empty: four from the data (the shapes
-    demo's "a red circle", "a blue square", ...; otherwise captions spread over the training data)."""
+    demo's "a red circle", "a blue square", ...; otherwise captions spread over the training data).
+    Each may end in kohya-style options: --n NEGATIVE PROMPT, --s STEPS, --l GUIDANCE, --d SEED,
+    --w WIDTH, --h HEIGHT, --ss SAMPLER, --karras, --i INIT_IMAGE (img2img), --strength 0-1,
+    e.g. "a dog --n blurry --s 30 --d 7"."""
+    negative_prompt: str = ""
+    """Negative prompt of every sample (what guidance steers away from); a prompt's --n replaces it."""
     steps: int = 25
     """Denoising steps for samples and evaluation."""
     guidance: float = 4.0
     """Classifier-free guidance scale."""
-    sampler: str = choice("ddim", "ddim", "dpm++", "euler", "euler_a", "pndm")
+    sampler: str = choice("ddim", *SAMPLER_NAMES)
     """Sampler (a diffusers scheduler)."""
+    karras: bool = False
+    """Karras sigmas (noise levels spaced as in Karras et al. 2022) for the k-samplers: dpm++ and euler."""
     seed: int = 0
     """Seed for the sample grid."""
+
+    def specs(self, prompts: Optional[list[str]] = None) -> list[PromptSpec]:
+        """Every prompt (of `prompts`, default `self.prompts`) with its own options, the rest from these
+        defaults (prompt i gets seed + i)."""
+        out = []
+        for i, text in enumerate(self.prompts if prompts is None else prompts):
+            spec = parse_prompt(text)
+            for name, default in (("negative_prompt", self.negative_prompt), ("steps", self.steps),
+                                  ("guidance", self.guidance), ("seed", self.seed + i), ("sampler", self.sampler),
+                                  ("karras", self.karras)):
+                if getattr(spec, name) is None:
+                    setattr(spec, name, default)
+            if spec.init_image and spec.strength is None:
+                spec.strength = 0.75  # AUTOMATIC1111's default denoising strength
+            out.append(spec)
+        return out
 
 
 @dataclass
@@ -579,6 +692,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.lora.text_encoder=true needs train.lora.rank > 0 (the adapter rank).")
     if lora.rank and not lora.target_modules:
         raise ConfigError("train.lora.target_modules is empty; name the UNet modules to adapt (e.g. [to_q, to_v]).")
+    _check_sample(cfg)
     _check_perf(cfg)
     _check_parallel(cfg)
     resume = cfg.train.resume
@@ -660,6 +774,18 @@ def _check_own_data(cfg: Config) -> None:
                           "eval.clip_model, or `colodiffusion eval MODEL --data FOLDER --fid-model DIR` afterwards.")
 
 
+def _check_sample(cfg: Config) -> None:
+    sc = cfg.sample
+    if sc.karras and sc.sampler not in KARRAS_SAMPLERS:
+        raise ConfigError(f"sample.karras=true needs a k-sampler as sample.sampler ({', '.join(KARRAS_SAMPLERS)}); "
+                          f"it is '{sc.sampler}'.")
+    try:
+        for spec in sc.specs():
+            check_prompt(spec, f"prompt '{spec.prompt}'")
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'sample.prompts': {exc}") from None
+
+
 def _check_perf(cfg: Config) -> None:
     if cfg.perf.param_dtype == "bf16" and cfg.precision != "bf16":
         raise ConfigError(
@@ -715,6 +841,24 @@ def _get(cfg: Any, path: str) -> Any:
     return cfg
 
 
+def _yaml_where(exc: Exception, path: Path) -> str:
+    """' at line L, column C: what was wrong' from a YAML error (1-based, as editors count)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None:
+        return f": {(str(exc).splitlines() or [''])[0]}"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    try:
+        line = path.read_text(errors="replace").splitlines()[mark.line]
+    except (OSError, IndexError):
+        line = ""
+    if "\t" in line[:mark.column + 1]:
+        where += "; YAML cannot indent with tabs, use spaces"
+    return where + "."
+
+
 def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file(s) at `path` (a list is merged left to right, as the seed's `-b a b`),
     then `key=value` overrides; validated."""
@@ -727,7 +871,7 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         try:
             data = OmegaConf.load(p)
         except Exception as exc:  # YAML syntax errors come in many types
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file '{p}' is not valid YAML{_yaml_where(exc, p)}") from None
         _refuse_seed_layout(data, p)
         try:
             merged = OmegaConf.merge(merged, data)
@@ -809,3 +953,52 @@ def _flat_keys(node: Any, prefix: str = "") -> list[str]:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def field_docs() -> dict[str, str]:
+    """{key path: docstring} for every leaf key, read from the attribute docstrings in this file."""
+    classes: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            pairs = zip(node.body, node.body[1:])
+            classes[node.name] = {a.target.id: " ".join(b.value.value.split()) for a, b in pairs
+                                  if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                                  and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                                  and isinstance(b.value.value, str)}
+    docs: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                docs[prefix + f.name] = classes.get(type(node).__name__, {}).get(f.name, "")
+
+    walk(Config(), "")
+    return docs
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in a key=value override."""
+    if isinstance(value, str) and value and value.strip() == value and not value[0] in "[{'\"":
+        return value
+    return json.dumps(value)
+
+
+def describe(cfg: Config) -> str:
+    """Every key with its value (and default, where they differ), its allowed values and its docstring."""
+    docs = field_docs()
+    defaults = {path: value for path, _, value in _walk(Config())}
+    lines = []
+    for path, f, value in _walk(cfg):
+        line = f"{path} = {_show(value)}"
+        if value != defaults[path]:
+            line += f"  (default: {_show(defaults[path])})"
+        allowed = [a for a in f.metadata.get("choices") or () if a is not None]
+        if allowed:
+            line += f"  [{' | '.join(allowed)}]"
+        lines.append(line)
+        lines.extend(textwrap.wrap(docs.get(path, ""), 100, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
+

@@ -2,7 +2,8 @@
 
 A command over models, checkpoints and pipelines: the model is loaded by `models/loading.py`
 (rebuilt exactly as training built it, for our checkpoints) and written by `models/single_file.py`,
-`models/lora.py` or `generate.export_diffusers`.
+`models/lora.py` or `generate.export_diffusers`. A single .safetensors file (model or LoRA) says how
+it was made: kohya's `ss_*` training keys in its header (`train/metadata.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from colodiffusion.generate import export_diffusers
 from colodiffusion.models import lora
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.single_file import DTYPES, save_single_file
+from colodiffusion.train.metadata import kohya_metadata
 
 FORMATS = ("diffusers", "single-file", "lora")
 
@@ -33,7 +35,8 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
     if fmt == "lora":
         if not m.has_lora:
             raise ConfigError(f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write.")
-        return lora.save_lora(out, m.unet, m.text_encoder, DTYPES[dtype])
+        meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type, lora.lora_shape(m.unet))
+        return lora.save_lora(out, m.unet, m.text_encoder, DTYPES[dtype], metadata=meta)
     if m.has_lora:
         if not merge_lora:
             raise ConfigError(
@@ -42,7 +45,9 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
             )
         m.unet, m.text_encoder = lora.merged(m.unet), lora.merged(m.text_encoder)
     if fmt == "single-file":
-        return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype)
+        meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type)
+        return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype,
+                                metadata=meta)
     cast = DTYPES[dtype]
     unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
     return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler)

@@ -1,4 +1,7 @@
-"""Samplers are diffusers schedulers, chosen by name and configured from the training schedule."""
+"""Samplers are diffusers schedulers, chosen by name and configured from the training schedule.
+
+Their names also live in `config.SAMPLER_NAMES` (so parsers need not import diffusers); a test
+keeps the two in step."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from diffusers import (
     PNDMScheduler,
 )
 
+from colodiffusion.config import KARRAS_SAMPLERS
+
 SAMPLERS = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -19,9 +24,14 @@ SAMPLERS = {
 }
 
 
-def make_sampler(name: str, base_config):
-    """A sampler scheduler sharing `base_config`'s betas and prediction type."""
+def make_sampler(name: str, base_config, karras: bool = False):
+    """A sampler scheduler sharing `base_config`'s betas and prediction type; `karras` spaces its
+    noise levels as Karras et al. (2022) do (k-samplers only: `config.KARRAS_SAMPLERS`)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"Karras sigmas need a k-sampler ({', '.join(KARRAS_SAMPLERS)}), not '{name}'")
+    if name in KARRAS_SAMPLERS:  # always set: `base_config` may be a previous sampler's, Karras or not
+        extra = {**extra, "use_karras_sigmas": karras}
     return cls.from_config(base_config, **extra)

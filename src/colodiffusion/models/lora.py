@@ -16,6 +16,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from colodiffusion.storage.files import match_umask
+
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -43,10 +45,13 @@ def apply_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg) -> Non
 
 
 def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module] = None,
-              dtype: torch.dtype = torch.float32) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` in the format `load_lora_weights` reads."""
+              dtype: torch.dtype = torch.float32, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` in the format `load_lora_weights` reads, with
+    `metadata` (e.g. kohya's ss_* training keys) added to its header."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     def layers(model):
         sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
@@ -61,7 +66,19 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: Optional[torch.
         unet_lora_adapter_metadata=meta(unet), text_encoder_lora_adapter_metadata=meta(te) if te is not None else None,
         weight_name=WEIGHT_NAME,
     )
-    return Path(folder) / WEIGHT_NAME
+    path = Path(folder) / WEIGHT_NAME
+    if metadata:  # diffusers writes its own header keys; ours are added beside them
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        save_file(load_file(str(path)), str(path), metadata={**metadata, **header})
+    match_umask([path])
+    return path
+
+
+def lora_shape(module: torch.nn.Module) -> Optional[tuple[int, float]]:
+    """(rank, alpha) of a module's adapter, or None without one."""
+    config = getattr(module, "peft_config", {}).get("default")
+    return (config.r, config.lora_alpha) if config is not None else None
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import ldm_convert
 from colodiffusion.models.components import Components, freeze
 from colodiffusion.models.presets import get_preset
+from colodiffusion.storage.files import match_umask
 
 META_KEY = "colodiffusion"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -169,8 +170,10 @@ def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, 
 
 
 def save_single_file(out: str | Path, unet, vae, text_encoder, tokenizer, noise_scheduler,
-                     ema_unet: Optional[dict] = None, dtype: str = "fp32") -> Path:
-    """Write the LDM-layout file (`.safetensors`, or a `{"state_dict": ...}` pickle for `.ckpt`)."""
+                     ema_unet: Optional[dict] = None, dtype: str = "fp32",
+                     metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write the LDM-layout file (`.safetensors`, or a `{"state_dict": ...}` pickle for `.ckpt`);
+    `metadata` (e.g. kohya's ss_* training keys) goes into a .safetensors header beside ours."""
     out = Path(out)
     sd = ldm_convert.to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), dict(unet.config),
                             dict(vae.config), text_encoder.config.to_dict(), ema=ema_unet)
@@ -180,9 +183,10 @@ def save_single_file(out: str | Path, unet, vae, text_encoder, tokenizer, noise_
                        "tokenizer": _tokenizer_files(tokenizer)}, default=str)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
-        save_file(sd, str(out), metadata={META_KEY: meta, "format": "pt"})
+        save_file(sd, str(out), metadata={**(metadata or {}), META_KEY: meta, "format": "pt"})
     else:
         torch.save({"state_dict": sd, META_KEY: meta}, out)
+    match_umask([out])
     return out
 
 

@@ -3,11 +3,15 @@
 Real SD checkpoints ship their CLIP BPE vocabulary; the tiny preset has none and must not download
 one. We train a byte-level BPE with CLIP's exact pre-tokenization and `</w>` end-of-word suffix on
 the dataset's captions, so the result is a genuine `CLIPTokenizer` that diffusers pipelines load.
+`coverage` measures how well any tokenizer knows a dataset's caption words (a word it splits into
+letters is one the model will learn slowly, if at all).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from typing import Iterable
 
 from tokenizers import pre_tokenizers, trainers
@@ -38,3 +42,16 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_lengt
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = max_length
     return tok
+
+
+MAX_PIECES = 3
+"""A caption word split into more pieces than this is one the text encoder barely knows."""
+
+
+def coverage(tokenizer, captions: Iterable[str], max_pieces: int = MAX_PIECES) -> tuple[int, Counter, dict[str, int]]:
+    """(caption words counted, Counter of the words split into more than `max_pieces` tokens, pieces
+    per such word). Words are runs of letters, lower-cased as CLIP's tokenizer does."""
+    words = Counter(w for text in captions for w in re.findall(r"[^\W\d_]+", text.lower()))
+    pieces = {w: len(tokenizer.tokenize(w)) for w in words}
+    split = Counter({w: n for w, n in words.items() if pieces[w] > max_pieces})
+    return sum(words.values()), split, {w: pieces[w] for w in split}

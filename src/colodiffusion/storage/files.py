@@ -1,8 +1,9 @@
-"""Small file helpers for sealed folders and the latent cache."""
+"""Small file helpers for sealed folders, the latent cache and exported files."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -13,3 +14,26 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def match_umask(files) -> None:
+    """Give `files` the mode a plain open() gives under the user's umask (0666 minus it): some
+    writers (safetensors) create their files 0600 through a temporary file, which other users of
+    an exported model could then not read."""
+    files = [Path(f) for f in files]
+    if not files:
+        return
+    mode = _default_mode(files[0].parent)
+    for f in files:
+        os.chmod(f, mode)
+
+
+def _default_mode(folder: Path) -> int:
+    # A probe file rather than os.umask(), which would change the umask of every thread for a moment.
+    probe = folder / f".mode-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()

@@ -21,16 +21,17 @@ from colodiffusion.data import build_datasets, sample_prompts
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
-from colodiffusion.generate import export_diffusers, generate, make_grid, make_pipeline
+from colodiffusion.generate import export_diffusers, make_pipeline, render, save_grid
 from colodiffusion.models import Components, encode_images
-from colodiffusion.models.lora import has_lora, merged, save_lora
+from colodiffusion.models.lora import has_lora, lora_shape, merged, save_lora
 from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
 from colodiffusion.storage.sealed import write_sealed
-from colodiffusion.train import guards, preflight, run_folder, signals
+from colodiffusion.train import dataset_info, guards, preflight, run_folder, signals
 from colodiffusion.train.first_stage import frozen_components
+from colodiffusion.train.metadata import kohya_metadata
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
@@ -67,11 +68,13 @@ def train(cfg: Config) -> Path:
         with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
             run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
             dataset, val_data = build_datasets(cfg)
+            dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
             preflight.check(cfg, backend, run_dir, dataset)
         run_folder.prepare(cfg, backend, run_dir)
         choose_sample_prompts(cfg, backend, dataset)
         comps = build_model(cfg, backend, run_dir, dataset)
+        dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir)  # tokenizer coverage; run_info.json
         state = build_state(cfg, backend, comps, dataset)
         build_evaluation(cfg, backend, comps, state, val_data)
         resume(cfg, backend, state, run_dir)
@@ -347,10 +350,10 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
     unet, text_encoder = split(unet, comps)
     pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
     pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
-    seeds = [sc.seed + i for i in range(len(sc.prompts))]
-    images = generate(pipe, sc.prompts, seeds, steps=sc.steps, guidance=sc.guidance, sampler=sc.sampler)
-    grid = make_grid(images, cols=len(images))
-    grid.save(run_dir / "samples" / f"step_{s.step:08d}.png")
+    specs = sc.specs()  # each prompt with its own options (--n, --s, --l, --d, ...), labelled in the grid
+    images = render(pipe, specs)
+    grid = save_grid(images, specs, run_dir / "samples" / f"step_{s.step:08d}.png", cols=min(len(images), 4),
+                     model=f"{run_dir.name} step {s.step}")
     if cfg.data.source == "latents":
         comps.text_encoder.to("cpu")
         comps.vae.to("cpu")
@@ -403,7 +406,8 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
     unet, text_encoder = split(unet, comps)
     # Sealed like a checkpoint: a kill mid-export leaves no final/ (resuming exports it again).
     if has_lora(unet) or has_lora(text_encoder):  # the adapter alone, and final/ with it merged in
-        write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder), step=s.step)
+        meta = kohya_metadata(run_dir, run_dir / "lora", unet, comps.prediction_type, lora_shape(unet))
+        write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step)
         unet, text_encoder = merged(unet), merged(text_encoder)
     write_sealed(run_dir / "final", lambda folder: export_diffusers(
         folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler), step=s.step)
