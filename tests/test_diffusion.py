@@ -63,3 +63,25 @@ def test_caption_dropout_rate_and_determinism():
     assert 140 < dropped < 260
     assert out == drop_captions(caps, 0.1, torch.Generator().manual_seed(1))
     assert drop_captions(caps, 0.0, torch.Generator().manual_seed(1)) == caps
+
+
+def test_a_sampler_is_the_same_from_a_config_in_memory_and_one_saved_and_reloaded(tmp_path):
+    """Sampling a checkpoint (its schedule built in memory) and its exported final/ (the schedule read
+    back from scheduler_config.json) must use the same sampler: diffusers replaced the values a config
+    got by default with the next class's defaults, so DPM++ and Euler got 'linspace' timestep spacing
+    from one path and SD's 'leading' from the other."""
+    from diffusers import DDIMScheduler
+
+    from colodiffusion.config import Config
+    from colodiffusion.diffusion import build_noise_scheduler
+    from colodiffusion.diffusion.samplers import SAMPLERS, make_sampler
+    from colodiffusion.generate import make_pipeline
+
+    in_memory = make_pipeline(None, None, None, None, build_noise_scheduler(Config(), "epsilon")).scheduler
+    in_memory.save_pretrained(tmp_path)
+    reloaded = DDIMScheduler.from_pretrained(tmp_path)
+    for name in SAMPLERS:
+        a, b = dict(make_sampler(name, in_memory.config).config), dict(make_sampler(name, reloaded.config).config)
+        a.pop("_use_default_values", None), b.pop("_use_default_values", None)
+        assert a == b, name
+        assert a.get("timestep_spacing", "leading") == "leading", name

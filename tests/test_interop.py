@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
@@ -420,6 +421,11 @@ def test_sample_and_txt2img_take_a_checkpoint_folder(finetuned, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["sample", str(ckpt), "--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
     assert exit_.value.code == 0 and (tmp_path / "s" / "00000.png").exists()
+    with pytest.raises(SystemExit):  # the same weights through final/: the same image, sampler included
+        main(["sample", str(finetuned / "final"), "--prompt", "a red circle", "--n", "1", "--steps", "2",
+              "--out", str(tmp_path / "f")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "00000.png")),
+                          np.asarray(Image.open(tmp_path / "f" / "00000.png")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--prompt", "a red circle",
                           "--ckpt", str(ckpt), "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--H", "32",

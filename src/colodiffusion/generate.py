@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from colodiffusion.config import ConfigError, PromptSpec, multiples_of_8
-from colodiffusion.diffusion import make_sampler
+from colodiffusion.diffusion.samplers import explicit, make_sampler
 from colodiffusion.models.loading import load_model
 from colodiffusion.storage.files import match_umask
 
@@ -30,7 +30,7 @@ INIT_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP"]
 
 
 def make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler) -> StableDiffusionPipeline:
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False)
+    scheduler = DDIMScheduler.from_config(explicit(noise_scheduler.config), set_alpha_to_one=False)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

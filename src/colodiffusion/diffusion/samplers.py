@@ -34,4 +34,12 @@ def make_sampler(name: str, base_config, karras: bool = False):
         raise ValueError(f"Karras sigmas need a k-sampler ({', '.join(KARRAS_SAMPLERS)}), not '{name}'")
     if name in KARRAS_SAMPLERS:  # always set: `base_config` may be a previous sampler's, Karras or not
         extra = {**extra, "use_karras_sigmas": karras}
-    return cls.from_config(base_config, **extra)
+    return cls.from_config(explicit(base_config), **extra)
+
+
+def explicit(config) -> dict:
+    """A scheduler config with every value it holds passed on. diffusers marks the keys a config got by
+    default (`_use_default_values`) and lets the next class's defaults replace them, so a config made in
+    memory and the same config saved and reloaded gave different samplers (DPM++ and Euler took
+    'linspace' timestep spacing from one and SD's 'leading' from the other)."""
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
