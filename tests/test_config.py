@@ -60,3 +60,17 @@ def test_cli_exits_2_without_traceback(tmp_path, args, fragment):
     assert out.returncode == 2
     assert fragment in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists(), "nothing may be written before the config is valid"
+
+
+def test_a_later_file_fills_what_a_recipe_leaves_to_the_user(tmp_path):
+    """-b recipe.yaml mine.yaml (merged left to right): a '???' of the recipe is given by the next file;
+    one the next file does not give still stops the load with one sentence."""
+    recipe, mine = tmp_path / "recipe.yaml", tmp_path / "mine.yaml"
+    recipe.write_text("data:\n  source: folder\n  path: ???\ntrain:\n  max_steps: ???\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    mine.write_text(f"data:\n  path: {images}\n")
+    with pytest.raises(ConfigError, match=r"^train.max_steps must be given"):
+        load_config([recipe, mine])
+    cfg = load_config([recipe, mine], ["train.max_steps=3"])
+    assert cfg.data.path == str(images) and cfg.train.max_steps == 3

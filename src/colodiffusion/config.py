@@ -865,6 +865,7 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
     schema = OmegaConf.structured(Config)
     merged = schema
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    required: set[str] = set()  # keys a recipe marks '???' (and no later file sets): the user must give them
     for p in map(Path, paths):
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist.")
@@ -877,7 +878,9 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
             raise _friendly(exc, f"'{p}'") from None
-    required = set(OmegaConf.missing_keys(merged))  # keys a recipe marks '???': the user must give them
+        missing = set(OmegaConf.missing_keys(data))  # (merge keeps a value over '???', so read them from the file)
+        given = set(_flat_keys(OmegaConf.to_container(data, resolve=False))) if OmegaConf.is_dict(data) else set()
+        required = (required - given) | missing
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200).")
