@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import loop
 
-from datagen import make_folder
+from datagen import make_folder, make_tiny_clip
 from sdxlfolder import make_sdxl_folder
 
 RES = 32  # pixels; 16x16 latents through the f2 VAE
@@ -106,10 +106,13 @@ def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, mo
                             "--init-image", str(next(xl["data"].glob("*.png"))), "--n", "1", "--steps", "2",
                             "--out", str(tmp_path / "i2i")], capsys)
     assert code == 0, err
-    code, out, err = run_cli(["eval", str(a), "--json"], capsys)
+    clip = make_tiny_clip(tmp_path / "clip")
+    code, out, err = run_cli(["eval", str(a), "--json", "--clip-model", str(clip), "--num-images", "2", "--steps", "2"],
+                             capsys)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["scorer"] == "data" and np.isfinite(result["val_loss"]) and result["held_out"]
+    assert np.isfinite(result["clip_score"])
 
     exported = export(a / "checkpoints" / "step_00000004", "diffusers", tmp_path / "exported", ema=True)
     again = StableDiffusionXLPipeline.from_pretrained(exported)

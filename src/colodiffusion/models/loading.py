@@ -63,7 +63,9 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
             cfg = copy.deepcopy(cfg)
             cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
         return load_single_file(root, cfg)
-    if m.preset == "sdxl" or is_sdxl_folder(root):
+    if is_sdxl_folder(root) and m.preset != "sdxl":  # (a local folder is checked at config load; a Hub id here)
+        raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set model.preset=sdxl.")
+    if m.preset == "sdxl":
         return load_sdxl(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:

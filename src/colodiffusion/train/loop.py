@@ -327,8 +327,8 @@ def validate(cfg: Config, backend: Backend, comps: Components, objective, s: Sta
     s.model.eval()
     total, count = validation_loss(
         objective, lambda x_t, t, context: unet_call(s.model, x_t, t, context),
-        lambda captions, time_ids: text_input(cfg, comps, captions, backend.device, time_ids), s.val, micro, backend.device,
-        backend.dp_rank, backend.dp_size, backend.autocast)
+        lambda captions, time_ids: text_input(cfg, comps, captions, backend.device, time_ids), s.val, micro,
+        backend.device, backend.dp_rank, backend.dp_size, backend.autocast)
     s.model.train()
     return {"val_loss": (backend.all_reduce_mean(total) / backend.all_reduce_mean(count)).item(), "val_n": len(s.val)}
 

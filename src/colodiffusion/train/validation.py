@@ -102,7 +102,8 @@ def validation_loss(objective, model_fn: Callable, context_fn: Callable[[list[st
         if vset.contexts is not None:
             context = vset.contexts[idx].to(device)
         else:
-            context = context_fn([vset.captions[i] for i in idx], vset.time_ids[idx] if vset.time_ids is not None else None)
+            time_ids = vset.time_ids[idx] if vset.time_ids is not None else None
+            context = context_fn([vset.captions[i] for i in idx], time_ids)
         with autocast():
             per_sample = objective.per_sample_loss(model_fn, x0, context, t, noise)
         w = torch.tensor(weights[a:a + batch_size], device=device)
