@@ -48,8 +48,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = choice("tiny", "tiny", "sd15", "sd2")
-    """Architecture from the preset registry: tiny (CPU-sized), sd15 (SD 1.x), sd2 (SD 2.x, v-prediction)."""
+    preset: str = choice("tiny", "tiny", "sd15", "sd2", "sdxl")
+    """Architecture from the preset registry: tiny (CPU-sized), sd15 (SD 1.x), sd2 (SD 2.x, v-prediction), sdxl
+    (SDXL: two text encoders and size/crop conditioning; fine-tunes the UNet of model.pretrained, a diffusers
+    SDXL folder with text_encoder_2/ and tokenizer_2/)."""
     pretrained: Optional[str] = None
     """Diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/), a Hugging Face Hub id such as
     stable-diffusion-v1-5/stable-diffusion-v1-5 (downloaded once into the Hub cache; with HF_HUB_OFFLINE=1 only
@@ -726,6 +728,11 @@ def is_hub_id(value: str) -> bool:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
+    if m.preset == "sdxl":
+        _check_sdxl(cfg)
+    elif m.pretrained and (Path(m.pretrained) / "text_encoder_2").is_dir():
+        raise ConfigError(f"model.pretrained '{m.pretrained}' is an SDXL folder (it has text_encoder_2/): set "
+                          "model.preset=sdxl.")
     if m.init == "scratch" and m.preset != "tiny" and not (m.pretrained or (m.text_encoder and m.vae)):
         raise ConfigError(f"model.init=scratch with model.preset={m.preset} needs its frozen parts: set "
                           "model.pretrained (a folder or Hub id with text_encoder/, tokenizer/ and vae/), or "
@@ -733,6 +740,37 @@ def _check_model(cfg: Config) -> None:
     if cfg.train.optimizer != "adamw" and cfg.perf.optimizer != "adamw":
         raise ConfigError(f"perf.optimizer={cfg.perf.optimizer} is AdamW with 8-bit states; it does not combine with "
                           f"train.optimizer={cfg.train.optimizer}.")
+
+
+def _check_sdxl(cfg: Config) -> None:
+    """What the SDXL preset does not do (yet) is refused here, before anything is read or written."""
+    m, root = cfg.model, Path(cfg.model.pretrained or "")
+    refusals = [
+        (not m.pretrained, "model.preset=sdxl fine-tunes the UNet of model.pretrained: give a diffusers SDXL folder "
+                           "(unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) or its Hub id."),
+        (m.pretrained and root.is_file(), f"model.pretrained '{m.pretrained}' is a single file; model.preset=sdxl "
+                                          "reads a diffusers SDXL folder (convert the file with diffusers first)."),
+        (m.pretrained and root.is_dir() and not (root / "text_encoder_2").is_dir(),
+         f"model.pretrained '{m.pretrained}' has no text_encoder_2/, so it is not an SDXL folder: use "
+         "model.preset=sd15 or sd2 for it, or point to an SDXL folder."),
+        (m.init == "scratch", "model.init=scratch is not supported for model.preset=sdxl: it fine-tunes "
+                              "model.pretrained's UNet."),
+        (bool(m.tokenizer or m.text_encoder), "model.tokenizer and model.text_encoder name one text encoder; "
+                                              "with model.preset=sdxl both encoders come from model.pretrained."),
+        (m.train_text_encoder or cfg.train.lora.text_encoder,
+         "model.preset=sdxl trains the UNet (fully or with LoRA) over frozen text encoders: leave "
+         "model.train_text_encoder and train.lora.text_encoder false."),
+        (cfg.data.source == "latents", "data.source=latents is not supported for model.preset=sdxl (the cache "
+                                       "stores one encoder's context and no image sizes): train from the images."),
+        (cfg.train.save_every_n_epochs and cfg.train.save_model_as != "diffusers",
+         f"train.save_model_as={cfg.train.save_model_as} writes the single-file SD layout, which has no SDXL "
+         "form here: use train.save_model_as=diffusers."),
+        (cfg.parallel.tp > 1, "parallel.tp is not supported for model.preset=sdxl (its plan covers SD 1.x/2.x "
+                              "UNets): use data parallelism (ddp, fsdp, deepspeed)."),
+    ]
+    for refused, sentence in refusals:
+        if refused:
+            raise ConfigError(sentence)
 
 
 def report_to(cfg: Config) -> list[str]:
@@ -913,7 +951,7 @@ SEED_KEYS = {
     "model.params.linear_end": "diffusion.beta_end",
     "model.params.timesteps": "diffusion.num_train_timesteps",
     "model.params.parameterization": "model.prediction_type (eps: epsilon, v: v_prediction)",
-    "model.params.unet_config": "model.preset (sd15, sd2, tiny) with model.init=scratch, or model.pretrained",
+    "model.params.unet_config": "model.preset (sd15, sd2, sdxl, tiny) with model.init=scratch, or model.pretrained",
     "model.params.first_stage_config": "model.vae",
     "model.params.cond_stage_config": "model.text_encoder and model.tokenizer",
     "model.params.use_ema": "train.ema.enabled",

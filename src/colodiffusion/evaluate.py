@@ -367,7 +367,7 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
 
     from colodiffusion.diffusion import build_objective
     from colodiffusion.generate import make_grid
-    from colodiffusion.models import encode_prompts
+    from colodiffusion.models.components import context_to, encode_context, unet_call
     from colodiffusion.train.quality import MISSING_WEIGHTS, HeldOut, QualityProbe
     from colodiffusion.train.validation import build_validation, validation_loss
 
@@ -376,9 +376,8 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
     objective = build_objective(cfg, pipe.scheduler.alphas_cumprod.float(), pipe.scheduler.config.prediction_type)
     vset = build_validation(view, cfg.train.val_samples, pipe.vae, device)
     total, count = validation_loss(
-        objective, lambda x_t, t, c: unet(x_t.to(unet.dtype), t, c.to(unet.dtype)).sample.float(),
-        lambda captions: encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, device),
-        vset, 16, device)
+        objective, lambda x_t, t, c: unet_call(unet, x_t.to(unet.dtype), t, context_to(c, dtype=unet.dtype)).float(),
+        lambda captions, time_ids: encode_context(pipe, captions, device, time_ids), vset, 16, device)
     result = {"scorer": "data", "val_loss": float(total / count), "val_n": len(vset), "held_out": held_out}
     clip_model, fid_model = clip_model or cfg.eval.clip_model, fid_model or cfg.eval.fid_model
     if not (clip_model or fid_model):

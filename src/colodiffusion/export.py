@@ -44,10 +44,14 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
                 "or use --format lora to write the adapter file alone."
             )
         m.unet, m.text_encoder = lora.merged(m.unet), lora.merged(m.text_encoder)
+    if fmt == "single-file" and m.is_sdxl:
+        raise ConfigError(f"'{source}' is an SDXL model: --format single-file writes the SD 1.x/2.x layout only; "
+                          "use --format diffusers (or --format lora for a LoRA run).")
     if fmt == "single-file":
         meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type)
         return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype,
                                 metadata=meta)
     cast = DTYPES[dtype]
     unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
-    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler)
+    te_2 = copy.deepcopy(m.text_encoder_2).to(cast) if m.is_sdxl else None
+    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler, m.tokenizer_2, te_2)

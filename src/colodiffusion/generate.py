@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from colodiffusion.config import ConfigError, PromptSpec, multiples_of_8
 from colodiffusion.diffusion.samplers import explicit, make_sampler
 from colodiffusion.models.loading import load_model
+from colodiffusion.models.sdxl import is_sdxl_folder
 from colodiffusion.storage.files import match_umask
 
 # Our sampler names as AUTOMATIC1111 writes them (with " Karras" appended for Karras sigmas).
@@ -29,8 +31,18 @@ A1111_SAMPLERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M", "euler": "Euler", "euler_
 INIT_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP"]
 
 
-def make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler) -> StableDiffusionPipeline:
+def make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2=None,
+                  text_encoder_2=None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """SD's pipeline, or SDXL's when a second text encoder is given."""
     scheduler = DDIMScheduler.from_config(explicit(noise_scheduler.config), set_alpha_to_one=False)
+    if text_encoder_2 is not None:
+        # An empty negative prompt is encoded, not zeroed: training drops captions to "" (as diffusers'
+        # SDXL script does), so that is the unconditional branch the model learns.
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -54,13 +66,17 @@ def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     p = Path(path)
     if (p / "model_index.json").exists() or (p / "final" / "model_index.json").exists():
-        pipe = StableDiffusionPipeline.from_pretrained(
-            resolve_model_path(p), dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        folder = resolve_model_path(p)
+        if is_sdxl_folder(folder):
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False)
     else:  # a single file (original_config: its YAML, if any), a checkpoint folder of any backend, or a
         # run folder without final/ (its newest checkpoint); checkpoints give their EMA when they have one
         m = load_model(p, ema=None, original_config=original_config, tokenizer=tokenizer)
-        pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler).to(dtype=dtype)
+        pipe = make_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, m.noise_scheduler, m.tokenizer_2,
+                             m.text_encoder_2).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -91,7 +107,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
     pipe.set_progress_bar_config(disable=True)
     run, extra = pipe, {"height": height, "width": width}
     if init_image is not None:
-        run = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        run = img2img_pipeline(pipe)
         run.set_progress_bar_config(disable=True)
         extra = {"strength": strength}
         init_image = init_image.convert("RGB").resize((width, height), Image.LANCZOS)
@@ -105,6 +121,14 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
                   guidance_scale=guidance, generator=gens, output_type="pil", **extra)
         images.extend(out.images)
     return images
+
+
+def img2img_pipeline(pipe):
+    """The img2img pipeline over `pipe`'s own modules (SD or SDXL)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return StableDiffusionXLImg2ImgPipeline(**pipe.components, force_zeros_for_empty_prompt=False,
+                                                add_watermarker=False)
+    return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
 
 
 def load_init_image(path: str | Path) -> Image.Image:
@@ -222,13 +246,16 @@ def _wrap(text: str, font, width: int, max_lines: int = 3) -> list[str]:
     return lines or [""]
 
 
-def export_diffusers(out_dir: Path, tokenizer, text_encoder, vae, unet, noise_scheduler) -> Path:
-    """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads (files with the user's umask)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # else tokenizer.json keeps the last call's padding (transformers sets it per call)
-        backend.no_truncation()
-        backend.no_padding()
-    pipe = make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler)
+def export_diffusers(out_dir: Path, tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2=None,
+                     text_encoder_2=None) -> Path:
+    """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads (with a second text
+    encoder, one that `StableDiffusionXLPipeline.from_pretrained` loads); files with the user's umask."""
+    for tok in (tokenizer, tokenizer_2):
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:  # else tokenizer.json keeps the last call's padding (transformers sets it per call)
+            backend.no_truncation()
+            backend.no_padding()
+    pipe = make_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2, text_encoder_2)
     pipe.save_pretrained(out_dir)
     out_dir = Path(out_dir)
     parts = [out_dir / name for name in pipe.components if (out_dir / name).is_dir()]

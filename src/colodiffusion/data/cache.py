@@ -132,6 +132,9 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
         raise ConfigError("colodiffusion cache reads images: set data.source to folder, webdataset, parquet or shapes.")
     if cfg.data.bucketing:
         raise ConfigError("colodiffusion cache stores one resolution: turn data.bucketing off.")
+    if cfg.model.preset == "sdxl":
+        raise ConfigError("colodiffusion cache does not support model.preset=sdxl (it stores one text encoder's "
+                          "context and no image sizes): train SDXL from the images.")
     out = Path(out)
     ranks = _Ranks(cfg.parallel.timeout_s)
     try:

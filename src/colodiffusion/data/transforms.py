@@ -5,6 +5,10 @@ either returns `{"pixel_values", "caption"}` or raises `BadSample(reason)` (a co
 and listed) or `Filtered(reason)` (a valid sample the filters reject, only counted). Randomness
 (crop position, flips) comes from a generator seeded by (seed, epoch, index), so any worker on any
 rank draws the same crop for the same sample and resume is exact.
+
+For SDXL's micro-conditioning (`report_sizes`) a sample also says what was done to it: the image's
+stored size before resizing (`original_size`, (h, w)) and the crop's top-left corner in the resized
+image (`crop_top_left`, (top, left)); `size_conditioning` turns a batch of them into SDXL's time ids.
 """
 
 from __future__ import annotations
@@ -104,6 +108,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def resize_crop(img: Image.Image, width: int, height: int, rng: Optional[np.random.Generator]) -> Image.Image:
     """Scale so the image covers (width, height), then crop: centered, or at a random offset if rng."""
+    return resize_crop_at(img, width, height, rng)[0]
+
+
+def resize_crop_at(img: Image.Image, width: int, height: int,
+                   rng: Optional[np.random.Generator]) -> tuple[Image.Image, int, int, int]:
+    """`resize_crop`, also returning the crop's (top, left) in the resized image and that image's width."""
     w, h = img.size
     s = max(width / w, height / h)
     nw, nh = max(width, round(w * s)), max(height, round(h * s))
@@ -113,7 +123,7 @@ def resize_crop(img: Image.Image, width: int, height: int, rng: Optional[np.rand
         left, top = (nw - width) // 2, (nh - height) // 2
     else:
         left, top = int(rng.integers(0, nw - width + 1)), int(rng.integers(0, nh - height + 1))
-    return img.crop((left, top, left + width, top + height))
+    return img.crop((left, top, left + width, top + height)), top, left, nw
 
 
 def buckets(resolution: int, max_aspect: float, step: int = 64) -> list[tuple[int, int]]:
@@ -148,6 +158,7 @@ class ImageTransform:
     max_image_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
     bucket_list: Optional[list] = None  # aspect-ratio buckets, or None for square crops
     seed: int = 0
+    report_sizes: bool = False  # add original_size and crop_top_left (SDXL's micro-conditioning)
 
     @property
     def max_image_bytes(self) -> int:
@@ -160,7 +171,7 @@ class ImageTransform:
         d = cfg.data
         return cls(d.resolution, d.crop, d.random_flip, d.min_size, d.max_aspect, d.max_punsafe, d.max_pwatermark,
                    d.max_image_pixels, buckets(d.resolution, d.bucket_max_aspect) if d.bucketing else None,
-                   cfg.train.seed)
+                   cfg.train.seed, report_sizes=cfg.model.preset == "sdxl")
 
     def check_meta(self, meta: Optional[dict]) -> None:
         """Metadata filters (img2dataset/LAION columns), applied before decoding."""
@@ -188,9 +199,24 @@ class ImageTransform:
         self.check_size(*size)
         rng = sample_rng(self.seed, epoch, index)
         w, h = target or self.target(size)
-        img = resize_crop(img, w, h, rng if self.crop == "random" else None)
+        img, top, left, resized_w = resize_crop_at(img, w, h, rng if self.crop == "random" else None)
         x = to_tensor(img)
         if self.random_flip and rng.random() < 0.5:
             x = x.flip(-1)
-        return {"pixel_values": x, "caption": text}
+            left = resized_w - left - w  # the crop's place in the mirrored image
+        out = {"pixel_values": x, "caption": text}
+        if self.report_sizes:
+            out.update(original_size=torch.tensor([size[1], size[0]]), crop_top_left=torch.tensor([top, left]))
+        return out
+
+
+def size_conditioning(batch: dict[str, Any]) -> torch.Tensor:
+    """(B, 6) float SDXL time ids of a collated batch: original (h, w), crop (top, left), target (h, w).
+    A source that reports no sizes (the shapes data, drawn at the training size) gives original = target
+    and no crop, as the SDXL pipeline assumes when sampling."""
+    B, _, H, W = batch["pixel_values"].shape
+    target = torch.tensor([[H, W]]).repeat(B, 1)
+    original = batch.get("original_size", target)
+    crop = batch.get("crop_top_left", torch.zeros(B, 2, dtype=torch.long))
+    return torch.cat([original, crop, target], dim=1).float()
 

@@ -18,7 +18,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -27,6 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models.presets import build_text_encoder, build_unet, build_vae, get_preset
+from colodiffusion.models.sdxl import sdxl_context
 from colodiffusion.models.tokenizer import train_clip_tokenizer
 from colodiffusion.storage import faults
 from colodiffusion.storage.sealed import is_sealed, write_sealed
@@ -39,6 +40,12 @@ class Components:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    tokenizer_2: Optional[CLIPTokenizer] = None  # SDXL's second tokenizer and text encoder (models/sdxl.py)
+    text_encoder_2: Optional[torch.nn.Module] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def prediction_type(self) -> str:
@@ -126,6 +133,29 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]
+
+
+def encode_context(parts: Any, prompts: list[str], device: torch.device,
+                   time_ids: Optional[torch.Tensor] = None) -> torch.Tensor | dict:
+    """The UNet's text conditioning from `parts` (Components, a Model or a pipeline): SD's context tensor,
+    or for SDXL (a `text_encoder_2`) the dict of its keyword arguments with the (B, 6) `time_ids`."""
+    if getattr(parts, "text_encoder_2", None) is not None:
+        return sdxl_context(parts, prompts, device, time_ids)
+    return encode_prompts(parts.tokenizer, parts.text_encoder, prompts, device)
+
+
+def unet_call(unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | dict) -> torch.Tensor:
+    """The UNet's prediction under a context tensor (SD) or a dict of keyword arguments (SDXL)."""
+    if isinstance(context, dict):
+        return unet(x_t, t, **context).sample
+    return unet(x_t, t, context).sample
+
+
+def context_to(context: torch.Tensor | dict, **kwargs) -> torch.Tensor | dict:
+    """A context (tensor, or SDXL's nested dict of tensors) moved/cast with `Tensor.to(**kwargs)`."""
+    if isinstance(context, dict):
+        return {k: context_to(v, **kwargs) for k, v in context.items()}
+    return context.to(**kwargs)
 
 
 def encode_images(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from colodiffusion.config import ConfigError, is_hub_id
 _META = ["*.json", "*.txt", "tokenizer/*", "tokenizer_2/*"]
 
 
-PARTS = ("unet", "vae", "text_encoder")
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def has_variant(folder: Path, variant: Optional[str]) -> bool:

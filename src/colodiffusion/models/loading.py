@@ -20,13 +20,14 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
 from colodiffusion.models.presets import build_unet, get_preset
+from colodiffusion.models.sdxl import SDXL_PARTS, is_sdxl_folder
 from colodiffusion.models.single_file import is_single_file, load_single_file, read_meta
 from colodiffusion.models.trainable import build_trainable, split
 from colodiffusion.storage import checkpoint, consolidated
@@ -62,6 +63,10 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
             cfg = copy.deepcopy(cfg)
             cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
         return load_single_file(root, cfg)
+    if is_sdxl_folder(root) and m.preset != "sdxl":  # (a local folder is checked at config load; a Hub id here)
+        raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set model.preset=sdxl.")
+    if m.preset == "sdxl":
+        return load_sdxl(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
         raise ConfigError(
@@ -70,6 +75,25 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
     unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", m.variant))
     tokenizer, text_encoder, vae = frozen_parts(cfg, root)
     return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+
+
+def load_sdxl(root: Path, cfg: Config) -> Components:
+    """A diffusers SDXL folder: the UNet (trained) and both tokenizers and text encoders and the VAE
+    (frozen; model.vae may replace the VAE, e.g. an fp16-safe one)."""
+    missing = [s for s in SDXL_PARTS if not _has(root, s) and not (s == "vae" and cfg.model.vae)]
+    if missing:
+        raise ConfigError(f"model.pretrained '{cfg.model.pretrained or root}' is not a diffusers SDXL folder: it lacks "
+                          f"{', '.join(missing)}/.")
+    v = cfg.model.variant
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", v))
+    encoders = [cls.from_pretrained(root / sub, variant=_variant(root / sub, v))
+                for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
+    vae_root = hub.resolve(cfg.model.vae, "model.vae", cfg.model.revision, v) or root
+    vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, variant=_variant(vae_dir, v))
+    tokenizers = [CLIPTokenizer.from_pretrained(root / sub) for sub in ("tokenizer", "tokenizer_2")]
+    return Components(tokenizers[0], freeze(encoders[0]), freeze(vae), unet,
+                      build_noise_scheduler(cfg, _prediction_type(cfg, root)), tokenizers[1], freeze(encoders[1]))
 
 
 def build_scratch(cfg: Config) -> Components:
@@ -133,6 +157,12 @@ class Model:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (frozen)
+    text_encoder_2: Optional[torch.nn.Module] = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def has_lora(self) -> bool:
@@ -167,7 +197,8 @@ def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:
                 if shadow is not None and name in shadow:
                     p.copy_(shadow[name])
     unet, text_encoder = split(trainable, comps)
-    return Model(comps.tokenizer, text_encoder.eval(), comps.vae, unet.eval(), comps.noise_scheduler)
+    return Model(comps.tokenizer, text_encoder.eval(), comps.vae, unet.eval(), comps.noise_scheduler,
+                 comps.tokenizer_2, comps.text_encoder_2)
 
 
 def is_checkpoint(src: Path) -> bool:
@@ -187,8 +218,11 @@ def load_model(source: str | Path, ema: Optional[bool] = False, original_config:
         cfg.model.original_config, cfg.model.tokenizer = original_config, tokenizer
         if ema and not is_single_file(src):
             raise ConfigError(f"'{src}' is a diffusers folder and holds one set of weights; drop --ema.")
+        if is_sdxl_folder(src):
+            cfg.model.preset = "sdxl"
         c = load_pretrained(src, cfg)
-        return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), own_scheduler(src) or c.noise_scheduler)
+        return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), own_scheduler(src) or c.noise_scheduler,
+                     c.tokenizer_2, c.text_encoder_2)
     if is_checkpoint(src):  # the manifest first: a damaged or unsealed checkpoint is refused unread
         return load_checkpoint_model(checkpoint.resolve(src), ema)
     latest = checkpoint.find_latest(src / "checkpoints")

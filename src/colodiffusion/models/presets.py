@@ -1,7 +1,8 @@
 """Named model presets: each a few lines of diffusers/transformers configs (DiT's `DiT_models` habit).
 
 A preset builds three modules: the denoising UNet (trained), the CLIP text encoder and the KL
-autoencoder (both frozen). Nothing here touches weights on disk: see `models/io.py`.
+autoencoder (both frozen); SDXL adds a second text encoder (`text_encoder_2`). Nothing here touches
+weights on disk: see `models/loading.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Preset:
     # context vectors of "red" and "green" in "a red circle"/"a green circle" had cosine 0.94), at 1.0
     # a token dominates its own output (cosine 0.08 between the colours, 0.95 for "red" across wordings).
     token_embedding_std: float | None = None
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's second encoder (CLIPTextModelWithProjection)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +103,30 @@ PRESETS: dict[str, Preset] = {
         vae=dict(_SD_VAE, sample_size=768),
         prediction_type="v_prediction",
         resolution=768,
+    ),
+    # SDXL base 1.0: 2.6B UNet over both encoders' penultimate states (768 + 1280 = 2048-d context), with
+    # "text_time" added conditioning (pooled encoder-2 output + six size/crop numbers, 256-d each: 2816),
+    # CLIP ViT-L and OpenCLIP ViT-bigG (32 layers, projected pooled output), f8 VAE with SDXL's scale.
+    # Fine-tuning reads the architecture from model.pretrained's folder; these configs describe it.
+    "sdxl": Preset(
+        unet=dict(
+            sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        ),
+        text_encoder=dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        ),
+        text_encoder_2=dict(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+        ),
+        vae=dict(_SD_VAE, sample_size=1024, force_upcast=True),
+        scaling_factor=0.13025,
+        resolution=1024,
     ),
 }
 

@@ -7,9 +7,11 @@ ids instead of a finished text context and encodes them itself, inside autograd.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from colodiffusion.models.components import Components, encode_prompts
+from colodiffusion.models.components import Components, encode_context
 from colodiffusion.models.lora import apply_lora
 
 
@@ -42,14 +44,18 @@ def text_encoder_param_ids(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in model.text_encoder.parameters()} if isinstance(model, UNetWithTextEncoder) else set()
 
 
-def text_input(cfg, comps: Components, captions: list[str], device: torch.device) -> torch.Tensor:
+def text_input(cfg, comps: Components, captions: list[str], device: torch.device,
+               time_ids: Optional[torch.Tensor] = None) -> torch.Tensor | dict:
     """The trained model's text input: token ids when it holds the text encoder, else the frozen
-    encoder's output (computed without autograd)."""
+    encoder's output (computed without autograd); for SDXL the dict of the UNet's conditioning
+    arguments, both encoders' outputs with the batch's (B, 6) size/crop `time_ids`."""
     if trains_text_encoder(cfg):
         tok = comps.tokenizer
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(device)
-    return encode_prompts(comps.tokenizer, comps.text_encoder, captions, device).float()
+    if comps.is_sdxl:
+        return encode_context(comps, captions, device, time_ids)
+    return encode_context(comps, captions, device).float()
 
 
 def split(model: torch.nn.Module, comps: Components) -> tuple[torch.nn.Module, torch.nn.Module]:

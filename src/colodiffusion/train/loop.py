@@ -20,9 +20,11 @@ from colodiffusion.config import Config, ConfigError
 from colodiffusion.data import build_datasets, sample_prompts
 from colodiffusion.data.latents import cached_components, latents_and_context
 from colodiffusion.data.loader import ResumableLoader
+from colodiffusion.data.transforms import size_conditioning
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
 from colodiffusion.generate import export_diffusers, make_pipeline, render, save_grid
 from colodiffusion.models import Components, encode_images
+from colodiffusion.models.components import unet_call
 from colodiffusion.models.lora import has_lora, lora_shape, merged, save_lora
 from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
@@ -139,6 +141,8 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     if cfg.data.source != "latents":  # training from the latent cache needs neither on the accelerator
         comps.text_encoder.to(backend.device)
         comps.vae.to(backend.device)
+        if comps.is_sdxl:
+            comps.text_encoder_2.to(backend.device)
     if cfg.model.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     # Speed/memory levers go on before the backend wraps the model (TP, AC, compile, then FSDP).
@@ -236,7 +240,7 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
     total = torch.zeros((), device=backend.device)
 
     def unet_fn(x_t, t, context):
-        return s.model(x_t, t, context).sample
+        return unet_call(s.model, x_t, t, context)
 
     for _ in range(accum):
         batch = next(s.loader)
@@ -244,7 +248,8 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
         if "latent_mean" in batch:  # from the latent cache: no VAE or text encoder in the step
             latents, context = latents_and_context(batch, captions, comps.scaling_factor, backend.device, s.noise_gen)
         else:
-            context = text_input(cfg, comps, captions, backend.device)
+            time_ids = size_conditioning(batch) if comps.is_sdxl else None  # SDXL: sizes and crop of each image
+            context = text_input(cfg, comps, captions, backend.device, time_ids)
             latents = encode_images(comps.vae, batch["pixel_values"].to(backend.device, non_blocking=True), s.noise_gen)
         weights = batch.get("loss_weight")  # prior preservation: class images carry data.prior_loss_weight
         if weights is not None:
@@ -321,9 +326,9 @@ def validate(cfg: Config, backend: Backend, comps: Components, objective, s: Sta
     micro = cfg.train.batch_size // backend.dp_size // cfg.train.grad_accum
     s.model.eval()
     total, count = validation_loss(
-        objective, lambda x_t, t, context: s.model(x_t, t, context).sample,
-        lambda captions: text_input(cfg, comps, captions, backend.device), s.val, micro, backend.device,
-        backend.dp_rank, backend.dp_size, backend.autocast)
+        objective, lambda x_t, t, context: unet_call(s.model, x_t, t, context),
+        lambda captions, time_ids: text_input(cfg, comps, captions, backend.device, time_ids), s.val, micro,
+        backend.device, backend.dp_rank, backend.dp_size, backend.autocast)
     s.model.train()
     return {"val_loss": (backend.all_reduce_mean(total) / backend.all_reduce_mean(count)).item(), "val_n": len(s.val)}
 
@@ -348,7 +353,8 @@ def write_samples(cfg: Config, backend: Backend, comps: Components, s: State, ru
         return None
     sc = cfg.sample
     unet, text_encoder = split(unet, comps)
-    pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
+    pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
+                         comps.text_encoder_2)
     pipe.to(backend.device)  # with data.source=latents the VAE and text encoder visit the device only here
     specs = sc.specs()  # each prompt with its own options (--n, --s, --l, --d, ...), labelled in the grid
     images = render(pipe, specs)
@@ -375,7 +381,8 @@ def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State,
     tmp = out.with_name(".tmp-" + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "diffusers":
-        export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler)
+        export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
+                         comps.text_encoder_2)
         shutil.rmtree(out, ignore_errors=True)
     else:
         save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer, comps.noise_scheduler)
@@ -389,7 +396,8 @@ def measure_quality(cfg: Config, backend: Backend, comps: Components, s: State, 
     unet = inference_unet(backend, comps, s)
     if backend.is_main:
         unet, text_encoder = split(unet, comps)
-        pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler).to(backend.device)
+        pipe = make_pipeline(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
+                             comps.text_encoder_2).to(backend.device)
         sc = cfg.sample
         tel.log(s.step, s.quality.measure(pipe, sc.steps, sc.guidance, sc.sampler, sc.seed)[0])
         if cfg.data.source == "latents":
@@ -410,5 +418,6 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
         write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step)
         unet, text_encoder = merged(unet), merged(text_encoder)
     write_sealed(run_dir / "final", lambda folder: export_diffusers(
-        folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler), step=s.step)
+        folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
+        comps.text_encoder_2), step=s.step)
     print(f"final model (EMA weights) written to {run_dir / 'final'}")

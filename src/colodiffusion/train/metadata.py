@@ -23,7 +23,10 @@ BASE_MODELS = {768: "sd_v1", 1024: "sd_v2"}
 
 
 def base_model_version(unet, prediction_type: str, preset: str = "custom") -> str:
-    """'sd_v1', 'sd_v2', with '_v' for v-prediction (kohya's convention); our own sizes say so."""
+    """'sd_v1', 'sd_v2', with '_v' for v-prediction (kohya's convention), 'sdxl_base_v1-0' for a UNet with
+    SDXL's added conditioning; our own sizes say so."""
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "sdxl_base_v1-0" + ("_v" if prediction_type == "v_prediction" else "")
     name = BASE_MODELS.get(int(unet.config.cross_attention_dim), f"colodiffusion_{preset}")
     return name + ("_v" if prediction_type == "v_prediction" else "")
 

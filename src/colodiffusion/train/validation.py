@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from colodiffusion.config import ConfigError
-from colodiffusion.data.transforms import BadSample, Filtered
+from colodiffusion.data.loader import collate
+from colodiffusion.data.transforms import BadSample, Filtered, size_conditioning
 
 VAL_TIMESTEPS = 4  # timesteps per sample: (k + 0.5) / 4 of the schedule, k = 0..3
 NOISE_SEED = 1_000_033  # base seed of the fixed noise (sample i uses NOISE_SEED + i)
@@ -29,6 +30,7 @@ class ValidationSet:
     captions: list[str]
     contexts: Optional[torch.Tensor] = None  # (N, L, D) from a latent cache; else encoded at each validation
     skipped: int = 0  # held-out samples that could not be read
+    time_ids: Optional[torch.Tensor] = None  # (N, 6) SDXL size/crop conditioning of each sample
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -67,7 +69,8 @@ def build_validation(view, limit: int, vae, device: torch.device, batch_size: in
     for a in range(0, len(pixels), batch_size):
         x = pixels[a:a + batch_size].to(device, vae.dtype)
         chunks.append(vae.encode(x).latent_dist.mean.float().cpu())
-    return ValidationSet(torch.cat(chunks) * float(vae.config.scaling_factor), captions, None, skipped)
+    return ValidationSet(torch.cat(chunks) * float(vae.config.scaling_factor), captions, None, skipped,
+                         size_conditioning(collate(items)))
 
 
 def timesteps(num_timesteps: int) -> torch.Tensor:
@@ -75,12 +78,13 @@ def timesteps(num_timesteps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(objective, model_fn: Callable, context_fn: Callable[[list[str]], torch.Tensor],
+def validation_loss(objective, model_fn: Callable, context_fn: Callable[[list[str], Optional[torch.Tensor]], object],
                     vset: ValidationSet, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
                     autocast: Callable = contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of weighted per-sample losses, count) over this rank's share of the (sample, timestep)
     rows; the mean over all ranks is sum / count after summing both. Every rank runs the same number
-    of forward passes (padding rows weigh 0): sharded models gather weights collectively in forward."""
+    of forward passes (padding rows weigh 0): sharded models gather weights collectively in forward.
+    `context_fn(captions, time_ids)` gives the rows' text context (`time_ids`: their (n, 6) SDXL sizes)."""
     rows = [(i, k) for i in range(len(vset)) for k in range(VAL_TIMESTEPS)]
     mine = rows[rank::world_size]
     per_rank = math.ceil(len(rows) / world_size)
@@ -98,7 +102,8 @@ def validation_loss(objective, model_fn: Callable, context_fn: Callable[[list[st
         if vset.contexts is not None:
             context = vset.contexts[idx].to(device)
         else:
-            context = context_fn([vset.captions[i] for i in idx])
+            time_ids = vset.time_ids[idx] if vset.time_ids is not None else None
+            context = context_fn([vset.captions[i] for i in idx], time_ids)
         with autocast():
             per_sample = objective.per_sample_loss(model_fn, x0, context, t, noise)
         w = torch.tensor(weights[a:a + batch_size], device=device)
