@@ -341,8 +341,6 @@ def test_txt2img_writes_images_from_a_trained_model(finetuned, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         samples = sorted((outdir / "samples").glob("*.png"))
         assert len(samples) == 4 and (outdir / "grid-0000.png").exists()
-        from PIL import Image
-
         assert Image.open(samples[0]).size == (64, 64)
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--ckpt", str(tmp_path / "none")],
                          env=env, capture_output=True, text=True, timeout=120)
