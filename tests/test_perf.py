@@ -610,7 +610,7 @@ def test_trainer_with_bf16_master_weights_resumes_exactly_and_exports_fp32(tmp_p
     uninterrupted run; the export carries the full-precision masters."""
     from safetensors.torch import load_file
 
-    from colodiffusion.train import checkpoint
+    from colodiffusion.storage import checkpoint
     from colodiffusion.train.loop import train
 
     def run(name, *extra):
