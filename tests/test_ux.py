@@ -63,7 +63,7 @@ def test_config_all_lists_every_key_with_its_default_and_help():
     for path, f, _ in _walk(cfg):
         assert f"\n{path} = " in "\n" + text, f"{path} is missing"
     assert "train.lr = 0.5  (default: 0.001)" in text
-    assert "model.preset = tiny  [tiny | sd15 | sd2]" in text
+    assert "model.preset = tiny  [tiny | sd15 | sd2 | sdxl]" in text
     assert docs["train.lr"] == "Peak learning rate." and "    Peak learning rate." in text
     assert "(default" not in text.split("train.max_steps = ")[1].splitlines()[0]  # unchanged keys show no default
 
