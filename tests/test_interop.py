@@ -266,6 +266,39 @@ def test_unknown_keys_are_refused(tmp_path):
         load_single_file(path, cfg)
 
 
+@pytest.mark.parametrize("part, change, words", [
+    ("unet", {"transformer_layers_per_block": 10**6}, "layers but carries only"),  # would spin building layers
+    ("text_encoder", {"num_hidden_layers": 10**7}, "layers but carries only"),
+    ("unet", {"cross_attention_dim": 2**40}, "does not fit the UNet"),        # would ask for petabytes
+    ("vae", {"block_out_channels": [2**20, 64]}, "does not fit the VAE"),
+    ("unet", {"down_block_types": "x"}, "cannot be built"),
+    ("vae", "not a config", "without a vae config object"),
+])
+def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path, part, change, words):
+    """Our exports carry their configs in the file's metadata; a crafted file's configs are checked
+    against its weights before anything is allocated."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from colodiffusion.diffusion import build_noise_scheduler
+    from colodiffusion.models.single_file import META_KEY
+
+    unet, vae, text = _tiny_sd1()
+    tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
+    good = save_single_file(tmp_path / "good.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"))
+    load_single_file(good, Config())  # the untouched file loads
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    meta[part] = change if isinstance(change, str) else {**meta[part], **change}
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(load_file(str(good)), str(crafted), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(ConfigError, match=words):
+        load_single_file(crafted, Config())
+
+
 # -- LoRA and text-encoder fine-tuning ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import json
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -117,8 +117,42 @@ def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(root / "tokenizer" if (root / "tokenizer").is_dir() else root)
 
 
-def _load(module: torch.nn.Module, sd: dict, what: str, path: Path) -> torch.nn.Module:
-    own = module.state_dict()
+# Elements a model may hold beyond the weights the file carries (non-persistent buffers such as
+# CLIP's position ids); anything larger comes from a config the file's weights do not back.
+MAX_UNBACKED = 1 << 24
+
+
+def _deepest(value) -> int:
+    """The largest count in an int or a (nested) list of ints, e.g. transformer_layers_per_block."""
+    if isinstance(value, (list, tuple)):
+        return max([_deepest(v) for v in value] + [1])
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+def _layers(config: dict) -> int:
+    """An upper bound on the layers a UNet, VAE or CLIP config builds, from its counts alone."""
+    blocks = max([len(v) for k in ("block_out_channels", "down_block_types", "up_block_types")
+                  if isinstance(v := config.get(k), (list, tuple))] + [1])
+    return blocks * max(_deepest(config.get("layers_per_block", 1)), 1) \
+        * max(_deepest(config.get("transformer_layers_per_block", 1)), 1) \
+        * max(_deepest(config.get("num_hidden_layers", 1)), 1)
+
+
+def _load(build: Callable[[], torch.nn.Module], config: dict, sd: dict, what: str, path: Path) -> torch.nn.Module:
+    """Build from a config the file carries only once the file's own weights back it: the layer counts
+    first (a cheap bound, so the shapeless build below stays small), then every weight's name and size
+    on the meta device, where nothing is allocated. A crafted config cannot make us allocate more
+    than the file holds, nor spin building millions of layers."""
+    layers = _layers(config)
+    if layers > max(len(sd), 1):
+        raise ConfigError(f"'{path}' describes a {what} with {layers} layers but carries only {len(sd)} weights; "
+                          "its config is not this file's.")
+    try:
+        with torch.device("meta"):
+            shape = build()
+    except Exception as exc:  # a config diffusers/transformers cannot build
+        raise ConfigError(f"'{path}' carries a {what} config that cannot be built: {str(exc).splitlines()[0]}") from None
+    own = shape.state_dict()
     missing = sorted(set(own) - set(sd))
     wrong = [k for k in own if k in sd and own[k].numel() != sd[k].numel()]
     if missing or wrong:
@@ -127,6 +161,11 @@ def _load(module: torch.nn.Module, sd: dict, what: str, path: Path) -> torch.nn.
             f"'{path}' does not fit the {what} its config describes ({len(missing)} missing, {len(wrong)} misshaped "
             f"weights, e.g. '{key}'); pass the original YAML as model.original_config."
         )
+    unbacked = sum(b.numel() for name, b in shape.named_buffers() if name not in own)
+    if unbacked > MAX_UNBACKED:
+        raise ConfigError(f"'{path}' describes a {what} with {unbacked} elements its weights do not back; "
+                          "its config is not this file's.")
+    module = build()
     module.load_state_dict({k: sd[k].reshape(own[k].shape).float() for k in own})
     return module
 
@@ -135,10 +174,11 @@ def load_single_file(path: str | Path, cfg: Config):
     """Components from a single-file checkpoint; raises ConfigError with one sentence on a bad file."""
     path = Path(path)
     conv, meta = convert_file(path, cfg)
-    unet = _load(UNet2DConditionModel.from_config(conv.unet_config), conv.unet, "UNet", path)
+    unet = _load(lambda: UNet2DConditionModel.from_config(conv.unet_config), conv.unet_config, conv.unet, "UNet", path)
     vae = (AutoencoderKL.from_pretrained(cfg.model.vae) if cfg.model.vae
-           else _load(AutoencoderKL.from_config(conv.vae_config), conv.vae, "VAE", path))
-    text_encoder = _load(CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text, "text encoder", path)
+           else _load(lambda: AutoencoderKL.from_config(conv.vae_config), conv.vae_config, conv.vae, "VAE", path))
+    text_encoder = _load(lambda: CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text_config, conv.text,
+                         "text encoder", path)
     tokenizer = _tokenizer(meta, cfg, path)
     guessed = get_preset("sd2" if ldm_convert.is_openclip(conv.text_config) else "sd15").prediction_type
     prediction_type = cfg.model.prediction_type or conv.prediction_type or guessed
@@ -155,6 +195,10 @@ def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, 
         from omegaconf import OmegaConf
 
         original = OmegaConf.to_container(OmegaConf.load(cfg.model.original_config), resolve=True)
+    if meta is not None:
+        bad = [k for k in ("unet", "vae", "text_encoder") if not isinstance(meta.get(k), dict)]
+        if bad:
+            raise ConfigError(f"'{path}' carries '{META_KEY}' metadata without a {bad[0]} config object.")
     if not any(k.startswith(ldm_convert.UNET) for k in sd):
         raise ConfigError(f"'{path}' is not a Stable Diffusion checkpoint in the LDM layout (no model.diffusion_model.* keys).")
     try:
