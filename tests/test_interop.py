@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from colodiffusion.config import Config, ConfigError, load_config  # noqa: E402
 from colodiffusion.models import ldm_convert  # noqa: E402
 from colodiffusion.export import export  # noqa: E402
-from colodiffusion.models.loading import load_model  # noqa: E402
+from colodiffusion.models.loading import load_model, load_pretrained  # noqa: E402
 from colodiffusion.models.single_file import convert_file, load_single_file, read_checkpoint, save_single_file  # noqa: E402
 from colodiffusion.models.tokenizer import train_clip_tokenizer  # noqa: E402
 
@@ -297,6 +297,33 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
     save_file(load_file(str(good)), str(crafted), metadata={META_KEY: json.dumps(meta)})
     with pytest.raises(ConfigError, match=words):
         load_single_file(crafted, Config())
+
+
+@pytest.mark.parametrize("part, change, words", [
+    ("unet", {"layers_per_block": 10**6}, "layers but carries only"),
+    ("text_encoder", {"num_hidden_layers": 10**7}, "layers but carries only"),
+    ("vae", {"block_out_channels": list(range(1, 10**5))}, "layers but carries only"),
+    ("unet", "x" * (2 << 20), "too big for a model config"),
+    ("unet", "[1, 2]", "is not a JSON object"),
+])
+def test_a_folders_config_cannot_make_us_build_more_layers_than_its_weights(tiny_components, tmp_path, part, change,
+                                                                            words):
+    """A diffusers folder's config.json is data too: a crafted layer count is refused from the counts
+    and the weights' headers, before diffusers or transformers builds anything."""
+    import json
+
+    from sdfolder import make_diffusers_folder
+
+    folder = make_diffusers_folder(tiny_components, tmp_path / "model")
+    cfg = load_config(None, [f"model.pretrained={folder}"])
+    load_pretrained(folder, cfg)  # the untouched folder loads
+    config = folder / part / "config.json"
+    if isinstance(change, str):
+        config.write_text(change)
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ConfigError, match=words):
+        load_pretrained(folder, cfg)
 
 
 # -- LoRA and text-encoder fine-tuning ----------------------------------------------------------------

@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from colodiffusion.config import Config, ConfigError, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
-from colodiffusion.models import hub, lora
+from colodiffusion.models import bounds, hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
 from colodiffusion.models.presets import build_unet, get_preset
 from colodiffusion.models.sdxl import SDXL_PARTS, is_sdxl_folder
@@ -72,7 +72,7 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
         raise ConfigError(
             f"model.pretrained '{path}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
         )
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", m.variant))
+    unet = _pretrained(UNet2DConditionModel, root / "unet", m.variant, "UNet")
     tokenizer, text_encoder, vae = frozen_parts(cfg, root)
     return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
 
@@ -85,12 +85,12 @@ def load_sdxl(root: Path, cfg: Config) -> Components:
         raise ConfigError(f"model.pretrained '{cfg.model.pretrained or root}' is not a diffusers SDXL folder: it lacks "
                           f"{', '.join(missing)}/.")
     v = cfg.model.variant
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=_variant(root / "unet", v))
-    encoders = [cls.from_pretrained(root / sub, variant=_variant(root / sub, v))
+    unet = _pretrained(UNet2DConditionModel, root / "unet", v, "UNet")
+    encoders = [_pretrained(cls, root / sub, v, "text encoder")
                 for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
     vae_root = hub.resolve(cfg.model.vae, "model.vae", cfg.model.revision, v) or root
     vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir, variant=_variant(vae_dir, v))
+    vae = _pretrained(AutoencoderKL, vae_dir, v, "VAE")
     tokenizers = [CLIPTokenizer.from_pretrained(root / sub) for sub in ("tokenizer", "tokenizer_2")]
     return Components(tokenizers[0], freeze(encoders[0]), freeze(vae), unet,
                       build_noise_scheduler(cfg, _prediction_type(cfg, root)), tokenizers[1], freeze(encoders[1]))
@@ -122,10 +122,16 @@ def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
         raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")
     tokenizer = CLIPTokenizer.from_pretrained(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
     te_dir = _part(te_root, "text_encoder", "config.json", "model.text_encoder")
-    text_encoder = CLIPTextModel.from_pretrained(te_dir, variant=_variant(te_dir, m.variant))
+    text_encoder = _pretrained(CLIPTextModel, te_dir, m.variant, "text encoder")
     vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir, variant=_variant(vae_dir, m.variant))
+    vae = _pretrained(AutoencoderKL, vae_dir, m.variant, "VAE")
     return tokenizer, freeze(text_encoder), freeze(vae)
+
+
+def _pretrained(cls, folder: Path, variant: Optional[str], what: str):
+    """`cls.from_pretrained(folder)` once the folder's config is bounded by its weights (models/bounds.py)."""
+    bounds.check_folder(folder, what)
+    return cls.from_pretrained(folder, variant=_variant(folder, variant))
 
 
 def _variant(folder: Path, variant: Optional[str]) -> Optional[str]:

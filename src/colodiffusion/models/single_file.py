@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.diffusion import build_noise_scheduler
-from colodiffusion.models import ldm_convert
+from colodiffusion.models import bounds, ldm_convert
 from colodiffusion.models.components import Components, freeze
 from colodiffusion.models.presets import get_preset
 from colodiffusion.storage.files import match_umask
@@ -122,31 +122,12 @@ def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
 MAX_UNBACKED = 1 << 24
 
 
-def _deepest(value) -> int:
-    """The largest count in an int or a (nested) list of ints, e.g. transformer_layers_per_block."""
-    if isinstance(value, (list, tuple)):
-        return max([_deepest(v) for v in value] + [1])
-    return value if isinstance(value, int) and not isinstance(value, bool) else 1
-
-
-def _layers(config: dict) -> int:
-    """An upper bound on the layers a UNet, VAE or CLIP config builds, from its counts alone."""
-    blocks = max([len(v) for k in ("block_out_channels", "down_block_types", "up_block_types")
-                  if isinstance(v := config.get(k), (list, tuple))] + [1])
-    return blocks * max(_deepest(config.get("layers_per_block", 1)), 1) \
-        * max(_deepest(config.get("transformer_layers_per_block", 1)), 1) \
-        * max(_deepest(config.get("num_hidden_layers", 1)), 1)
-
-
 def _load(build: Callable[[], torch.nn.Module], config: dict, sd: dict, what: str, path: Path) -> torch.nn.Module:
     """Build from a config the file carries only once the file's own weights back it: the layer counts
     first (a cheap bound, so the shapeless build below stays small), then every weight's name and size
     on the meta device, where nothing is allocated. A crafted config cannot make us allocate more
     than the file holds, nor spin building millions of layers."""
-    layers = _layers(config)
-    if layers > max(len(sd), 1):
-        raise ConfigError(f"'{path}' describes a {what} with {layers} layers but carries only {len(sd)} weights; "
-                          "its config is not this file's.")
+    bounds.check_layers(config, len(sd), what, path)
     try:
         with torch.device("meta"):
             shape = build()
