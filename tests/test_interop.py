@@ -97,6 +97,9 @@ def test_diffusers_export_keeps_prediction_type_and_dtype(finetuned, tmp_path):
     assert all(v.dtype == torch.float16 for v in files.values())
     ema = load_file(finetuned / "checkpoints" / "step_00000002" / "ema.safetensors")
     assert_same({k: v.half() for k, v in ema.items()}, files, "EMA unet in fp16")
+    # the folder names no path of this machine (diffusers records where each part was loaded from)
+    leaked = [f for f in out.rglob("*.json") if str(finetuned) in f.read_text() or "/tmp" in f.read_text()]
+    assert leaked == []
 
 
 def _tiny_sd1(seed=0):

@@ -259,5 +259,10 @@ def export_diffusers(out_dir: Path, tokenizer, text_encoder, vae, unet, noise_sc
     pipe.save_pretrained(out_dir)
     out_dir = Path(out_dir)
     parts = [out_dir / name for name in pipe.components if (out_dir / name).is_dir()]
+    for config in (d / "config.json" for d in parts):  # diffusers records where a model was loaded from:
+        if config.is_file():                              # a local path of ours, meaningless to whoever gets it
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     match_umask([out_dir / "model_index.json", *(f for d in parts for f in d.rglob("*") if f.is_file())])
     return out_dir
