@@ -163,6 +163,7 @@ class ResumableLoader:
         self.bad_log, self.max_bad_fraction = (Path(bad_log) if bad_log else None), max_bad_fraction
         self.bad: Counter = Counter()  # distinct bad samples by reason (cumulative over the run)
         self.bad_indices: set[int] = set()  # which: a sample bad every epoch is counted and listed once
+        self._listed_indices: Optional[set] = None  # indices bad_log lists, read once (see _listed)
         self.filtered: Counter = Counter()  # samples the filters rejected, by filter
         self.dealt = 0  # samples dealt on this rank over the run (bad ones included)
         sizes = getattr(dataset, "block_sizes", None)
@@ -239,16 +240,18 @@ class ResumableLoader:
         for bad, filtered in skips:
             self.filtered.update(filtered)
             for r in bad:
-                i = r.pop("index", None)  # index problems (unreadable shards) have none: seen once anyway
+                i = r.get("index")  # index problems (unreadable shards) have none: seen once anyway
                 if i not in self.bad_indices:
                     records.append(r)
                     if i is not None:
                         self.bad_indices.add(i)
         self.bad.update(r["reason"] for r in records)
         if records and self.bad_log is not None:
+            listed = self._listed()
             with open(self.bad_log, "a", encoding="utf-8") as f:  # O_APPEND: one write per line
                 for r in records:
-                    f.write(json.dumps({**r, "rank": self.rank}) + "\n")
+                    if r.get("index") is None or r["index"] not in listed:
+                        f.write(json.dumps({**r, "rank": self.rank}) + "\n")
         epoch_len = len(self.dataset) // self.world_size
         total = sum(self.bad.values())
         # Distinct samples seen: every dealt one in the first epoch, then at most the whole dataset
@@ -259,6 +262,27 @@ class ResumableLoader:
             raise ConfigError(
                 f"{total} of the {seen} distinct samples read so far are bad{where}, more than "
                 f"data.max_bad_fraction={self.max_bad_fraction} allows; fix the data or raise the limit.")
+
+    def _listed(self) -> set:
+        """Indices the log already lists. After a resume, samples met between the checkpoint and the
+        kill are met again (and counted again, as in an uninterrupted run) but not listed twice."""
+        if self._listed_indices is None:
+            self._listed_indices = set()
+            if self.bad_log is not None and self.bad_log.is_file():
+                with open(self.bad_log, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        try:
+                            index = json.loads(line).get("index")
+                        except (ValueError, AttributeError):  # a line cut by the kill
+                            continue
+                        if isinstance(index, int):
+                            self._listed_indices.add(index)
+                if self.bad_log.stat().st_size:  # end a line the kill cut, so the next one stays whole
+                    with open(self.bad_log, "rb+") as f:
+                        f.seek(-1, 2)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")
+        return self._listed_indices
 
     def bad_counts(self) -> dict[str, int]:
         """Counts for the metrics: bad samples by reason ("bad/<reason>") and filtered ("filtered/<filter>")."""
