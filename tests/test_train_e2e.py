@@ -86,10 +86,14 @@ def test_sample_and_eval_commands(run_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "s" / "00001.png").exists() and (tmp_path / "s" / "grid.png").exists()
     out = subprocess.run([sys.executable, "-m", "colodiffusion", "eval", str(run_dir), "--json", "--per-combo", "1",
-                          "--steps", "2"], capture_output=True, text=True, timeout=300)
+                          "--steps", "2", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 12
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "e" / "eval_grid.png")  # 4 rows of 3 cells, enlarged, each with a label band
+    assert grid.width >= 3 * 128 and grid.height > 4 * 128 + 4 * 20
     assert {"prompt_accuracy", "color_accuracy", "shape_accuracy"} <= result.keys()
 
 

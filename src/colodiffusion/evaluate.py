@@ -292,7 +292,8 @@ def evaluate_model(pipe, per_combo: int = 4, steps: int = 25, guidance: float = 
         from pathlib import Path
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        make_grid(images, cols=per_combo * 3).save(Path(out_dir) / "eval_grid.png")
+        make_grid(images, cols=per_combo * 3, labels=[f"{it['prompt']} (seed {it['seed']})" for it in items],
+                  min_cell=128).save(Path(out_dir) / "eval_grid.png")
     result = score(images, [(it["color"], it["shape"]) for it in items])
     result.update(steps=steps, guidance=guidance, sampler=sampler)
     return result
@@ -389,5 +390,6 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
     result.update(metrics, steps=steps, guidance=guidance, sampler=sampler)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        make_grid(images, cols=min(8, len(images))).save(Path(out_dir) / "eval_grid.png")
+        make_grid(images, cols=min(8, len(images)), labels=[f"{c} (seed {seed + i})" for i, c in
+                  enumerate(probe.held_out.captions)], min_cell=128).save(Path(out_dir) / "eval_grid.png")
     return result
