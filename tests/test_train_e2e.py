@@ -85,6 +85,7 @@ def test_sample_and_eval_commands(run_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "s" / "00001.png").exists() and (tmp_path / "s" / "grid.png").exists()
+    assert "torchvision" not in out.stderr and "kernels" not in out.stderr  # no import noise from the libraries
     out = subprocess.run([sys.executable, "-m", "colodiffusion", "eval", str(run_dir), "--json", "--per-combo", "1",
                           "--steps", "2", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
