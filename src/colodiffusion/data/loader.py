@@ -278,9 +278,11 @@ class ResumableLoader:
                         if isinstance(index, int):
                             self._listed_indices.add(index)
                 if self.bad_log.stat().st_size:  # end a line the kill cut, so the next one stays whole
-                    with open(self.bad_log, "rb+") as f:
+                    with open(self.bad_log, "rb") as f:
                         f.seek(-1, 2)
-                        if f.read(1) != b"\n":
+                        cut = f.read(1) != b"\n"
+                    if cut:  # appended (O_APPEND), never written over: another rank may be appending
+                        with open(self.bad_log, "ab") as f:
                             f.write(b"\n")
         return self._listed_indices
 
