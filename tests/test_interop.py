@@ -329,6 +329,24 @@ def test_a_folders_config_cannot_make_us_build_more_layers_than_its_weights(tiny
         load_pretrained(folder, cfg)
 
 
+def test_a_single_files_separate_vae_folder_is_bounded_too(tmp_path):
+    import json
+
+    from colodiffusion.diffusion import build_noise_scheduler
+
+    unet, vae, text = _tiny_sd1()
+    tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
+    path = save_single_file(tmp_path / "m.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"))
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = Config()
+    cfg.model.vae = str(tmp_path / "vae")
+    assert_same(vae.state_dict(), load_single_file(path, cfg).vae.state_dict(), "the separate VAE")
+    config = tmp_path / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 10**6}))
+    with pytest.raises(ConfigError, match="layers but carries only"):
+        load_single_file(path, cfg)
+
+
 # -- LoRA and text-encoder fine-tuning ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

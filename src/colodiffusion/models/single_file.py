@@ -156,6 +156,8 @@ def load_single_file(path: str | Path, cfg: Config):
     path = Path(path)
     conv, meta = convert_file(path, cfg)
     unet = _load(lambda: UNet2DConditionModel.from_config(conv.unet_config), conv.unet_config, conv.unet, "UNet", path)
+    if cfg.model.vae:
+        bounds.check_folder(Path(cfg.model.vae), "VAE")
     vae = (AutoencoderKL.from_pretrained(cfg.model.vae) if cfg.model.vae
            else _load(lambda: AutoencoderKL.from_config(conv.vae_config), conv.vae_config, conv.vae, "VAE", path))
     text_encoder = _load(lambda: CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text_config, conv.text,
