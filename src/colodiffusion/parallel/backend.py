@@ -150,6 +150,17 @@ class Backend:
             print(f"warning: {folder} holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts "
                   "from the resumed weights")
 
+    def restore_ema(self, path: Path, model, ema: dict) -> None:
+        """The EMA from the tensors at `path`; a checkpoint saved without them (train.ema.enabled=false)
+        starts the EMA from the just-loaded weights, with one warning."""
+        if path.exists():
+            src = checkpoint.load_tensors(path)
+            for k, v in ema.items():
+                v.copy_(src[k])
+        else:
+            self.warn_no_ema(path.parent)
+            self.seed_ema(model, ema)
+
     def seed_ema(self, model, ema: dict) -> None:
         """EMA := the current (just loaded) weights, for a checkpoint that holds none."""
         with torch.no_grad():

@@ -179,13 +179,7 @@ class ColossalAIBackend(DistributedBackend):
         except Exception as exc:
             raise safe_load.refused(io, exc) from None
         if ema is not None:
-            if (folder / "ema.safetensors").exists():
-                src = checkpoint.load_tensors(folder / "ema.safetensors")
-                for k, v in ema.items():
-                    v.copy_(src[k])
-            else:
-                self.warn_no_ema(folder)
-                self.seed_ema(model, ema)
+            self.restore_ema(folder / "ema.safetensors", model, ema)
         return shared, self.load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------

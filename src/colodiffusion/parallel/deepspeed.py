@@ -245,13 +245,7 @@ class DeepSpeedBackend(DistributedBackend):
             raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'ds'}")
         if ema is not None:
             name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
-            if (folder / name).exists():
-                src = checkpoint.load_tensors(folder / name)
-                for k, v in ema.items():
-                    v.copy_(src[k])
-            else:
-                self.warn_no_ema(folder)
-                self.seed_ema(model, ema)
+            self.restore_ema(folder / name, model, ema)
         return shared, self.load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------
