@@ -2,7 +2,10 @@
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -30,3 +33,24 @@ def index_dataset(n: int):
             return {"pixel_values": torch.tensor([float(i)]), "caption": str(i)}
 
     return Indices()
+
+
+@contextmanager
+def crash_at(step: int):
+    """Inside: the loop's training step raises RuntimeError("simulated crash") when it reaches `step`
+    (a run that dies mid-way, after the checkpoints before it)."""
+    from colodiffusion.train import loop
+
+    real = loop.train_step
+
+    def crashing(cfg, backend, comps, objective, s):
+        if s.step == step:
+            raise RuntimeError("simulated crash")
+        return real(cfg, backend, comps, objective, s)
+
+    loop.train_step = crashing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        loop.train_step = real

@@ -19,7 +19,7 @@ from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.data.views import SampleView, caption_of
 from colodiffusion.diffusion import Objective
 
-from common import TINY
+from common import TINY, crash_at
 from datagen import make_folder, make_kohya_folder, make_tiny_clip, truncated_jpeg
 
 
@@ -211,7 +211,7 @@ def test_validation_loss_is_reproducible_tracks_training_and_leaves_training_unc
 
 
 @pytest.mark.slow
-def test_resume_with_repeats_tags_class_images_and_validation_is_exact(tmp_path, monkeypatch):
+def test_resume_with_repeats_tags_class_images_and_validation_is_exact(tmp_path):
     from safetensors.torch import load_file
 
     from colodiffusion.train import loop
@@ -225,17 +225,8 @@ def test_resume_with_repeats_tags_class_images_and_validation_is_exact(tmp_path,
     a, b = tmp_path / "a", tmp_path / "b"
     loop.train(load_config(None, [*common, f"run.dir={a}"]))
     shutil.copytree(a / "components", b / "components")
-    real_step = loop.train_step
-
-    def crash_after_3(cfg, backend, comps, objective, s):
-        if s.step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(cfg, backend, comps, objective, s)
-
-    monkeypatch.setattr(loop, "train_step", crash_after_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(3):
         loop.train(load_config(None, [*common, f"run.dir={b}"]))
-    monkeypatch.setattr(loop, "train_step", real_step)
     loop.train(load_config(None, [*common, f"run.dir={b}", "train.resume=auto"]))
     wa = load_file(str(a / "checkpoints/step_00000006/unet.safetensors"))
     wb = load_file(str(b / "checkpoints/step_00000006/unet.safetensors"))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import loop
 
+from common import crash_at
 from datagen import make_folder, make_tiny_clip
 from sdxlfolder import make_sdxl_folder
 
@@ -55,7 +56,7 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 # -- a whole run: train, resume, sample grids, validation loss, final/, sample, eval, export -------
 
 @pytest.mark.slow
-def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, monkeypatch, capsys):
+def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
 
     from colodiffusion.export import export
@@ -65,17 +66,8 @@ def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, mo
     a, b = tmp_path / "a", tmp_path / "b"
     loop.train(xl_cfg(xl, a, *common))
 
-    real_step = loop.train_step
-
-    def crash_at_2(cfg, backend, comps, objective, s):
-        if s.step == 2:
-            raise RuntimeError("simulated crash")
-        return real_step(cfg, backend, comps, objective, s)
-
-    monkeypatch.setattr(loop, "train_step", crash_at_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(2):
         loop.train(xl_cfg(xl, b, *common))
-    monkeypatch.setattr(loop, "train_step", real_step)
     loop.train(xl_cfg(xl, b, *common, "train.resume=auto"))
     for name in ("unet", "ema"):
         wa, wb = weights(a, 4, name), weights(b, 4, name)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import load_config
 from colodiffusion.train import loop
 
-from common import ROOT, TINY
+from common import ROOT, TINY, crash_at
 
 
 def cfg_for(run_dir, *extra):
@@ -24,7 +24,7 @@ def final_weights(run_dir: Path, step: int) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_exact(run_dir, tmp_path, monkeypatch):
+def test_resume_is_bitwise_exact(run_dir, tmp_path):
     import shutil
 
     other = tmp_path / "other"
@@ -33,17 +33,8 @@ def test_resume_is_bitwise_exact(run_dir, tmp_path, monkeypatch):
     loop.train(cfg_for(run_dir, *common))
     uninterrupted = final_weights(run_dir, 6)
 
-    real_step = loop.train_step
-
-    def crash_after_3(cfg, backend, comps, objective, s):
-        if s.step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(cfg, backend, comps, objective, s)
-
-    monkeypatch.setattr(loop, "train_step", crash_after_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(3):
         loop.train(cfg_for(other, *common))
-    monkeypatch.setattr(loop, "train_step", real_step)
     assert not (other / "checkpoints" / "step_00000006").exists()
     loop.train(cfg_for(other, *common, "train.resume=auto"))
     resumed = final_weights(other, 6)
