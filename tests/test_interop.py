@@ -276,6 +276,7 @@ def test_unknown_keys_are_refused(tmp_path):
     ("vae", {"block_out_channels": [2**20, 64]}, "does not fit the VAE"),
     ("unet", {"down_block_types": "x"}, "cannot be built"),
     ("vae", "not a config", "without a vae config object"),
+    (None, "[" * 200_000, "unreadable 'colodiffusion' metadata"),
 ])
 def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path, part, change, words):
     """Our exports carry their configs in the file's metadata; a crafted file's configs are checked
@@ -295,9 +296,13 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
 
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()[META_KEY])
-    meta[part] = change if isinstance(change, str) else {**meta[part], **change}
+    if part is None:  # the whole metadata
+        text = change
+    else:
+        meta[part] = change if isinstance(change, str) else {**meta[part], **change}
+        text = json.dumps(meta)
     crafted = tmp_path / "crafted.safetensors"
-    save_file(load_file(str(good)), str(crafted), metadata={META_KEY: json.dumps(meta)})
+    save_file(load_file(str(good)), str(crafted), metadata={META_KEY: text})
     with pytest.raises(ConfigError, match=words):
         load_single_file(crafted, Config())
 
@@ -308,6 +313,7 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
     ("vae", {"block_out_channels": list(range(1, 10**5))}, "layers but carries only"),
     ("unet", "x" * (2 << 20), "too big for a model config"),
     ("unet", "[1, 2]", "is not a JSON object"),
+    ("unet", "[" * 200_000, "is not a JSON model config"),  # nested past Python's recursion limit
 ])
 def test_a_folders_config_cannot_make_us_build_more_layers_than_its_weights(tiny_components, tmp_path, part, change,
                                                                             words):

@@ -50,7 +50,7 @@ def check_folder(folder: Path, what: str) -> None:
         raise ConfigError(f"'{path}' is {path.stat().st_size} bytes, too big for a model config.")
     try:
         config = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise ConfigError(f"'{path}' is not a JSON model config.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"'{path}' is not a JSON object.")

@@ -76,7 +76,7 @@ def _parse_meta(path: Path, meta) -> Optional[dict]:
         return None
     try:
         out = json.loads(meta)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise ConfigError(f"'{path}' carries unreadable '{META_KEY}' metadata (not JSON).") from None
     if not isinstance(out, dict):
         raise ConfigError(f"'{path}' carries '{META_KEY}' metadata that is not a JSON object.")
