@@ -125,3 +125,29 @@ def test_training_reads_a_saved_dataset(tmp_path, run_dir):
                                   f"data.path={tmp_path / 'saved'}", "data.image_column=img"]))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+DEEP = "[" * 200_000  # JSON nested past Python's recursion limit: json.loads raises RecursionError
+
+
+def test_json_nested_past_the_recursion_limit_is_a_malformed_file_not_a_crash(tmp_path):
+    """Every JSON a user hands us goes through storage.files.loads_json: a caption table, a latent
+    cache's manifest, a checkpoint's manifest each get their one-sentence error."""
+    from colodiffusion.data.folder import read_caption_table
+    from colodiffusion.data.latents import read_manifest
+    from colodiffusion.storage import checkpoint
+
+    table = tmp_path / "captions.jsonl"
+    table.write_text('{"file_name": "a.png", "text": "a red circle"}\n' + DEEP + "\n")
+    with pytest.raises(ValueError, match="line 2 of .* is not JSON"):
+        read_caption_table(table)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(DEEP)
+    with pytest.raises(ValueError, match="manifest"):
+        read_manifest(cache)
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(DEEP)
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable manifest.json"):
+        checkpoint.verify(folder)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import BadSample, ImageTransform
+from colodiffusion.storage.files import loads_json
 
 STATE_LIMIT = 1 << 20  # bytes of state.json / dataset_dict.json read
 
@@ -26,7 +27,7 @@ def _read_json(path: Path) -> dict:
     if len(text) > STATE_LIMIT:
         raise ValueError(f"'{path}' is larger than {STATE_LIMIT} bytes; it is not a datasets state file")
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError:
         raise ValueError(f"'{path}' is not JSON") from None
     if not isinstance(data, dict):

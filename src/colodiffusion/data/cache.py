@@ -24,7 +24,7 @@ from colodiffusion.config import Config, ConfigError
 from colodiffusion.data.latents import MANIFEST
 from colodiffusion.data.transforms import BadSample, Filtered
 from colodiffusion.models import Components, encode_prompts
-from colodiffusion.storage.files import sha256
+from colodiffusion.storage.files import loads_json, sha256
 from colodiffusion.storage.sealed import is_sealed, write_sealed
 
 
@@ -32,7 +32,7 @@ def shard_done(out: Path, k: int) -> bool:
     """A shard counts as done only if its marker exists and the file matches its size and hash."""
     marker, data = out / f"shard-{k:05d}.json", out / f"shard-{k:05d}.safetensors"
     try:
-        m = json.loads(marker.read_text())
+        m = loads_json(marker.read_text())
         return data.stat().st_size == m["bytes"] and sha256(data) == m["sha256"]
     except (OSError, ValueError, KeyError):
         return False

@@ -22,6 +22,7 @@ from typing import Optional
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import IMAGE_EXTS, MAX_TEXT_BYTES, BadSample, ImageTransform
+from colodiffusion.storage.files import loads_json
 
 CAPTION_FIELDS = ("caption", "text", "prompt")
 FILE_FIELDS = ("file", "file_name", "image", "path")
@@ -54,7 +55,7 @@ def read_caption_table(table: Path, caption_column: str = "caption") -> dict[Pat
         for n, line in enumerate(table.read_text(encoding="utf-8", errors="replace").splitlines()):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(loads_json(line))
                 except json.JSONDecodeError:
                     raise ValueError(f"line {n + 1} of '{table}' is not JSON") from None
     else:

@@ -10,7 +10,6 @@ generator, exactly as it would sample the VAE posterior, so nothing else changes
 
 from __future__ import annotations
 
-import json
 import os
 from bisect import bisect_right
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 
 from colodiffusion.config import ConfigError
 from colodiffusion.storage.sealed import is_sealed
+from colodiffusion.storage.files import loads_json
 
 MANIFEST = "manifest.json"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
@@ -43,7 +43,7 @@ def mmap_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
         raise ValueError(f"'{path}' is not a valid safetensors file ({detail}); {_REBUILD}") from None
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        header = loads_json(f.read(n))
     meta = header.pop("__metadata__", {}) or {}
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     out = {}
@@ -59,7 +59,7 @@ def read_manifest(path: str | Path) -> dict:
     """The cache's manifest, with every shard entry a plain file name in the cache folder and a count."""
     file = Path(path) / MANIFEST
     try:
-        manifest = json.loads(file.read_text())
+        manifest = loads_json(file.read_text())
         shards = manifest["shards"]
         ok = isinstance(shards, list) and all(
             isinstance(s["file"], str) and Path(s["file"]).name == s["file"] not in ("", ".", "..")
@@ -74,7 +74,7 @@ def read_manifest(path: str | Path) -> dict:
 def _check_shard(file: str, tensors: dict, meta: dict, count: int) -> dict:
     """The shard's captions and keys, after checking it holds `count` rows of everything."""
     try:
-        info = {"captions": json.loads(meta["captions"]), "keys": json.loads(meta["keys"])}
+        info = {"captions": loads_json(meta["captions"]), "keys": loads_json(meta["keys"])}
         ok = all(isinstance(v, list) and len(v) == count for v in info.values()) and all(
             tensors[k].ndim >= 1 and tensors[k].shape[0] == count for k in ("mean", "logvar", "context"))
     except (KeyError, ValueError, TypeError):

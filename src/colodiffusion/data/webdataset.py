@@ -27,6 +27,7 @@ from typing import Optional
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import MAX_TEXT_BYTES, BadSample, ImageTransform
+from colodiffusion.storage.files import loads_json
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -141,7 +142,7 @@ def build_index(urls: list[str], cache_file: Optional[Path], threads: int = 16) 
     cached = {}
     if cache_file is not None and cache_file.is_file():
         try:
-            data = json.loads(cache_file.read_text())
+            data = loads_json(cache_file.read_text())
             if data.get("version") == INDEX_VERSION:
                 cached = {e["url"]: e for e in data["shards"]}
         except (OSError, ValueError, KeyError):
@@ -246,7 +247,7 @@ class WebDataset(ImageSource):
         meta = None
         if "json" in members:
             try:
-                meta = json.loads(self.member(url, members, ("json",), MAX_TEXT_BYTES))
+                meta = loads_json(self.member(url, members, ("json",), MAX_TEXT_BYTES))
             except (ValueError, UnicodeDecodeError):
                 meta = None  # metadata is optional; a broken json only disables the metadata filters
         return image, caption, meta

@@ -6,12 +6,12 @@ building millions of layers, even on the meta device)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
 
 from colodiffusion.config import ConfigError
+from colodiffusion.storage.files import loads_json
 
 MAX_CONFIG_BYTES = 1 << 20  # a real config.json is a few KB
 
@@ -49,8 +49,8 @@ def check_folder(folder: Path, what: str) -> None:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"'{path}' is {path.stat().st_size} bytes, too big for a model config.")
     try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        config = loads_json(path.read_text())
+    except (UnicodeDecodeError, ValueError):
         raise ConfigError(f"'{path}' is not a JSON model config.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"'{path}' is not a JSON object.")

@@ -27,7 +27,7 @@ from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, ldm_convert
 from colodiffusion.models.components import Components, freeze
 from colodiffusion.models.presets import get_preset
-from colodiffusion.storage.files import match_umask
+from colodiffusion.storage.files import loads_json, match_umask
 
 META_KEY = "colodiffusion"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -75,8 +75,8 @@ def _parse_meta(path: Path, meta) -> Optional[dict]:
     if not meta:
         return None
     try:
-        out = json.loads(meta)
-    except (TypeError, ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        out = loads_json(meta)
+    except (TypeError, ValueError):
         raise ConfigError(f"'{path}' carries unreadable '{META_KEY}' metadata (not JSON).") from None
     if not isinstance(out, dict):
         raise ConfigError(f"'{path}' carries '{META_KEY}' metadata that is not a JSON object.")

@@ -18,7 +18,6 @@ DeepSpeed is imported only here (`pip install colodiffusion[deepspeed]`).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend
 from colodiffusion.storage import checkpoint, safe_load
+from colodiffusion.storage.files import loads_json
 
 INSTALL = "pip install 'colodiffusion[deepspeed]' (or: DS_BUILD_OPS=0 pip install deepspeed)"
 TAG = safe_load.DEEPSPEED_TAG  # DeepSpeed's checkpoint tag inside <checkpoint>/ds/
@@ -76,7 +76,7 @@ def user_ds_config(cfg: Config, ours: dict) -> dict:
     (our loader and LR schedule depend on them) and its precision with `precision`."""
     path = Path(cfg.parallel.deepspeed_config)
     try:
-        theirs = json.loads(path.read_text())
+        theirs = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"parallel.deepspeed_config '{path}' is not a readable JSON file ({exc}).") from None
     if not isinstance(theirs, dict):

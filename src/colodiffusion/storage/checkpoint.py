@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from colodiffusion.config import ConfigError
 from colodiffusion.storage import faults
-from colodiffusion.storage.files import sha256
+from colodiffusion.storage.files import loads_json, sha256
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -89,7 +89,7 @@ def verify(folder: Path, hashes: bool = True) -> None:
     """Raise CheckpointError unless every file the manifest lists is there with its size (and hash)."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = loads_json((folder / MANIFEST).read_text())
         files = manifest["files"]
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{folder}' is incomplete (no {MANIFEST}: its save never finished)") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def _default_mode(folder: Path) -> int:
     finally:
         os.close(fd)
         probe.unlink()
+
+
+def loads_json(text: str | bytes):
+    """`json.loads` for text from a file a user handed us: nesting deeper than Python's stack raises
+    ValueError (a JSONDecodeError, as every other malformed input does), not RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
