@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from colodiffusion.config import ConfigError
 from colodiffusion.data.transforms import BadSample, Filtered
+from colodiffusion.storage.files import loads_json
 
 MAX_PROBE = 1024  # consecutive unreadable samples before a slot gives up
 MIN_CHECKED = 256  # samples dealt before the bad-sample rate is judged (or one epoch, if shorter)
@@ -269,21 +270,18 @@ class ResumableLoader:
         if self._listed_indices is None:
             self._listed_indices = set()
             if self.bad_log is not None and self.bad_log.is_file():
+                line = "\n"
                 with open(self.bad_log, encoding="utf-8", errors="replace") as f:
                     for line in f:
                         try:
-                            index = json.loads(line).get("index")
+                            index = loads_json(line).get("index")
                         except (ValueError, AttributeError):  # a line cut by the kill
                             continue
                         if isinstance(index, int):
                             self._listed_indices.add(index)
-                if self.bad_log.stat().st_size:  # end a line the kill cut, so the next one stays whole
-                    with open(self.bad_log, "rb") as f:
-                        f.seek(-1, 2)
-                        cut = f.read(1) != b"\n"
-                    if cut:  # appended (O_APPEND), never written over: another rank may be appending
-                        with open(self.bad_log, "ab") as f:
-                            f.write(b"\n")
+                if not line.endswith("\n"):  # the kill cut the last line: end it, so the next one stays whole,
+                    with open(self.bad_log, "ab") as f:  # by appending (another rank may be appending too)
+                        f.write(b"\n")
         return self._listed_indices
 
     def bad_counts(self) -> dict[str, int]:
