@@ -30,7 +30,7 @@ from colodiffusion.data.shapes import (  # noqa: E402
     render,
     sample_spec,
 )
-from colodiffusion.evaluate import judge, score  # noqa: E402
+from colodiffusion.evaluate import judge, score, wilson  # noqa: E402
 
 
 def _all_training_captions() -> set[str]:
@@ -234,6 +234,31 @@ def test_score_counts():
     a = np.asarray(render(ShapeSpec("square", "red", "grey", 30, 32, 32), 64))
     b = np.asarray(render(ShapeSpec("circle", "blue", "black", 30, 32, 32), 64))
     r = score([a, b, b], [("red", "square"), ("blue", "square"), ("red", "circle")])
-    assert r == {"prompt_accuracy": 1 / 3, "color_accuracy": 2 / 3, "shape_accuracy": 2 / 3, "n": 3}
+    assert {k: v for k, v in r.items() if not k.endswith("_ci95")} == {
+        "prompt_accuracy": 1 / 3, "color_accuracy": 2 / 3, "shape_accuracy": 2 / 3, "n": 3}
+    assert r["prompt_accuracy_ci95"] == wilson(1, 3) and r["color_accuracy_ci95"] == wilson(2, 3)
     with pytest.raises(ValueError):
         score([a], [])
+
+
+def test_wilson_interval_matches_known_values_and_stays_in_range():
+    # 96 of 96 right bounds the rate only above 0.9615; 48 of 96 gives 0.40-0.60 (Wilson, z = 1.96; by hand).
+    assert wilson(96, 96) == [0.9615, 1.0]
+    assert wilson(48, 96) == [0.4019, 0.5981]
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 10)[1] > 0.2
+    assert wilson(0, 0) == [0.0, 1.0]
+
+
+def test_the_held_out_set_is_96_images_and_harder_than_training():
+    """Every held-out wording once per colour x shape (8 x 12 = 96 by default); some name the colour
+    after the shape (no training caption does) and some use words no training caption contains."""
+    prompts = eval_prompts()
+    assert len(prompts) >= 96
+    after = [t for t in EVAL_TEMPLATES if t.index("{color}") > t.index("{shape}")]
+    assert len(after) >= 2 and all(t.index("{color}") < t.index("{shape}") for t in TRAIN_TEMPLATES)
+    train_words = {w for line in _all_training_captions() for w in line.replace(",", " ").split()}
+    unseen = [t for t in EVAL_TEMPLATES if set(t.format(color="red", shape="circle").replace(",", " ").split()) - train_words]
+    assert len(unseen) >= 4
+    for p in prompts:  # no other colour or shape word hides inside a word of the prompt ("centred" holds "red")
+        others = [w for w in (*COLORS, *SHAPES) if w not in (p["color"], p["shape"])]
+        assert not any(o in p["prompt"] for o in others), p

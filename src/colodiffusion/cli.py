@@ -139,7 +139,10 @@ def cmd_eval(args) -> int:
             print(result["note"] + ".", file=sys.stderr)
     if not args.json:
         for k, v in result.items():
-            print(f"{k:>16}: {v}")
+            if k.endswith("_ci95"):
+                continue
+            ci = result.get(f"{k}_ci95")
+            print(f"{k:>16}: {v:.3f}  (95% interval {ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{k:>16}: {v}")
     print(json.dumps(result))
     return 0
 
@@ -254,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
     e.add_argument("--json", action="store_true", help="print only the JSON result line")
-    e.add_argument("--per-combo", type=int, default=4, help="images per colour x shape combination")
+    e.add_argument("--per-combo", type=int, default=8, help="images per colour x shape combination (8: 96 images, each held-out wording once per combination)")
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=4.0)
     e.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)

@@ -270,7 +270,20 @@ def score(images: Sequence, targets: Sequence[tuple[str, str]]) -> dict:
         shp += got_shape == shape
         both += got_color == color and got_shape == shape
     div = max(n, 1)
-    return {"prompt_accuracy": both / div, "color_accuracy": col / div, "shape_accuracy": shp / div, "n": n}
+    return {"prompt_accuracy": both / div, "color_accuracy": col / div, "shape_accuracy": shp / div, "n": n,
+            "prompt_accuracy_ci95": wilson(both, n), "color_accuracy_ci95": wilson(col, n),
+            "shape_accuracy_ci95": wilson(shp, n)}
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion: unlike the normal approximation it stays inside
+    [0, 1] and is honest at 0 or n hits (96 images all right still only bound the rate above 0.96)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +291,7 @@ def score(images: Sequence, targets: Sequence[tuple[str, str]]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_model(pipe, per_combo: int = 4, steps: int = 25, guidance: float = 4.0, sampler: str = "ddim",
+def evaluate_model(pipe, per_combo: int = 8, steps: int = 25, guidance: float = 4.0, sampler: str = "ddim",
                    out_dir: str | None = None) -> dict:
     """Generate one image per held-out prompt (wordings, positions and seeds never used in
     training) and score colour and shape with the pixel judge."""

@@ -77,12 +77,19 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
 TRAIN_WHERE: tuple[str, ...] = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")
 
 # Held-out wordings: none of these is a training template, and the corner
-# phrases never occur in training captions.
+# phrases never occur in training captions.  The last four are further from
+# training still: two name the colour after the shape (every training caption
+# names it before), and all four use words no training caption contains
+# ("that", "is", "colour", "this", "please", "exactly", "painted", "inside", ...).
 EVAL_TEMPLATES: tuple[str, ...] = (
     "an image of one {color} {shape}",
     "one {color} {shape} in the top left corner",
     "a single {color} {shape}, plain background",
     "a picture showing a {color} {shape} in the bottom right corner",
+    "a {shape} that is {color}",
+    "the colour of this {shape} is {color}",
+    "please draw exactly one {color} {shape} for me",
+    "one {shape} painted {color} inside the frame",
 )
 
 # Training item seeds are always below this; eval seeds are at or above it.
@@ -200,7 +207,7 @@ def caption(spec: ShapeSpec, rng: np.random.Generator, resolution: int = 64) -> 
     return _fill(template, spec, resolution)
 
 
-def eval_prompts(per_combo: int = 2) -> list[dict]:
+def eval_prompts(per_combo: int = 8) -> list[dict]:
     """Held-out prompts: ``per_combo`` entries for every colour x shape pair
     (sorted), cycling through ``EVAL_TEMPLATES``.  Each entry is
     ``dict(prompt, color, shape, seed)`` with a unique ``seed >= EVAL_SEED_OFFSET``.
