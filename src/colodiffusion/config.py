@@ -113,6 +113,11 @@ class DiffusionConfig:
     """Shape of the beta schedule."""
     min_snr_gamma: Optional[float] = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value, it converges faster); null trains with plain MSE."""
+    loss_weighting: str = choice("min_snr", "min_snr", "min_snr_plus_one")
+    """How the loss weighs noise levels, as a weight on the error of the implied clean image x0: 'min_snr' gives
+    min(SNR, gamma) (the weight eps- and v-prediction get from min-SNR-gamma); 'min_snr_plus_one' adds 1, so the
+    noisiest steps, where colour and layout are decided, keep weight ~1 instead of ~SNR (0.005 at SD's last step):
+    v-prediction's own weight SNR + 1 (EDM's), capped at gamma + 1 (without gamma: plain v-MSE)."""
     offset_noise: float = 0.0
     """Strength of per-channel offset noise (0.05-0.1 helps very dark/bright images); 0 disables."""
     caption_dropout: float = 0.1

@@ -23,6 +23,7 @@ class Objective:
     prediction_type: str = "epsilon"  # or "v_prediction"
     min_snr_gamma: Optional[float] = None
     offset_noise: float = 0.0
+    weighting: str = "min_snr"  # or "min_snr_plus_one" (config.DiffusionConfig.loss_weighting)
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -59,15 +60,18 @@ class Objective:
         return x_t, target
 
     def weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        """Min-SNR-gamma weights (Hang et al. 2023), expressed for the model's target."""
-        if self.min_snr_gamma is None:
-            return None
+        """Per-sample weights for the model's target, from a weight on the x0 error: the eps-MSE is SNR
+        times the x0-MSE and the v-MSE (SNR + 1) times it, so an x0 weight W is W / SNR for eps, W / (SNR + 1)
+        for v. W = min(SNR, gamma) (min-SNR-gamma, Hang et al. 2023), plus 1 with 'min_snr_plus_one'."""
+        plus_one = self.weighting == "min_snr_plus_one"
+        if self.min_snr_gamma is None and (not plus_one or self.prediction_type == "v_prediction"):
+            return None  # plain MSE of the target (for v with plus one: W = SNR + 1 is the v-MSE itself)
         a = self.alphas_cumprod_on(t.device)[t]
         snr = a / (1 - a)
-        w = torch.clamp(snr, max=self.min_snr_gamma) / snr
-        if self.prediction_type == "v_prediction":
-            w = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1)
-        return w
+        w_x0 = snr if self.min_snr_gamma is None else torch.clamp(snr, max=self.min_snr_gamma)
+        if plus_one:
+            w_x0 = w_x0 + 1
+        return w_x0 / (snr + 1) if self.prediction_type == "v_prediction" else w_x0 / snr
 
     def per_sample_loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor) -> torch.Tensor:
@@ -92,4 +96,4 @@ class Objective:
 
 def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str) -> Objective:
     d = cfg.diffusion
-    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise)
+    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, d.loss_weighting)
