@@ -50,15 +50,15 @@ def test_min_snr_weights_cap_low_noise_steps():
     assert make("epsilon").weights(torch.tensor([0])) is None
 
 
-@pytest.mark.parametrize("weighting,gamma", [("min_snr", 5.0), ("min_snr_plus_one", 5.0), ("min_snr_plus_one", None)])
-def test_a_weighting_puts_the_same_weight_on_the_x0_error_for_eps_and_v(weighting, gamma):
+@pytest.mark.parametrize("floor,gamma", [(0.0, 5.0), (1.0, 5.0), (0.2, 5.0), (1.0, None)])
+def test_a_weighting_puts_the_same_weight_on_the_x0_error_for_eps_and_v(floor, gamma):
     """A model whose implied clean image is off by `delta` pays W(t) * |delta|^2 whichever target it
-    predicts: W = min(SNR, gamma), plus 1 with min_snr_plus_one (SNR + 1 without gamma)."""
+    predicts: W = min(SNR, gamma) + high_noise_weight (SNR + 1 without gamma and a floor of 1)."""
     x0, noise, delta = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), 0.1 * torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 300, 800, 999])
     losses = {}
     for pred in ("epsilon", "v_prediction"):
-        obj = make(pred, min_snr_gamma=gamma, weighting=weighting)
+        obj = make(pred, min_snr_gamma=gamma, high_noise_weight=floor)
         a = obj.alphas_cumprod[t].view(-1, 1, 1, 1)
 
         def off_by_delta(x_t, tt, ctx):  # the prediction whose implied x0 is x0 + delta
@@ -70,12 +70,12 @@ def test_a_weighting_puts_the_same_weight_on_the_x0_error_for_eps_and_v(weightin
     a = make().alphas_cumprod[t]
     snr = a / (1 - a)
     w_x0 = snr if gamma is None else snr.clamp(max=gamma)
-    w_x0 = w_x0 + 1 if weighting == "min_snr_plus_one" else w_x0
+    w_x0 = w_x0 + floor
     expected = w_x0 * delta.pow(2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(losses["epsilon"], expected, rtol=1e-3, atol=1e-7)
     torch.testing.assert_close(losses["v_prediction"], expected, rtol=1e-3, atol=1e-7)
-    if weighting == "min_snr_plus_one":  # the noisiest steps keep weight ~1 on x0, not ~SNR (0.005)
-        assert w_x0[-1] > 1.0 > 100 * snr[-1]
+    if floor:  # the noisiest steps keep the floor's weight on x0, not ~SNR (0.005)
+        assert w_x0[-1] > floor > 20 * snr[-1]
 
 
 def test_offset_noise_shifts_channel_means():

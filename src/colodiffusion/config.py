@@ -113,11 +113,11 @@ class DiffusionConfig:
     """Shape of the beta schedule."""
     min_snr_gamma: Optional[float] = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value, it converges faster); null trains with plain MSE."""
-    loss_weighting: str = choice("min_snr", "min_snr", "min_snr_plus_one")
-    """How the loss weighs noise levels, as a weight on the error of the implied clean image x0: 'min_snr' gives
-    min(SNR, gamma) (the weight eps- and v-prediction get from min-SNR-gamma); 'min_snr_plus_one' adds 1, so the
-    noisiest steps, where colour and layout are decided, keep weight ~1 instead of ~SNR (0.005 at SD's last step):
-    v-prediction's own weight SNR + 1 (EDM's), capped at gamma + 1 (without gamma: plain v-MSE)."""
+    high_noise_weight: Optional[float] = None
+    """Added to every step's weight on the error of the implied clean image x0, on top of min(SNR, gamma). The
+    noisiest steps, where colour and layout are decided, otherwise weigh ~SNR (0.005 at SD's last step, 1% of the
+    objective in the tiny run): 1.0 is v-prediction's own weight (SNR + 1, EDM's). null: the preset's (tiny
+    measured in bench/NOTES.md; 0 for the SD presets, whose fine-tunes keep their published weighting)."""
     offset_noise: float = 0.0
     """Strength of per-channel offset noise (0.05-0.1 helps very dark/bright images); 0 disables."""
     caption_dropout: float = 0.1
@@ -590,6 +590,7 @@ _RANGES = {
     "diffusion.caption_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "diffusion.offset_noise": (lambda v: v >= 0, "a number >= 0"),
     "diffusion.min_snr_gamma": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "diffusion.high_noise_weight": (lambda v: v is None or v >= 0, "a number >= 0 or null"),
     "diffusion.num_train_timesteps": (lambda v: v >= 2, "a whole number >= 2"),
     "first_stage.steps": (lambda v: v >= 0, "a whole number >= 0"),
     "first_stage.batch_size": (lambda v: v >= 1, "a whole number >= 1"),

@@ -380,6 +380,7 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
     import torch
 
     from colodiffusion.diffusion import build_objective
+    from colodiffusion.models.presets import get_preset
     from colodiffusion.generate import make_grid
     from colodiffusion.models.components import context_to, encode_context, unet_call
     from colodiffusion.train.quality import MISSING_WEIGHTS, HeldOut, QualityProbe
@@ -387,7 +388,8 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
 
     view, held_out = evaluation_view(cfg)
     device, unet = pipe.device, pipe.unet
-    objective = build_objective(cfg, pipe.scheduler.alphas_cumprod.float(), pipe.scheduler.config.prediction_type)
+    objective = build_objective(cfg, pipe.scheduler.alphas_cumprod.float(), pipe.scheduler.config.prediction_type,
+                                get_preset(cfg.model.preset).high_noise_weight)
     vset = build_validation(view, cfg.train.val_samples, pipe.vae, device)
     total, count = validation_loss(
         objective, lambda x_t, t, c: unet_call(unet, x_t.to(unet.dtype), t, context_to(c, dtype=unet.dtype)).float(),

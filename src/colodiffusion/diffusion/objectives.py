@@ -23,7 +23,7 @@ class Objective:
     prediction_type: str = "epsilon"  # or "v_prediction"
     min_snr_gamma: Optional[float] = None
     offset_noise: float = 0.0
-    weighting: str = "min_snr"  # or "min_snr_plus_one" (config.DiffusionConfig.loss_weighting)
+    high_noise_weight: float = 0.0  # added to the x0-error weight of every step (config.DiffusionConfig)
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -60,17 +60,15 @@ class Objective:
         return x_t, target
 
     def weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-sample weights for the model's target, from a weight on the x0 error: the eps-MSE is SNR
-        times the x0-MSE and the v-MSE (SNR + 1) times it, so an x0 weight W is W / SNR for eps, W / (SNR + 1)
-        for v. W = min(SNR, gamma) (min-SNR-gamma, Hang et al. 2023), plus 1 with 'min_snr_plus_one'."""
-        plus_one = self.weighting == "min_snr_plus_one"
-        if self.min_snr_gamma is None and (not plus_one or self.prediction_type == "v_prediction"):
-            return None  # plain MSE of the target (for v with plus one: W = SNR + 1 is the v-MSE itself)
+        """Per-sample weights for the model's target, from a weight W on the error of the implied x0: the
+        eps-MSE is SNR times the x0-MSE and the v-MSE (SNR + 1) times it, so W becomes W / SNR for eps and
+        W / (SNR + 1) for v. W = min(SNR, gamma) (min-SNR-gamma, Hang et al. 2023; SNR without gamma)
+        + high_noise_weight."""
+        if self.min_snr_gamma is None and not self.high_noise_weight:
+            return None
         a = self.alphas_cumprod_on(t.device)[t]
         snr = a / (1 - a)
-        w_x0 = snr if self.min_snr_gamma is None else torch.clamp(snr, max=self.min_snr_gamma)
-        if plus_one:
-            w_x0 = w_x0 + 1
+        w_x0 = (snr if self.min_snr_gamma is None else torch.clamp(snr, max=self.min_snr_gamma)) + self.high_noise_weight
         return w_x0 / (snr + 1) if self.prediction_type == "v_prediction" else w_x0 / snr
 
     def per_sample_loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
@@ -94,6 +92,9 @@ class Objective:
         return per_sample.mean()
 
 
-def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str) -> Objective:
+def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str,
+                    preset_high_noise_weight: float = 0.0) -> Objective:
+    """The run's objective; diffusion.high_noise_weight left null takes the preset's value."""
     d = cfg.diffusion
-    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, d.loss_weighting)
+    floor = preset_high_noise_weight if d.high_noise_weight is None else d.high_noise_weight
+    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, floor)

@@ -29,6 +29,7 @@ class Preset:
     # context vectors of "red" and "green" in "a red circle"/"a green circle" had cosine 0.94), at 1.0
     # a token dominates its own output (cosine 0.08 between the colours, 0.95 for "red" across wordings).
     token_embedding_std: float | None = None
+    high_noise_weight: float = 0.0  # diffusion.high_noise_weight when the config leaves it null
     text_encoder_2: dict[str, Any] | None = None  # SDXL's second encoder (CLIPTextModelWithProjection)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
