@@ -119,7 +119,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from colodiffusion.evaluate import choose_scorer, evaluate_model, evaluate_own_data
+    from colodiffusion.evaluate import JUDGE_GUIDANCE, choose_scorer, evaluate_model, evaluate_own_data
 
     if args.num_images < 2:
         raise UsageError("--num-images must be at least 2 (FID estimates a covariance).")
@@ -129,10 +129,12 @@ def cmd_eval(args) -> int:
     plan = choose_scorer(args.model, args.data, native)
     print(plan.sentence, file=sys.stderr)
     if plan.scorer == "shapes":
+        guidance = JUDGE_GUIDANCE if args.guidance is None else args.guidance
         result = {"scorer": "shapes", **evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps,
-                                                       guidance=args.guidance, sampler=args.sampler, out_dir=args.out)}
+                                                       guidance=guidance, sampler=args.sampler, out_dir=args.out)}
     else:
-        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+        guidance = 4.0 if args.guidance is None else args.guidance
+        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, guidance=guidance,
                                    sampler=args.sampler, clip_model=args.clip_model, fid_model=args.fid_model,
                                    out_dir=args.out)
         if "note" in result:
@@ -259,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print only the JSON result line")
     e.add_argument("--per-combo", type=int, default=8, help="images per colour x shape combination (8: 96 images, each held-out wording once per combination)")
     e.add_argument("--steps", type=int, default=25)
-    e.add_argument("--guidance", type=float, default=4.0)
+    e.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2 for the shapes judge, as measured in bench/NOTES.md; 4 otherwise)")
     e.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     e.add_argument("--out", help="also save the generated images here")
     e.add_argument("--data", help="score on this folder of images + captions (default: the run's own data; "

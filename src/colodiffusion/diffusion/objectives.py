@@ -92,9 +92,6 @@ class Objective:
         return per_sample.mean()
 
 
-def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str,
-                    preset_high_noise_weight: float = 0.0) -> Objective:
-    """The run's objective; diffusion.high_noise_weight left null takes the preset's value."""
+def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str) -> Objective:
     d = cfg.diffusion
-    floor = preset_high_noise_weight if d.high_noise_weight is None else d.high_noise_weight
-    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, floor)
+    return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, d.high_noise_weight)

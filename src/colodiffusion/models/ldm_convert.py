@@ -26,6 +26,8 @@ VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."
 OPENCLIP = "cond_stage_model.model."
 EMA = "model_ema."
+# The tiny preset's pooled-caption embedding (diffusers' addition_embed_type="text") has no LDM name; ours.
+TEXT_POOL = "text_pool."
 
 # Non-weight buffers LDM checkpoints carry (the noise schedule, EMA bookkeeping, CLIP's id table,
 # the OpenCLIP parts SD never runs): read and ignored.
@@ -65,6 +67,8 @@ def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
     for key, value in sd.items():
         if key in flat:
             new = flat[key]
+        elif key.startswith("add_embedding.") and config.get("addition_embed_type") == "text":
+            new = TEXT_POOL + key[len("add_embedding."):]
         elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", key):
             b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
             base = 1 + b * (L + 1)
@@ -288,6 +292,8 @@ def from_ldm(sd: dict, original: Optional[dict] = None, configs: Optional[dict] 
             if k.startswith(UNET):
                 source[k] = sd[ema_key(k)]
     unet = sfu.convert_ldm_unet_checkpoint(source, unet_config)
+    pool = UNET + TEXT_POOL
+    unet.update({"add_embedding." + k[len(pool):]: v for k, v in source.items() if k.startswith(pool)})
     vae = sfu.convert_ldm_vae_checkpoint(source, vae_config)
     text = _text_from_ldm(source, text_config, openclip)
     out = Converted(unet, vae, text, unet_config, vae_config, text_config, prediction, has_ema)

@@ -29,7 +29,6 @@ class Preset:
     # context vectors of "red" and "green" in "a red circle"/"a green circle" had cosine 0.94), at 1.0
     # a token dominates its own output (cosine 0.08 between the colours, 0.95 for "red" across wordings).
     token_embedding_std: float | None = None
-    high_noise_weight: float = 0.0  # diffusion.high_noise_weight when the config leaves it null
     text_encoder_2: dict[str, Any] | None = None  # SDXL's second encoder (CLIPTextModelWithProjection)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +60,10 @@ PRESETS: dict[str, Preset] = {
             cross_attention_dim=128,
             attention_head_dim=8,
             norm_num_groups=16,
+            # The caption, attention-pooled, added to the timestep embedding (diffusers' "text" addition,
+            # as in Imagen/unCLIP): every res-block, not only the cross-attention layers, sees what to draw.
+            addition_embed_type="text",
+            addition_embed_type_num_heads=8,
         ),
         text_encoder=dict(
             hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -81,6 +84,11 @@ PRESETS: dict[str, Preset] = {
         resolution=32,
         needs_pretrained_tokenizer=False,
         token_embedding_std=1.0,
+        # v-prediction (with the min-SNR-5 weighting): at the noisiest steps, where the colour is decided,
+        # eps-prediction's target is the input itself, so a model learns to copy it and ignores the caption;
+        # v's target there is the clean image. Held-out accuracy at seed 0, 1,500 steps: eps 0.71 (colour
+        # 0.79), v + pooled caption 0.92 (colour 0.99, shape 0.93); bench/NOTES.md has the ablation.
+        prediction_type="v_prediction",
     ),
     # SD 1.x: 860M UNet, CLIP ViT-L/14 text encoder (768-d context), f8 VAE.
     "sd15": Preset(

@@ -26,7 +26,6 @@ from colodiffusion.generate import export_diffusers, make_pipeline, render, save
 from colodiffusion.models import Components, encode_images
 from colodiffusion.models.components import unet_call
 from colodiffusion.models.lora import has_lora, lora_shape, merged, save_lora
-from colodiffusion.models.presets import get_preset
 from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
@@ -273,8 +272,7 @@ def train_step(cfg: Config, backend: Backend, comps: Components, objective, s: S
 def run_loop(cfg: Config, backend: Backend, comps: Components, s: State, run_dir: Path) -> bool:
     """Train to `train.max_steps` (True), or until a stop signal, after a checkpoint (False)."""
     t = cfg.train
-    objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type,
-                                get_preset(cfg.model.preset).high_noise_weight)
+    objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
     tel = Telemetry(run_dir, t.max_steps, s.step, enabled=backend.is_main,
                     trackers=Trackers(cfg, run_dir, s.step) if backend.is_main else None)
     s.model.train()
