@@ -64,11 +64,11 @@ def train(cfg: Config) -> Path:
     check_trackers(cfg)  # a missing wandb/mlflow stops here, before anything is built
     backend = build_backend(cfg)
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
-    clean = False
+    clean, lock = False, None
     try:
         run_dir = Path(cfg.run.dir)
         with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
-            run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
+            lock = run_folder.check(cfg, backend, run_dir)  # ours and locked; continue, start over or refuse
             dataset, val_data = build_datasets(cfg)
             dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
@@ -93,6 +93,8 @@ def train(cfg: Config) -> Path:
     finally:
         signals.uninstall()
         backend.shutdown(clean)
+        if lock is not None:
+            lock.release()
 
 
 def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
