@@ -35,9 +35,14 @@ def _claim(run: Path, *extra: str):
     try:
         run_folder.prepare(_cfg(run, *extra), ONE, run)
     except Exception:
-        lock.release()
+        _free(lock)
         raise
     return lock
+
+
+def _free(lock) -> None:
+    if lock is not None:  # (main before the lock returned None)
+        lock.release()
 
 
 def _users_folder(root: Path) -> dict[Path, bytes]:
@@ -69,11 +74,11 @@ def test_run_dir_root_is_refused(tmp_path):
 def test_an_empty_folder_becomes_a_marked_run_folder(tmp_path):
     run = tmp_path / "empty"
     run.mkdir()
-    _claim(run).release()
+    _free(_claim(run))
     assert (run / ".colodiffusion.json").is_file() and (run / "config.yaml").is_file()
     (run / "samples" / "step_00000001.png").write_bytes(b"ours")
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    _claim(run).release()  # ours now: an earlier attempt's logs are cleared
+    _free(_claim(run))  # ours now: an earlier attempt's logs are cleared
     assert not (run / "metrics.jsonl").exists()
 
 
@@ -108,8 +113,8 @@ def test_a_second_trainer_in_the_same_folder_gets_one_sentence(tmp_path):
     msg = str(err.value)
     assert f"is in use by pid {os.getpid()}" in msg and "two runs never share a folder" in msg and "\n" not in msg
     assert (run / "config.yaml").is_file()  # the first run's folder is left as it was
-    first.release()
-    _claim(run).release()  # free again once the first one is done
+    _free(first)
+    _free(_claim(run))  # free again once the first one is done
 
 
 def test_the_lock_is_held_for_the_whole_run_and_released_after(run_dir, monkeypatch):
@@ -125,14 +130,14 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(run_dir, monkeypa
     monkeypatch.setattr(loop, "train_step", step_and_try_a_second_trainer)
     loop.train(_cfg(run_dir, "train.max_steps=1", "train.checkpoint_every=0"))
     assert seen == [0]
-    run_folder.check(_cfg(run_dir, "train.resume=auto"), ONE, run_dir).release()
+    _free(run_folder.check(_cfg(run_dir, "train.resume=auto"), ONE, run_dir))
 
 
 def test_resume_refuses_a_config_that_changes_what_the_checkpoints_mean(tmp_path):
     data = tmp_path / "images"
     data.mkdir()
     run = tmp_path / "run"
-    _claim(run).release()
+    _free(_claim(run))
     (run / "checkpoints" / "step_00000002").mkdir()
     saved = (run / "config.yaml").read_text()
     for extra, keys in [(("train.seed=1",), ["train.seed: 0 -> 1"]),
@@ -145,5 +150,5 @@ def test_resume_refuses_a_config_that_changes_what_the_checkpoints_mean(tmp_path
         msg = str(err.value)
         assert all(k in msg for k in keys) and "run.overwrite=true" in msg and "\n" not in msg, msg
         assert (run / "config.yaml").read_text() == saved
-    _claim(run, "train.resume=auto", "train.max_steps=3", "train.lr=1e-4").release()  # these may change
+    _free(_claim(run, "train.resume=auto", "train.max_steps=3", "train.lr=1e-4"))  # these may change
     assert "max_steps: 3" in (run / "config.yaml").read_text()
