@@ -15,6 +15,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.data.loader import probe, too_many_bad
+from colodiffusion.models import bounds
 from colodiffusion.train import signals
 
 # Bytes per trainable parameter in a checkpoint: fp32 weights + fp32 EMA + AdamW's two fp32 moments.
@@ -30,6 +31,8 @@ def unet_parameters(cfg: Config) -> int:
 
     with torch.device("meta"):
         if cfg.model.pretrained:
+            if (Path(cfg.model.pretrained) / "unet").is_dir():  # bounded before diffusers builds what it says
+                bounds.check_folder(Path(cfg.model.pretrained) / "unet", "UNet")
             config = UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet")
             unet = UNet2DConditionModel.from_config(config)
         else:
