@@ -21,8 +21,9 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from colodiffusion.config import ConfigError
+from colodiffusion.models import bounds
 from colodiffusion.storage.sealed import is_sealed
-from colodiffusion.storage.files import inside, loads_json
+from colodiffusion.storage.files import loads_json
 
 MANIFEST = "manifest.json"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
@@ -108,9 +109,7 @@ class LatentDataset(Dataset):
             raise ValueError(f"data.path '{path}' is not a latent cache (no {MANIFEST}; make one with `colodiffusion cache`)")
         self.manifest = read_manifest(self.root)
         self.files = [str(self.root / s["file"]) for s in self.manifest["shards"]]
-        for f in [*self.files, str(self.root / "empty_context.safetensors")]:
-            if not inside(Path(f), self.root):  # (a shard that links out of the cache is not read)
-                raise ValueError(f"'{f}' is a link to a file outside the latent cache '{path}'; {_REBUILD}")
+        bounds.check_links(self.root)  # no shard, component or context file that links out of the cache is read
         self.counts = counts = [s["count"] for s in self.manifest["shards"]]
         self.starts = [sum(counts[:k]) for k in range(len(counts))]
         self.n = sum(counts)

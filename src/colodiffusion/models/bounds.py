@@ -98,8 +98,8 @@ def check_links(folder: Path) -> None:
     within = cache_repo(folder) or folder
     for p in sorted(folder.rglob("*")):
         if (p.is_file() or p.is_symlink()) and not inside(p, within):
-            raise ConfigError(f"'{p}' in the model folder '{folder}' is a link to '{os.path.realpath(p)}', outside "
-                              "it; a model folder is read only inside itself: copy the model without links (cp -rL).")
+            raise ConfigError(f"'{p}' in '{folder}' is a link to '{os.path.realpath(p)}', outside it; a folder handed "
+                              "to us is read only inside itself: copy it without links (cp -rL).")
         if p.is_file() and p.suffix in (".json", ".txt") and p.stat().st_size > MAX_TEXT_FILE_BYTES:
             raise ConfigError(f"'{p}' is {p.stat().st_size} bytes, too big for a model's config or tokenizer file.")
 

@@ -193,6 +193,7 @@ def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:
     run_dir = ckpt.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"checkpoint '{ckpt}' is not inside a run folder (no {run_dir / 'config.yaml'}).")
+    bounds.check_links(run_dir)  # a received run folder is read only inside itself
     cfg = load_config(run_dir / "config.yaml")
     comps = build_components(cfg, run_dir / "components", captions=_refuse_training, train_vae=_refuse_training)
     trainable = build_trainable(cfg, comps)
