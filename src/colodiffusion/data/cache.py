@@ -62,6 +62,11 @@ def make_plan(cfg: Config, dataset, shard_size: int) -> dict:
             "samples": len(dataset), "keys_sha256": hashlib.sha256(keys.encode()).hexdigest()}
 
 
+def _is_legacy_cache(folder: Path) -> bool:
+    """A cache made before the folder marker: its manifest or shard markers."""
+    return (folder / MANIFEST).is_file() or any(folder.glob("shard-*.json"))
+
+
 def plan_id(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -186,7 +191,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
         dataset = build_dataset(cfg)
         plan = make_plan(cfg, dataset, shard_size)
         if ranks.is_main:  # ours, locked, and emptied of another plan's shards before anyone reads them
-            lock = owned.claim(out, "cache", "--out", legacy=lambda p: (p / MANIFEST).is_file() or any(p.glob("shard-*.json")))
+            lock = owned.claim(out, "cache", "--out", legacy=_is_legacy_cache)
             _start_over_if_replanned(out, plan)
         comps = make_components(dataset, ranks.device, True) if ranks.is_main else None
         ranks.barrier()

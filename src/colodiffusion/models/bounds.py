@@ -158,7 +158,8 @@ def check_model_folder(root: Path) -> None:
         try:
             verify(root, hashes=False)
         except CheckpointError as exc:
-            raise ConfigError(f"'{root}' is cut short or altered since it was written, so it is not loaded ({exc}).") from None
+            raise ConfigError(f"'{root}' is cut short or altered since it was written, so it is not loaded "
+                              f"({exc}).") from None
     if (root / "model_index.json").is_file():
         check_index(root / "model_index.json")
     for part in sorted(p for p in root.iterdir() if p.is_dir()):

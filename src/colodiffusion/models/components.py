@@ -83,7 +83,8 @@ def reuse_or_build(folder: Path, load: Callable[[Path], object], build: Callable
         if folder.exists():
             print(f"{folder} is incomplete or altered (it has no matching manifest.json), so it is built again")
         write_sealed(folder, build().save_pretrained)
-    bounds.check_folder(folder, bounds.PART_NAMES.get(folder.name, folder.name))  # a received run's components are data like any model folder
+    # A received run's components are data like any model folder.
+    bounds.check_folder(folder, bounds.PART_NAMES.get(folder.name, folder.name))
     return load(folder)
 
 

@@ -28,7 +28,8 @@ from colodiffusion.storage.files import loads_json, write_text_atomic
 
 MARKER = ".colodiffusion.json"
 LOCK = ".colodiffusion.lock"
-_HELD: dict[int, Path] = {}  # lock fd -> folder, in this process (a forked child, e.g. a DataLoader worker, closes its copies)
+# lock fd -> folder, in this process (a forked child, e.g. a DataLoader worker, closes its copies)
+_HELD: dict[int, Path] = {}
 
 
 def _close_in_child() -> None:
@@ -84,13 +85,12 @@ def links_in(folder: Path) -> Optional[str]:
     for p in sorted(Path(folder).rglob("*")):  # rglob lists links but does not descend through them
         if p.is_symlink():
             return f"'{p}' is a symbolic link (to '{os.readlink(p)}')"
-        if p.is_file() and p.stat().st_nlink > 1 and p.name != LOCK:
+        if p.is_file() and p.stat().st_nlink > 1:
             return f"'{p}' has {p.stat().st_nlink - 1} other hard link(s)"
     return None
 
 
-def claim(folder: Path, kind: str, key: str, legacy: Callable[[Path], bool] = lambda p: False,
-          what_to_do: str = "") -> FolderLock:
+def claim(folder: Path, kind: str, key: str, legacy: Callable[[Path], bool] = lambda p: False) -> FolderLock:
     """Make or take `folder` for writing (see the module docstring): ConfigError, one sentence, if it is
     someone else's, in use, or holds links."""
     folder = Path(folder)
@@ -117,9 +117,10 @@ def claim(folder: Path, kind: str, key: str, legacy: Callable[[Path], bool] = la
         problem = links_in(folder)
         if problem:
             raise ConfigError(f"{key} '{folder}' holds links: {problem}; we write only into files of our own, so a "
-                              f"received folder must hold plain files: copy it without links (cp -rL){what_to_do}.")
+                              f"received folder must hold plain files: copy it without links (cp -rL).")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%H:%M:%S')})".encode(), 0)
+        holder = f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%H:%M:%S')})"
+        os.pwrite(fd, holder.encode(), 0)
         if marked_kind(folder) is None:
             write_text_atomic(folder / MARKER, json.dumps({"kind": kind, "format": 1}) + "\n")
     except BaseException:
