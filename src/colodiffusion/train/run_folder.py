@@ -102,10 +102,10 @@ def continues_checkpoints(cfg: Config, run_dir: Path) -> bool:
     return mode is not None and _inside(mode, run_dir) and bool(step_folders(run_dir / "checkpoints"))
 
 
-def _plain(node: Any, path: str) -> Any:
+def _plain(node: Any, path: str, default: Any = None) -> Any:
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 
@@ -129,10 +129,13 @@ def changed_meaning(cfg: Config, run_dir: Path) -> Optional[str]:
         return (f"'{saved_file}' cannot be read, so nothing says what the checkpoints in '{run_dir}' were trained "
                 "with; restore it, or start over with run.overwrite=true")
     now = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)), resolve=False)
-    changed = [k for k in MEANING if not _same(k, _plain(saved, k), _plain(now, k))]
+    defaults = OmegaConf.to_container(OmegaConf.create(to_yaml(Config())), resolve=False)
+    # A key an older version did not write had its default then.
+    was = {k: _plain(saved, k, _plain(defaults, k)) for k in MEANING}
+    changed = [k for k in MEANING if not _same(k, was[k], _plain(now, k))]
     if not changed:
         return None
-    diffs = ", ".join(f"{k}: {_plain(saved, k)!r} -> {_plain(now, k)!r}" for k in changed)
+    diffs = ", ".join(f"{k}: {was[k]!r} -> {_plain(now, k)!r}" for k in changed)
     return (f"train.resume would continue the checkpoints in '{run_dir}' with a config that changes what they were "
             f"trained with ({diffs}); resume with the run's own values (its config.yaml), or start over with "
             "run.overwrite=true or in another run.dir")
