@@ -25,7 +25,7 @@ from colodiffusion.diffusion.samplers import explicit, make_sampler
 from colodiffusion.models import bounds
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.sdxl import is_sdxl_folder
-from colodiffusion.storage.files import match_umask
+from colodiffusion.storage.files import inside, match_umask
 from colodiffusion.storage.images import to_rgb, upright
 
 # Our sampler names as AUTOMATIC1111 writes them (with " Karras" appended for Karras sigmas).
@@ -57,6 +57,8 @@ def resolve_model_path(path: str | Path) -> Path:
     if (p / "model_index.json").exists():
         return p
     if (p / "final" / "model_index.json").exists():
+        if not inside(p / "final", p):  # a received run folder is read only inside itself
+            raise ConfigError(f"'{p / 'final'}' is a link to a folder outside the run folder '{p}'; it is not read.")
         return p / "final"
     raise FileNotFoundError(f"'{p}' is neither a diffusers model folder nor a run folder with final/")
 

@@ -243,6 +243,7 @@ def load_model(source: str | Path, ema: Optional[bool] = False, original_config:
     if latest is not None:
         return load_checkpoint_model(latest, ema)
     if (src / "final" / "model_index.json").exists():
+        bounds.check_links(src)  # a received run folder is read only inside itself (final/ too)
         return load_model(src / "final", ema, original_config, tokenizer)
     raise ConfigError(f"'{src}' is not a run folder, checkpoint folder, diffusers folder or single-file checkpoint.")
 
