@@ -184,3 +184,13 @@ def test_a_run_whose_disk_fills_while_writing_final_says_how_to_finish(run_dir, 
         loop.train(load_config(None, [*TINY, f"run.dir={run_dir}", "train.max_steps=1"]))
     assert "No space left on device" in str(err.value) and "train.resume=auto" in str(err.value)
     assert (run_dir / "checkpoints" / "step_00000001").is_dir() and not (run_dir / ".tmp-final").exists()
+
+
+def test_a_received_run_folders_final_that_links_out_is_not_loaded(model, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    (run / "final").symlink_to(_copy(model, tmp_path))
+    for reader in (load_pipeline, load_model):  # sample/eval, export
+        with pytest.raises(ConfigError, match="outside"):
+            reader(run)
