@@ -139,3 +139,16 @@ def test_a_cache_rerun_with_other_data_is_made_again(tmp_path, tiny_components, 
     with pytest.raises(ConfigError, match="is not a cache folder of ours"):
         build_cache(cfg, mine, lambda ds, dev, show: None)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_fewer_images_than_a_first_stage_batch_train_the_autoencoder_with_all_of_them(tmp_path, capsys):
+    """10 images and first_stage.batch_size=16 (its default) used to stop with the loader's ValueError."""
+    from colodiffusion.train.first_stage import frozen_components
+
+    data = make_folder(tmp_path / "data", 3)
+    cfg = _folder_cfg(data, "train.batch_size=2", "first_stage.steps=1", "first_stage.scale_samples=4")
+    assert cfg.first_stage.batch_size > 3
+    torch.set_num_threads(2)
+    comps = frozen_components(cfg, build_dataset(cfg), tmp_path / "components", torch.device("cpu"), False)
+    assert comps.vae.config.scaling_factor > 0
+    assert "fewer than first_stage.batch_size=16: training the autoencoder with batches of 3" in capsys.readouterr().out
