@@ -194,3 +194,27 @@ def test_a_received_run_folders_final_that_links_out_is_not_loaded(model, tmp_pa
     for reader in (load_pipeline, load_model):  # sample/eval, export
         with pytest.raises(ConfigError, match="outside"):
             reader(run)
+
+
+@pytest.mark.parametrize("files", [
+    lambda secret: {"../secret.txt": {"size": secret.stat().st_size, "sha256": "0" * 64}},  # a name leading out
+    lambda secret: {"weights.safetensors": {"size": secret.stat().st_size, "sha256": "0" * 64}},  # a link out
+    lambda secret: ["weights.safetensors"],  # not an object: was an AttributeError traceback
+    lambda secret: {"weights.safetensors": 5},  # was a TypeError traceback
+])
+def test_a_received_folders_manifest_never_leads_outside_it(tmp_path, files):
+    from colodiffusion.storage.checkpoint import CheckpointError, verify
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hf_token")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "weights.safetensors").symlink_to(secret)
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "step": 3, "files": files(secret)}))
+    opened = []
+    real_open = open
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("builtins.open", lambda p, *a, **k: opened.append(Path(p).resolve()) or real_open(p, *a, **k))
+        with pytest.raises(CheckpointError, match="leads outside it|unreadable manifest.json") as err:
+            verify(folder)
+    assert secret.resolve() not in opened and "\n" not in str(err.value)

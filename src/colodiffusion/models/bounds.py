@@ -156,7 +156,7 @@ def check_model_folder(root: Path) -> None:
     check_links(root)
     if (root / MANIFEST).is_file():
         try:
-            verify(root, hashes=False)
+            verify(root, hashes=False, within=cache_repo(root) or root)
         except CheckpointError as exc:
             raise ConfigError(f"'{root}' is cut short or altered since it was written, so it is not loaded "
                               f"({exc}).") from None
