@@ -103,6 +103,17 @@ def test_a_received_run_folder_with_links_is_refused_unwritten(tmp_path):
     (run / "samples").unlink()
     with pytest.raises(ConfigError, match="hard link"):
         _claim(run, "train.resume=auto")
+    (run / "bad_samples.jsonl").unlink()
+    # Links that stay inside, as wandb leaves them in RUN/wandb/, write nowhere else: a run with them resumes.
+    (run / "wandb" / "run-1" / "logs").mkdir(parents=True)
+    (run / "wandb" / "run-1" / "logs" / "debug.log").write_text("")
+    (run / "wandb" / "latest-run").symlink_to("run-1")
+    (run / "wandb" / "debug.log").symlink_to("run-1/logs/debug.log")
+    _free(_claim(run, "train.resume=auto"))
+    (run / "wandb" / "debug.log").unlink()
+    (run / "wandb" / "debug.log").symlink_to("latest-run/../../../outside/log.jsonl")  # out, through a link
+    with pytest.raises(ConfigError, match="symbolic link to .*, outside it"):
+        _claim(run, "train.resume=auto")
 
 
 def test_a_second_trainer_in_the_same_folder_gets_one_sentence(tmp_path):

@@ -1,4 +1,4 @@
-"""Folders we write into are ours: marked when we make them, locked while we write, and free of links.
+"""Folders we write into are ours: marked when we make them, locked while we write, and free of links out.
 
 `claim(folder, kind, ...)` is how a run folder (`train`) or a latent cache (`cache --out`) is taken:
 
@@ -9,8 +9,9 @@
 - **locked**: an exclusive `flock` on `.colodiffusion.lock`, held until `release()` (or the process
   ends: the kernel drops it, so a killed run never leaves a stale lock); a second writer gets one
   sentence naming the first one's pid and host;
-- **free of links**: a symbolic link, or a file with a second hard link, anywhere in it is refused,
-  so writing or appending to what the folder holds (a received run folder) never lands outside it.
+- **free of links out**: a symbolic link leading outside it, or a file with a second hard link,
+  anywhere in it is refused, so writing or appending to what the folder holds (a received run
+  folder) never lands outside it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from colodiffusion.config import ConfigError
-from colodiffusion.storage.files import loads_json, write_text_atomic
+from colodiffusion.storage.files import inside, loads_json, write_text_atomic
 
 MARKER = ".colodiffusion.json"
 LOCK = ".colodiffusion.lock"
@@ -81,10 +82,12 @@ def marked_kind(folder: Path) -> Optional[str]:
 
 
 def links_in(folder: Path) -> Optional[str]:
-    """A sentence about the first symbolic link, or file with another hard link, under `folder`; None if none."""
+    """A sentence about the first symbolic link leading out of `folder`, or file with another hard link,
+    under it; None if none. A link that stays inside (wandb's `latest-run` and `debug.log` in RUN/wandb/)
+    writes nowhere else, so it is allowed."""
     for p in sorted(Path(folder).rglob("*")):  # rglob lists links but does not descend through them
-        if p.is_symlink():
-            return f"'{p}' is a symbolic link (to '{os.readlink(p)}')"
+        if p.is_symlink() and not inside(p, folder):
+            return f"'{p}' is a symbolic link to '{os.readlink(p)}', outside it"
         if p.is_file() and p.stat().st_nlink > 1:
             return f"'{p}' has {p.stat().st_nlink - 1} other hard link(s)"
     return None
