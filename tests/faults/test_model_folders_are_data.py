@@ -73,6 +73,16 @@ def test_every_reader_of_a_model_folder_applies_the_same_bounds(model, tmp_path,
     assert "\n" not in str(err.value)
 
 
+def test_the_train_preflight_bounds_the_unet_it_counts(model, tmp_path):
+    """`train` counts the UNet's parameters (for the disk space check) before it loads the model."""
+    from colodiffusion.train import preflight
+
+    folder = _copy(model, tmp_path)
+    _too_many_layers(folder)
+    with pytest.raises(ConfigError, match="describes a UNet with"):
+        preflight.unet_parameters(load_config(None, [f"model.pretrained={folder}"]))
+
+
 def test_a_received_run_folders_components_are_bounded(model, tmp_path):
     """`export RUN` rebuilds the run from its components/: a received run's text encoder config is data."""
     crafted = _copy(model, tmp_path)
