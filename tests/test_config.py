@@ -74,3 +74,21 @@ def test_a_later_file_fills_what_a_recipe_leaves_to_the_user(tmp_path):
         load_config([recipe, mine])
     cfg = load_config([recipe, mine], ["train.max_steps=3"])
     assert cfg.data.path == str(images) and cfg.train.max_steps == 3
+
+
+def test_interpolations_are_refused_so_no_secret_is_resolved_and_saved(tmp_path, monkeypatch):
+    """`${oc.env:...}` would copy an environment variable (a token) into config.yaml, sample prompts
+    and the tracker's project name; no value is ever resolved."""
+    monkeypatch.setenv("MY_TOKEN", "hf_secret_value")
+    recipe = tmp_path / "r.yaml"
+    for text in ("log:\n  project: ${oc.env:MY_TOKEN}\n", "sample:\n  prompts: [a cat, '${oc.env:MY_TOKEN}']\n",
+                 "train:\n  seed: 1\nrun:\n  dir: runs/${train.seed}\n"):
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match="is an interpolation") as err:
+            load_config(recipe)
+        assert "hf_secret_value" not in str(err.value) and "\n" not in str(err.value)
+    for override in ("log.project=${oc.env:MY_TOKEN}", "sample.prompts=[${oc.env:MY_TOKEN}]",
+                     "log.run_name=${oc.decode:${oc.env:MY_TOKEN}}"):
+        with pytest.raises(ConfigError, match="is an interpolation") as err:
+            load_config(None, [override])
+        assert "hf_secret_value" not in str(err.value)

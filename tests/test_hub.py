@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.models.loading import load_pretrained
+from colodiffusion.train import preflight
 
 from common import ROOT, TINY
 from sdfolder import make_diffusers_folder
@@ -114,3 +115,22 @@ def test_train_from_a_hub_id_with_hf_hub_offline(hub_cache, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert (run / "final" / "model_index.json").is_file()
     assert load_config(run / "config.yaml").model.pretrained == REPO  # the id is kept, resolved again on resume
+
+
+def test_a_revision_or_ref_never_leads_out_of_the_cache(offline, tmp_path, tiny_components):
+    """Offline, huggingface_hub joins the text of refs/<revision> to snapshots/: a ref that names a path
+    would load whatever lies there; a revision with '..' would read a ref file elsewhere."""
+    elsewhere = make_diffusers_folder(tiny_components, tmp_path / "elsewhere")
+    repo = offline / f"models--{REPO.replace('/', '--')}"
+    for name, target in (("escape", "../../../" + elsewhere.relative_to(offline.parent).as_posix()),
+                         ("absolute", str(elsewhere))):
+        (repo / "refs" / name).write_text(target)
+        cfg = load_config(None, [f"model.pretrained={REPO}", f"model.revision={name}"])
+        for reader in (lambda: load_pretrained(REPO, cfg), lambda: preflight.unet_parameters(cfg)):
+            with pytest.raises(ConfigError, match="is not a snapshot inside its Hugging Face cache folder") as err:
+                reader()
+            assert "\n" not in str(err.value)
+    for revision in ("../../elsewhere", "main/../v2", "a\\b", "/etc"):
+        with pytest.raises(ConfigError, match="give a branch, tag or commit name"):
+            load_config(None, [f"model.pretrained={REPO}", f"model.revision={revision}"])
+    load_config(None, [f"model.pretrained={REPO}", "model.revision=refs/pr/1"])  # the Hub's pull requests

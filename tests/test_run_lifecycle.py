@@ -211,7 +211,7 @@ def test_run_folder_choices_without_training(tmp_path, monkeypatch):
     one = _OneProcess()
 
     def check(*extra):
-        run_folder.check(_cfg(run, *extra), one, run)
+        run_folder.check(_cfg(run, *extra), one, run).release()  # (the lock is the run's: released at its end)
 
     with pytest.raises(ConfigError, match="checkpoints up to step 2"):
         check()

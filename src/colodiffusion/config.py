@@ -683,6 +683,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' points to '{value}', which does not exist "
                               "(nor is it a Hub id such as org/name).")
     _check_model(cfg)
+    _check_revision(cfg.model.revision)
     _check_log(cfg)
     if cfg.data.source == "folder":
         if not cfg.data.path:
@@ -730,6 +731,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 def is_hub_id(value: str) -> bool:
     """'org/name' that is not a local path: a model on the Hugging Face Hub (or in its local cache)."""
     return bool(_HUB_ID.match(value)) and ".." not in value and not Path(value).exists()
+
+
+# A branch, tag or commit: one name (a pull request's refs/pr/N too), never a path into the cache.
+_REVISION = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*|refs/pr/\d+)$")
+
+
+def _check_revision(revision: Optional[str]) -> None:
+    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+        raise ConfigError(f"config key 'model.revision' is {revision!r}; give a branch, tag or commit name (refs/pr/N "
+                          "for a pull request), without '..' or path separators: it names a file in the Hub cache.")
 
 
 def _check_model(cfg: Config) -> None:
@@ -903,6 +914,22 @@ def _yaml_where(exc: Exception, path: Path) -> str:
     return where + "."
 
 
+def refuse_interpolations(node: Any, where: str, prefix: str = "") -> None:
+    """ConfigError for any `${...}` in a config's raw values: values are taken as written and never
+    resolved, so an environment variable (a token) cannot be copied into config.yaml, sample prompts,
+    tracker names or an exported model's metadata."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            refuse_interpolations(value, where, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            refuse_interpolations(value, where, f"{prefix}{i}.")
+    elif isinstance(node, str) and "${" in node:
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' in {where} is an interpolation ({node[:80]!r}); values are "
+                          "taken as written and ${...} is never resolved, so that no environment variable or secret "
+                          "lands in config.yaml, prompts or tracker names: write the value itself.")
+
+
 def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file(s) at `path` (a list is merged left to right, as the seed's `-b a b`),
     then `key=value` overrides; validated."""
@@ -918,6 +945,7 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         except Exception as exc:  # YAML syntax errors come in many types
             raise ConfigError(f"config file '{p}' is not valid YAML{_yaml_where(exc, p)}") from None
         _refuse_seed_layout(data, p)
+        refuse_interpolations(OmegaConf.to_container(data, resolve=False), f"'{p}'")
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
@@ -929,6 +957,8 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200).")
         key = item.split("=", 1)[0]
+        if "${" in item.split("=", 1)[1]:
+            refuse_interpolations({key: item.split("=", 1)[1]}, f"override '{key}=...'")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

@@ -17,6 +17,7 @@ from colodiffusion.generate import export_diffusers
 from colodiffusion.models import lora
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.single_file import DTYPES, save_single_file
+from colodiffusion.storage.sealed import check_replaceable, write_file, write_sealed
 from colodiffusion.train.metadata import kohya_metadata
 
 FORMATS = ("diffusers", "single-file", "lora")
@@ -31,12 +32,15 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
     out = Path(out)
     if fmt == "single-file" and out.suffix not in (".safetensors", ".ckpt"):
         raise ConfigError(f"--out '{out}' must end in .safetensors or .ckpt for --format single-file.")
+    if fmt != "single-file":  # a folder is replaced whole (written beside it, then swapped in): only ours
+        check_replaceable(out, "--out")
     m = load_model(source, ema, original_config, tokenizer)
     if fmt == "lora":
         if not m.has_lora:
             raise ConfigError(f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write.")
         meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type, lora.lora_shape(m.unet))
-        return lora.save_lora(out, m.unet, m.text_encoder, DTYPES[dtype], metadata=meta)
+        write_sealed(out, lambda folder: lora.save_lora(folder, m.unet, m.text_encoder, DTYPES[dtype], metadata=meta))
+        return out / lora.WEIGHT_NAME
     if m.has_lora:
         if not merge_lora:
             raise ConfigError(
@@ -49,9 +53,12 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
                           "use --format diffusers (or --format lora for a LoRA run).")
     if fmt == "single-file":
         meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type)
-        return save_single_file(out, m.unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, dtype=dtype,
-                                metadata=meta)
+        return write_file(out, lambda tmp: save_single_file(tmp, m.unet, m.vae, m.text_encoder, m.tokenizer,
+                                                            m.noise_scheduler, dtype=dtype, metadata=meta))
     cast = DTYPES[dtype]
     unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
     te_2 = copy.deepcopy(m.text_encoder_2).to(cast) if m.is_sdxl else None
-    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler, m.tokenizer_2, te_2)
+    # Sealed like final/: written beside --out, then swapped in whole, so a failure half-way leaves the
+    # folder that was there as it was (and `sample` refuses a folder that no longer matches its manifest).
+    return write_sealed(out, lambda folder: export_diffusers(folder, m.tokenizer, te, vae, unet, m.noise_scheduler,
+                                                             m.tokenizer_2, te_2))

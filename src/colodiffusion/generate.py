@@ -22,9 +22,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from colodiffusion.config import ConfigError, PromptSpec, multiples_of_8
 from colodiffusion.diffusion.samplers import explicit, make_sampler
+from colodiffusion.models import bounds
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.sdxl import is_sdxl_folder
-from colodiffusion.storage.files import match_umask
+from colodiffusion.storage.files import inside, match_umask
+from colodiffusion.storage.images import to_rgb, upright
 
 # Our sampler names as AUTOMATIC1111 writes them (with " Karras" appended for Karras sigmas).
 A1111_SAMPLERS = {"ddim": "DDIM", "dpm++": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a", "pndm": "PLMS"}
@@ -55,6 +57,8 @@ def resolve_model_path(path: str | Path) -> Path:
     if (p / "model_index.json").exists():
         return p
     if (p / "final" / "model_index.json").exists():
+        if not inside(p / "final", p):  # a received run folder is read only inside itself
+            raise ConfigError(f"'{p / 'final'}' is a link to a folder outside the run folder '{p}'; it is not read.")
         return p / "final"
     raise FileNotFoundError(f"'{p}' is neither a diffusers model folder nor a run folder with final/")
 
@@ -67,6 +71,7 @@ def load_pipeline(path: str | Path, device: Optional[torch.device] = None, dtype
     p = Path(path)
     if (p / "model_index.json").exists() or (p / "final" / "model_index.json").exists():
         folder = resolve_model_path(p)
+        bounds.check_model_folder(folder)  # links, code, sizes and seal, before diffusers reads a byte
         if is_sdxl_folder(folder):
             pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
         else:
@@ -135,7 +140,8 @@ def load_init_image(path: str | Path) -> Image.Image:
     """An img2img start image (only common image formats are decoded; Pillow's size limit applies)."""
     try:
         with Image.open(path, formats=INIT_IMAGE_FORMATS) as img:
-            return img.convert("RGB")
+            img.load()
+            return to_rgb(upright(img))  # as a viewer shows it (EXIF orientation), 16-bit scaled to 8
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"init image '{path}' cannot be read as PNG, JPEG, WEBP or BMP ({exc}).") from None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import BadSample, ImageTransform
-from colodiffusion.storage.files import loads_json
+from colodiffusion.storage.files import files_inside, loads_json
 
 STATE_LIMIT = 1 << 20  # bytes of state.json / dataset_dict.json read
 
@@ -55,7 +55,7 @@ def arrow_files(path: str) -> list[Path]:
         if outside or len(files) != len(names):
             raise ValueError(f"'{root / 'state.json'}' names a data file outside its folder or no file name ({outside[:1]})")
         return files
-    files = sorted(root.rglob("*.arrow"))
+    files = files_inside(root, "*.arrow")  # no link out of the folder
     if not files:
         raise ValueError(f"data.path '{path}' holds no .arrow files and no datasets state.json")
     return files

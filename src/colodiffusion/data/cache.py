@@ -6,12 +6,20 @@ The dataset (in its own order, no shuffle) is cut into shards of `shard_size` sa
 size and SHA-256. A rerun keeps every shard whose file still matches its marker and recomputes the
 rest, so a cache killed part way resumes where it stopped. Bad samples are skipped (not replaced)
 and listed in CACHE/bad_samples.jsonl. The last step writes manifest.json, which training reads.
+
+The output folder is claimed like a run folder (storage/owned.py: new, empty or a cache of ours;
+locked while the cache is made). `plan.json` records what the shards are made from (data, model,
+frozen parts' run folder, resolution, shard size, the dataset's keys); a rerun with another plan
+(other data in the same --out) removes the old shards and components and makes them again, and a
+shard's marker carries the plan too, so a shard of another plan is never kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -24,18 +32,59 @@ from colodiffusion.config import Config, ConfigError
 from colodiffusion.data.latents import MANIFEST
 from colodiffusion.data.transforms import BadSample, Filtered
 from colodiffusion.models import Components, encode_prompts
+from colodiffusion.storage import owned
 from colodiffusion.storage.files import loads_json, sha256
 from colodiffusion.storage.sealed import is_sealed, write_sealed
 
+PLAN = "plan.json"
 
-def shard_done(out: Path, k: int) -> bool:
-    """A shard counts as done only if its marker exists and the file matches its size and hash."""
+
+def shard_done(out: Path, k: int, plan: str) -> bool:
+    """A shard counts as done only if its marker exists, names this plan, and the file matches its size and hash."""
     marker, data = out / f"shard-{k:05d}.json", out / f"shard-{k:05d}.safetensors"
     try:
         m = loads_json(marker.read_text())
-        return data.stat().st_size == m["bytes"] and sha256(data) == m["sha256"]
-    except (OSError, ValueError, KeyError):
+        return m.get("plan") == plan and data.stat().st_size == m["bytes"] and sha256(data) == m["sha256"]
+    except (OSError, ValueError, KeyError, AttributeError):
         return False
+
+
+def make_plan(cfg: Config, dataset, shard_size: int) -> dict:
+    """What the shards are made from: a cache made from anything else is another cache."""
+    d, m = cfg.data, cfg.model
+    local = d.path and "://" not in d.path and Path(d.path).exists()
+    keys = "\n".join(dataset.key(i) if hasattr(dataset, "key") else str(i) for i in range(len(dataset)))
+    return {"data.source": d.source, "data.path": str(Path(d.path).resolve()) if local else d.path,
+            "data.resolution": d.resolution, "data.crop": d.crop, "data.caption_column": d.caption_column,
+            "data.image_column": d.image_column, "data.num_samples": d.num_samples if d.source == "shapes" else None,
+            "model": [m.preset, m.pretrained, m.revision, m.variant, m.vae, m.text_encoder, m.tokenizer],
+            "run.dir": str(Path(cfg.run.dir).resolve()), "train.seed": cfg.train.seed, "shard_size": shard_size,
+            "samples": len(dataset), "keys_sha256": hashlib.sha256(keys.encode()).hexdigest()}
+
+
+def _is_legacy_cache(folder: Path) -> bool:
+    """A cache made before the folder marker: its manifest or shard markers."""
+    return (folder / MANIFEST).is_file() or any(folder.glob("shard-*.json"))
+
+
+def plan_id(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _start_over_if_replanned(out: Path, plan: dict) -> None:
+    """Remove what another plan made in `out` (main rank, holding the cache's lock), then record this plan."""
+    try:
+        old = loads_json((out / PLAN).read_text())
+    except (OSError, ValueError):
+        old = None
+    made = [p for p in out.iterdir() if p.name.startswith("shard-") or p.name in (
+        MANIFEST, "components", "empty_context.safetensors", "bad_samples.jsonl")]
+    if old != plan and made:
+        changed = sorted(k for k in plan if not isinstance(old, dict) or old.get(k) != plan[k])
+        print(f"latent cache {out} was made from other data or settings ({', '.join(changed)} changed): making it again")
+        for p in made:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    _atomic_json(out / PLAN, plan)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -109,7 +158,7 @@ def encode_shard(comps, dataset, indices: range, device, batch_size: int, bad_lo
             "metadata": {"captions": json.dumps(captions), "keys": json.dumps(keys)}, "count": len(captions)}
 
 
-def write_shard(out: Path, k: int, result: dict) -> None:
+def write_shard(out: Path, k: int, result: dict, plan: str) -> None:
     data = out / f"shard-{k:05d}.safetensors"
     if result["count"]:
         tmp = data.with_name(data.name + f".tmp{os.getpid()}")
@@ -118,7 +167,7 @@ def write_shard(out: Path, k: int, result: dict) -> None:
     else:  # every sample of the shard was bad: an empty marker, no file
         data.write_bytes(b"")
     _atomic_json(out / f"shard-{k:05d}.json",
-                 {"count": result["count"], "bytes": data.stat().st_size, "sha256": sha256(data)})
+                 {"count": result["count"], "bytes": data.stat().st_size, "sha256": sha256(data), "plan": plan})
 
 
 def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset, torch.device, bool], Components],
@@ -137,8 +186,13 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
                           "context and no image sizes): train SDXL from the images.")
     out = Path(out)
     ranks = _Ranks(cfg.parallel.timeout_s)
+    lock = None
     try:
         dataset = build_dataset(cfg)
+        plan = make_plan(cfg, dataset, shard_size)
+        if ranks.is_main:  # ours, locked, and emptied of another plan's shards before anyone reads them
+            lock = owned.claim(out, "cache", "--out", legacy=_is_legacy_cache)
+            _start_over_if_replanned(out, plan)
         comps = make_components(dataset, ranks.device, True) if ranks.is_main else None
         ranks.barrier()
         comps = comps or make_components(dataset, ranks.device, False)
@@ -154,7 +208,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
         n = len(dataset)
         shards = (n + shard_size - 1) // shard_size
         mine = list(range(ranks.rank, shards, ranks.world))
-        todo = [k for k in mine if not shard_done(out, k)]
+        todo = [k for k in mine if not shard_done(out, k, plan_id(plan))]
         if len(todo) < len(mine):
             print(f"rank {ranks.rank}: kept {len(mine) - len(todo)} finished shard(s), {len(todo)} to do")
         total = sum(len(range(k * shard_size, min(n, (k + 1) * shard_size))) for k in todo)
@@ -166,7 +220,8 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
                 (out / f"shard-{k:05d}.safetensors.tmp{os.getpid()}").write_bytes(b"partial")
                 os._exit(137)
             idx = range(k * shard_size, min(n, (k + 1) * shard_size))
-            write_shard(out, k, encode_shard(comps, dataset, idx, ranks.device, batch_size, out / "bad_samples.jsonl"))
+            write_shard(out, k, encode_shard(comps, dataset, idx, ranks.device, batch_size, out / "bad_samples.jsonl"),
+                        plan_id(plan))
             bar.update(len(idx))
         bar.close()
         ranks.barrier()
@@ -175,6 +230,8 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
         ranks.barrier()
         return out
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
 
 

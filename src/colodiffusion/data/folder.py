@@ -10,6 +10,10 @@ when they have none of their own.
 Images are found by extension (.jpg .jpeg .png .webp .bmp) but decoded by content; a file that
 is empty, truncated, not an image, too large to read, or has no readable caption is a bad sample
 (skipped, listed).
+
+Nothing outside data.path is read because of what is inside it: an image or caption that is a link
+leading out is a bad sample (`outside_folder`), a caption table that is one is refused, and a table
+row naming a file outside the folder matches no image.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Optional
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import IMAGE_EXTS, MAX_TEXT_BYTES, BadSample, ImageTransform
-from colodiffusion.storage.files import loads_json
+from colodiffusion.storage.files import files_inside, inside, loads_json
 
 CAPTION_FIELDS = ("caption", "text", "prompt")
 FILE_FIELDS = ("file", "file_name", "image", "path")
@@ -58,9 +62,17 @@ def read_caption_table(table: Path, caption_column: str = "caption") -> dict[Pat
                     rows.append(loads_json(line))
                 except json.JSONDecodeError:
                     raise ValueError(f"line {n + 1} of '{table}' is not JSON") from None
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"line {n + 1} of '{table}' is a JSON {type(rows[-1]).__name__}, not an object "
+                                     f"with a file name and a caption ({{\"file_name\": ..., \"text\": ...}})")
     else:
         with open(table, newline="", encoding="utf-8", errors="replace") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+                raise ValueError(f"line {reader.line_num + 1} of '{table}' cannot be read as CSV ({exc}); captions "
+                                 f"longer than {csv.field_size_limit() // 1024} KiB are not read") from None
     out = {}
     for row in rows:
         name, text = _pick(row, FILE_FIELDS), _pick(row, (caption_column, *CAPTION_FIELDS))
@@ -83,7 +95,7 @@ class FolderDataset(ImageSource):
         self.table: dict[Path, str] = {}
         self.folder_info = [self._kohya(p) for p in self.files]  # (repeats, caption) per file, or None
         for name in TABLES:
-            for table in sorted(self.root.rglob(name)):
+            for table in files_inside(self.root, name):  # a table that links out is refused
                 self.table.update(read_caption_table(table, caption_column))
 
     def __len__(self) -> int:
@@ -101,13 +113,19 @@ class FolderDataset(ImageSource):
     def key(self, i: int) -> str:
         return str(self.files[i].relative_to(self.root))
 
+    def _read(self, path: Path, limit: int) -> bytes:
+        if not inside(path, self.root):  # a link out of the dataset: never read (a token file, /proc/...)
+            raise BadSample("outside_folder", f"'{path.name}' is a link to a file outside data.path; links out "
+                                              "of the dataset are not followed")
+        return read_limited(path, limit)
+
     def raw(self, i: int):
         path = self.files[i]
-        image = read_limited(path, self.transform.max_image_bytes)
+        image = self._read(path, self.transform.max_image_bytes)
         caption = self.table.get(path.resolve())
         if caption is None:
             txt = path.with_suffix(".txt")
-            caption = read_limited(txt, MAX_TEXT_BYTES) if txt.is_file() else None
+            caption = self._read(txt, MAX_TEXT_BYTES) if txt.is_file() else None
         if caption is None and self.folder_info[i]:
             caption = self.folder_info[i][1]
         return image, caption, None

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from colodiffusion.config import ConfigError
+from colodiffusion.models import bounds
 from colodiffusion.storage.sealed import is_sealed
 from colodiffusion.storage.files import loads_json
 
@@ -108,6 +109,7 @@ class LatentDataset(Dataset):
             raise ValueError(f"data.path '{path}' is not a latent cache (no {MANIFEST}; make one with `colodiffusion cache`)")
         self.manifest = read_manifest(self.root)
         self.files = [str(self.root / s["file"]) for s in self.manifest["shards"]]
+        bounds.check_links(self.root)  # no shard, component or context file that links out of the cache is read
         self.counts = counts = [s["count"] for s in self.manifest["shards"]]
         self.starts = [sum(counts[:k]) for k in range(len(counts))]
         self.n = sum(counts)

@@ -17,6 +17,7 @@ from typing import Optional
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import BadSample, ImageTransform
 from colodiffusion.data.webdataset import is_url
+from colodiffusion.storage.files import files_inside
 
 META_COLUMNS = ("punsafe", "pwatermark", "width", "height")
 
@@ -25,7 +26,7 @@ def expand_files(path: str) -> list[str]:
     files: list[str] = []
     for part in (p.strip() for p in path.split(",")):
         if not is_url(part) and Path(part).is_dir():
-            files += sorted(str(p) for p in Path(part).rglob("*.parquet"))
+            files += [str(p) for p in files_inside(Path(part), "*.parquet")]  # no link out of the folder
         else:
             files.append(part)
     return files

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from colodiffusion.data.transforms import IMAGE_FORMATS, BadSample, ImageTransform, decode_caption
+from colodiffusion.storage.images import TURNED, orientation
 
 
 class ImageSource(Dataset):
@@ -62,7 +63,7 @@ class ImageSource(Dataset):
         try:
             image, _, _ = self.raw(i)
             with Image.open(io.BytesIO(image), formats=IMAGE_FORMATS) as img:
-                return img.size
+                return img.size[::-1] if orientation(img) in TURNED else img.size  # as decode_image sees it
         except Exception:  # a bad sample: the loader treats it like a square image, then skips it
             return None
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from colodiffusion.storage.images import TURNED, orientation, to_rgb, upright
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The formats training decodes (GIF: its first frame). Pillow knows ~40 more, some with a long record of
 # decoder bugs and EPS, which it hands to Ghostscript: a file in any other format is a bad sample.
@@ -67,13 +69,16 @@ def decode_image(data: Optional[bytes], max_pixels: int, draft_to=None) -> tuple
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            size = img.size
-            if size[0] * size[1] > max_pixels:
-                raise Image.DecompressionBombError(f"{size[0]}x{size[1]} pixels is more than {max_pixels}")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise Image.DecompressionBombError(f"{w}x{h} pixels is more than {max_pixels}")
+            turned = orientation(img) in TURNED
+            size = (h, w) if turned else (w, h)  # as the image is seen: a phone photo stands upright
             if draft_to is not None and img.format == "JPEG":
-                img.draft("RGB", draft_to(size))
+                dw, dh = draft_to(size)
+                img.draft("RGB", (dh, dw) if turned else (dw, dh))
             img.load()
-            return img.convert("RGB"), size
+            return to_rgb(upright(img)), size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample("decompression_bomb", str(exc)[:200]) from None
     except Image.UnidentifiedImageError:

@@ -27,7 +27,7 @@ from typing import Optional
 
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import MAX_TEXT_BYTES, BadSample, ImageTransform
-from colodiffusion.storage.files import loads_json
+from colodiffusion.storage.files import files_inside, loads_json
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -58,7 +58,7 @@ def expand_urls(pattern: str) -> list[str]:
     urls: list[str] = []
     for part in split_top_level(pattern):
         if not is_url(part) and Path(part).is_dir():
-            urls += sorted(str(p) for p in Path(part).rglob("*.tar"))
+            urls += [str(p) for p in files_inside(Path(part), "*.tar")]  # no link out of the folder
             continue
         try:
             urls += list(braceexpand(part))

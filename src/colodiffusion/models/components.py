@@ -26,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.diffusion import build_noise_scheduler
+from colodiffusion.models import bounds
 from colodiffusion.models.presets import build_text_encoder, build_unet, build_vae, get_preset
 from colodiffusion.models.sdxl import sdxl_context
 from colodiffusion.models.tokenizer import train_clip_tokenizer
@@ -82,6 +83,8 @@ def reuse_or_build(folder: Path, load: Callable[[Path], object], build: Callable
         if folder.exists():
             print(f"{folder} is incomplete or altered (it has no matching manifest.json), so it is built again")
         write_sealed(folder, build().save_pretrained)
+    # A received run's components are data like any model folder.
+    bounds.check_folder(folder, bounds.PART_NAMES.get(folder.name, folder.name))
     return load(folder)
 
 
@@ -115,6 +118,7 @@ def build_fresh_components(
 
     text_encoder = reuse_or_build(te_dir, CLIPTextModel.from_pretrained, text_encoder_fresh)
     if cfg.model.vae:
+        bounds.check_folder(Path(cfg.model.vae), "VAE")
         vae = AutoencoderKL.from_pretrained(cfg.model.vae)
     else:
         vae = reuse_or_build(vae_dir, AutoencoderKL.from_pretrained, vae_fresh)

@@ -35,6 +35,19 @@ def weight_patterns(variant: Optional[str]) -> tuple[list[str], list[str]]:
     return _META + ["*.safetensors"], ["*.*.safetensors"]
 
 
+def _inside_cache(root: Path, source: str, where: str) -> None:
+    """The snapshot folder huggingface_hub returned must be one of the repository's own snapshots: offline
+    it joins the cache's refs/<revision> file's text to snapshots/, so a crafted ref could point anywhere."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model") / "snapshots"
+    if root.resolve().parent != snapshots.resolve():
+        raise ConfigError(f"{where} resolves to '{root}', which is not a snapshot inside its Hugging Face cache folder "
+                          f"'{snapshots.parent}' (a refs/ file there names a path, not a commit); it is not read: "
+                          "delete that cache entry and download the model again.")
+
+
 def resolve(source: Optional[str], key: str, revision: Optional[str] = None, variant: Optional[str] = None) -> Optional[Path]:
     """A local path as it is; a Hub id as its snapshot folder in the Hub cache; None stays None."""
     if not source:
@@ -49,6 +62,7 @@ def resolve(source: Optional[str], key: str, revision: Optional[str] = None, var
     where = f"{key} '{source}'" + (f" at revision '{revision}'" if revision else "")
     try:
         root = Path(snapshot_download(source, revision=revision, allow_patterns=allow, ignore_patterns=ignore or None))
+        _inside_cache(root, source, where)
         for part in PARTS if variant else ():  # a part without that variant loads its plain weights, as diffusers does
             if (root / part).is_dir() and not has_variant(root / part, variant):
                 snapshot_download(source, revision=revision, allow_patterns=[f"{part}/*.safetensors"],

@@ -63,6 +63,7 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
             cfg = copy.deepcopy(cfg)
             cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
         return load_single_file(root, cfg)
+    bounds.check_model_folder(root)
     if is_sdxl_folder(root) and m.preset != "sdxl":  # (a local folder is checked at config load; a Hub id here)
         raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set model.preset=sdxl.")
     if m.preset == "sdxl":
@@ -91,7 +92,7 @@ def load_sdxl(root: Path, cfg: Config) -> Components:
     vae_root = hub.resolve(cfg.model.vae, "model.vae", cfg.model.revision, v) or root
     vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
     vae = _pretrained(AutoencoderKL, vae_dir, v, "VAE")
-    tokenizers = [CLIPTokenizer.from_pretrained(root / sub) for sub in ("tokenizer", "tokenizer_2")]
+    tokenizers = [_tokenizer(root / sub) for sub in ("tokenizer", "tokenizer_2")]
     return Components(tokenizers[0], freeze(encoders[0]), freeze(vae), unet,
                       build_noise_scheduler(cfg, _prediction_type(cfg, root)), tokenizers[1], freeze(encoders[1]))
 
@@ -120,7 +121,7 @@ def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
     vae_root = hub.resolve(m.vae, "model.vae", m.revision, m.variant) or root
     if vae_root is None:
         raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")
-    tokenizer = CLIPTokenizer.from_pretrained(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
+    tokenizer = _tokenizer(_part(tok_root, "tokenizer", "tokenizer_config.json", "model.tokenizer"))
     te_dir = _part(te_root, "text_encoder", "config.json", "model.text_encoder")
     text_encoder = _pretrained(CLIPTextModel, te_dir, m.variant, "text encoder")
     vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
@@ -132,6 +133,11 @@ def _pretrained(cls, folder: Path, variant: Optional[str], what: str):
     """`cls.from_pretrained(folder)` once the folder's config is bounded by its weights (models/bounds.py)."""
     bounds.check_folder(folder, what)
     return cls.from_pretrained(folder, variant=_variant(folder, variant))
+
+
+def _tokenizer(folder: Path) -> CLIPTokenizer:
+    bounds.check_folder(folder, "tokenizer")
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def _variant(folder: Path, variant: Optional[str]) -> Optional[str]:
@@ -151,6 +157,7 @@ def _prediction_type(cfg: Config, root: Optional[Path]) -> str:
     """model.prediction_type, else the folder's scheduler's, else the preset's."""
     prediction_type = cfg.model.prediction_type
     if prediction_type is None and root is not None and _has(root, "scheduler"):
+        bounds.check_folder(root / "scheduler", "scheduler")
         prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
     return prediction_type or get_preset(cfg.model.preset).prediction_type
 
@@ -186,6 +193,7 @@ def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:
     run_dir = ckpt.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"checkpoint '{ckpt}' is not inside a run folder (no {run_dir / 'config.yaml'}).")
+    bounds.check_links(run_dir)  # a received run folder is read only inside itself
     cfg = load_config(run_dir / "config.yaml")
     comps = build_components(cfg, run_dir / "components", captions=_refuse_training, train_vae=_refuse_training)
     trainable = build_trainable(cfg, comps)
@@ -235,6 +243,7 @@ def load_model(source: str | Path, ema: Optional[bool] = False, original_config:
     if latest is not None:
         return load_checkpoint_model(latest, ema)
     if (src / "final" / "model_index.json").exists():
+        bounds.check_links(src)  # a received run folder is read only inside itself (final/ too)
         return load_model(src / "final", ema, original_config, tokenizer)
     raise ConfigError(f"'{src}' is not a run folder, checkpoint folder, diffusers folder or single-file checkpoint.")
 
@@ -242,9 +251,11 @@ def load_model(source: str | Path, ema: Optional[bool] = False, original_config:
 def own_scheduler(src: Path):
     """The source's own noise schedule (betas, prediction type), kept as is by an export."""
     if (src / "scheduler").is_dir():
+        bounds.check_folder(src / "scheduler", "scheduler")
         return DDPMScheduler.from_pretrained(src, subfolder="scheduler")
     if is_single_file(src):
         meta = read_meta(src)
-        if meta and "scheduler" in meta:
+        if meta and isinstance(meta.get("scheduler"), dict):
+            bounds.check_schedule(meta["scheduler"], src)
             return DDPMScheduler.from_config(meta["scheduler"])
     return None

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from colodiffusion.config import ConfigError
+from colodiffusion.models import bounds
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 
@@ -32,6 +33,7 @@ def check_folder(folder: str | Path, option: str, what: str) -> Path:
     if not (p / "config.json").is_file() or not any((p / name).is_file() for name in SAFETENSORS):
         raise ConfigError(f"{option} '{folder}' is not a local {what} folder with safetensors weights (config.json "
                           "and model.safetensors, as save_pretrained writes them); nothing is downloaded.")
+    bounds.check_folder(p, what)
     return p
 
 

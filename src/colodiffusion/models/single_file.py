@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError
+from colodiffusion.config import Config, ConfigError, refuse_interpolations
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, ldm_convert
 from colodiffusion.models.components import Components, freeze
@@ -114,7 +114,9 @@ def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
             "(e.g. the tokenizer/ folder of a diffusers Stable Diffusion model)."
         )
     root = Path(cfg.model.tokenizer)
-    return CLIPTokenizer.from_pretrained(root / "tokenizer" if (root / "tokenizer").is_dir() else root)
+    root = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    bounds.check_folder(root, "tokenizer")
+    return CLIPTokenizer.from_pretrained(root)
 
 
 # Elements a model may hold beyond the weights the file carries (non-persistent buffers such as
@@ -177,7 +179,8 @@ def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, 
     if cfg.model.original_config:
         from omegaconf import OmegaConf
 
-        original = OmegaConf.to_container(OmegaConf.load(cfg.model.original_config), resolve=True)
+        original = OmegaConf.to_container(OmegaConf.load(cfg.model.original_config), resolve=False)
+        refuse_interpolations(original, f"model.original_config '{cfg.model.original_config}'")
     if meta is not None:
         bad = [k for k in ("unet", "vae", "text_encoder") if not isinstance(meta.get(k), dict)]
         if bad:

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from colodiffusion.config import ConfigError
 from colodiffusion.storage import faults
-from colodiffusion.storage.files import loads_json, sha256
+from colodiffusion.storage.files import inside, loads_json, sha256
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -85,18 +85,26 @@ def write_manifest(folder: Path, step: int) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
-def verify(folder: Path, hashes: bool = True) -> None:
-    """Raise CheckpointError unless every file the manifest lists is there with its size (and hash)."""
+def verify(folder: Path, hashes: bool = True, within: Optional[Path] = None) -> None:
+    """Raise CheckpointError unless every file the manifest lists is there with its size (and hash).
+    A name the manifest lists must lead to a file inside the folder (or inside `within`: a Hub cache
+    repository, whose snapshot files link to its blobs/), so a received folder's manifest never makes
+    us read a file elsewhere."""
     folder = Path(folder)
     try:
         manifest = loads_json((folder / MANIFEST).read_text())
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(m, dict) and type(m.get("size")) is int and
+                                                  isinstance(m.get("sha256"), str) for m in files.values()):
+            raise TypeError
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{folder}' is incomplete (no {MANIFEST}: its save never finished)") from None
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint '{folder}' has an unreadable {MANIFEST}") from None
     for name, meta in files.items():
         p = folder / name
+        if not inside(p, within or folder):
+            raise CheckpointError(f"checkpoint '{folder}' has a {MANIFEST} naming '{name}', which leads outside it")
         if not p.is_file():
             raise CheckpointError(f"checkpoint '{folder}' is missing '{name}'")
         size = p.stat().st_size

@@ -47,3 +47,36 @@ def loads_json(text: str | bytes):
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every link in it followed, lies in `root` (also followed): what a file read
+    from a user's folder must satisfy, so that a link in it never makes us read elsewhere."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def files_inside(root: Path, pattern: str = "*") -> list[Path]:
+    """`root.rglob(pattern)` files, sorted; ValueError (one sentence) for one that is a link leading
+    out of `root`: a folder handed to us names only its own files."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob(pattern) if p.is_file() or p.is_symlink())
+    for p in files:
+        if not inside(p, root):
+            raise ValueError(f"'{p}' is a link to '{os.path.realpath(p)}', outside '{root}'; links out of a folder "
+                             "handed to us are not followed: copy the file into the folder")
+    return [p for p in files if p.is_file()]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` beside itself and rename it into place: a reader never sees half of it, and a link
+    or a hard link at `path` is replaced, never written through."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

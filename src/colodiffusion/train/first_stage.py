@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
+from colodiffusion.config import ConfigError
 from colodiffusion.data import caption_corpus
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.models import Components, build_components
@@ -34,7 +35,8 @@ def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, sh
     gen = torch.Generator(device).manual_seed(component_seed(cfg.train.seed, "first_stage"))
     opt = torch.optim.AdamW(vae.parameters(), lr=fs.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / max(1, fs.steps)) ** 0.5)
-    loader = ResumableLoader(dataset, fs.batch_size, seed=cfg.train.seed + 1)
+    loader = ResumableLoader(dataset, first_stage_batch(fs.batch_size, len(dataset)),
+                             seed=cfg.train.seed + 1)
     bar = tqdm(range(fs.steps), desc="first stage (autoencoder)", disable=not show_progress, mininterval=1.0)
     for i in bar:
         if i == fs.steps // 2:
@@ -55,6 +57,18 @@ def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, sh
     gen = torch.Generator(device).manual_seed(component_seed(cfg.train.seed, "scale_factor"))
     vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, fs.scale_samples, device, gen))
     return vae.cpu()
+
+
+def first_stage_batch(batch_size: int, samples: int) -> int:
+    """first_stage.batch_size, or the whole dataset when it holds fewer images (said once, as
+    train.batch_size is lowered for a small dataset): a batch of 16 from 10 images cannot be drawn."""
+    if samples < 1:
+        raise ConfigError("the dataset holds no images to train the autoencoder on; check data.path.")
+    if samples >= batch_size:
+        return batch_size
+    print(f"the dataset has {samples} images, fewer than first_stage.batch_size={batch_size}: training the "
+          f"autoencoder with batches of {samples}; set first_stage.batch_size to choose another")
+    return samples
 
 
 @torch.no_grad()

@@ -7,8 +7,6 @@ interval (loss and grad norm are accumulated on the device in between).
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from colodiffusion.models.single_file import save_single_file
 from colodiffusion.models.trainable import build_trainable, split, text_encoder_param_ids, text_input
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
-from colodiffusion.storage.sealed import write_sealed
+from colodiffusion.storage.sealed import write_file, write_sealed
 from colodiffusion.train import dataset_info, guards, preflight, run_folder, signals
 from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.metadata import kohya_metadata
@@ -64,11 +62,11 @@ def train(cfg: Config) -> Path:
     check_trackers(cfg)  # a missing wandb/mlflow stops here, before anything is built
     backend = build_backend(cfg)
     signals.install()  # SIGTERM/SIGUSR1: finish the step, checkpoint, return (train/signals.py)
-    clean = False
+    clean, lock = False, None
     try:
         run_dir = Path(cfg.run.dir)
         with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
-            run_folder.check(cfg, backend, run_dir)  # continue, start over or refuse: before anything is read
+            lock = run_folder.check(cfg, backend, run_dir)  # ours and locked; continue, start over or refuse
             dataset, val_data = build_datasets(cfg)
             dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
@@ -93,6 +91,8 @@ def train(cfg: Config) -> Path:
     finally:
         signals.uninstall()
         backend.shutdown(clean)
+        if lock is not None:
+            lock.release()
 
 
 def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
@@ -378,15 +378,12 @@ def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State,
     unet, text_encoder = merged(unet), merged(text_encoder)
     kind = cfg.train.save_model_as
     out = run_dir / "models" / f"epoch_{epoch:06d}{'' if kind == 'diffusers' else '.' + kind}"
-    tmp = out.with_name(".tmp-" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
     if kind == "diffusers":
-        export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
-                         comps.text_encoder_2)
-        shutil.rmtree(out, ignore_errors=True)
+        write_sealed(out, lambda tmp: export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet,
+                                                       comps.noise_scheduler, comps.tokenizer_2, comps.text_encoder_2))
     else:
-        save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer, comps.noise_scheduler)
-    os.replace(tmp, out)
+        write_file(out, lambda tmp: save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer,
+                                                     comps.noise_scheduler))
     print(f"epoch {epoch}: model written to {out}")
     s.model.train()
 
@@ -412,12 +409,15 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
     if not backend.is_main:
         return
     unet, text_encoder = split(unet, comps)
-    # Sealed like a checkpoint: a kill mid-export leaves no final/ (resuming exports it again).
+    # Sealed like a checkpoint: a kill (or a full disk: one sentence) mid-export leaves no final/, and
+    # resuming exports it again.
+    again = f"free space and rerun with train.resume=auto, which exports it again from the step {s.step} checkpoint"
     if has_lora(unet) or has_lora(text_encoder):  # the adapter alone, and final/ with it merged in
         meta = kohya_metadata(run_dir, run_dir / "lora", unet, comps.prediction_type, lora_shape(unet))
-        write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step)
+        write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step,
+                     hint=again)
         unet, text_encoder = merged(unet), merged(text_encoder)
     write_sealed(run_dir / "final", lambda folder: export_diffusers(
         folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
-        comps.text_encoder_2), step=s.step)
+        comps.text_encoder_2), step=s.step, hint=again)
     print(f"final model (EMA weights) written to {run_dir / 'final'}")

@@ -15,6 +15,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.data.loader import probe, too_many_bad
+from colodiffusion.models import bounds
 from colodiffusion.train import signals
 
 # Bytes per trainable parameter in a checkpoint: fp32 weights + fp32 EMA + AdamW's two fp32 moments.
@@ -26,14 +27,19 @@ def unet_parameters(cfg: Config) -> int:
     """UNet parameter count, from a meta-device build (no memory, no weights read)."""
     from diffusers import UNet2DConditionModel
 
+    from colodiffusion.models import hub
     from colodiffusion.models.presets import build_unet, get_preset
 
+    m = cfg.model
+    # The folder loading reads (a Hub id: its snapshot, which must lie inside the Hub cache), bounded
+    # before diffusers builds what its config says; a single file is counted as its preset.
+    root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant) if m.pretrained else None
     with torch.device("meta"):
-        if cfg.model.pretrained:
-            config = UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet")
-            unet = UNet2DConditionModel.from_config(config)
+        if root is not None and (root / "unet").is_dir():
+            bounds.check_folder(root / "unet", "UNet")
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet"))
         else:
-            unet = build_unet(get_preset(cfg.model.preset))
+            unet = build_unet(get_preset(m.preset))
     return sum(p.numel() for p in unet.parameters())
 
 
