@@ -38,9 +38,10 @@ def _threads():
 
 def cmd_train(args) -> int:
     from colodiffusion.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch is imported: a bad key answers at once
     from colodiffusion.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     _threads()
     run_dir = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -50,12 +51,13 @@ def cmd_train(args) -> int:
 
 def cmd_cache(args) -> int:
     from colodiffusion.config import load_config
-    from colodiffusion.data.cache import build_cache
-    from colodiffusion.train.first_stage import frozen_components
 
     cfg = load_config(args.config, args.overrides)
     if args.shard_size < 1 or args.batch_size < 1:
         raise UsageError("--shard-size and --batch-size must be at least 1.")
+    from colodiffusion.data.cache import build_cache
+    from colodiffusion.train.first_stage import frozen_components
+
     _threads()
 
     def components(dataset, device, show):  # the run's frozen parts (trained here for a preset without them)
@@ -99,12 +101,18 @@ def model_name(model: str) -> str:
     return p.parent.name if p.name == "final" else p.stem if p.is_file() else p.name
 
 
-def cmd_sample(args) -> int:
-    from colodiffusion.generate import render, save_grid, save_image
+def _exists(path: str, what: str) -> None:
+    if not Path(path).exists():
+        raise UsageError(f"{what} '{path}' does not exist.")
 
+
+def cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, not {args.n}.")
     specs = sample_specs(args)
+    _exists(args.model, "the model")
+    from colodiffusion.generate import render, save_grid, save_image
+
     _threads()
     pipe = _load(args.model)
     images = render(pipe, specs)
@@ -119,10 +127,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from colodiffusion.evaluate import choose_scorer, evaluate_model, evaluate_own_data
-
     if args.num_images < 2:
         raise UsageError("--num-images must be at least 2 (FID estimates a covariance).")
+    _exists(args.model, "the model")
+    for flag in ("data", "clip_model", "fid_model"):
+        if getattr(args, flag):
+            _exists(getattr(args, flag), "--" + flag.replace("_", "-"))
+    from colodiffusion.evaluate import choose_scorer, evaluate_model, evaluate_own_data
+
     _threads()
     pipe = _load(args.model)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -153,6 +165,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _exists(args.source, "the export source")
+    for flag in ("original_config", "tokenizer"):
+        if getattr(args, flag):
+            _exists(getattr(args, flag), "--" + flag.replace("_", "-"))
     from colodiffusion.export import export
 
     _quiet()
@@ -163,10 +179,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from colodiffusion.bench import main_args
+    from colodiffusion.bench_args import checked_config
+
+    cfg = checked_config(args)  # flags and config first: torch only for a run that will happen
+    from colodiffusion.bench import run_bench
 
     _threads()
-    return main_args(args)
+    return run_bench(cfg, args)
 
 
 def _quiet() -> None:

@@ -1,0 +1,67 @@
+"""Every documented way in works (issue 25), each tried through the command a user types: errors that
+need no model answer before torch, diffusers or transformers are imported."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common import ROOT
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+# Run a command line in this interpreter and report which heavy modules it imported before it exited.
+PROBE = """
+import json, runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:]
+code = 0
+try:
+    if target.endswith('.py'):
+        runpy.run_path(target, run_name='__main__')
+    else:
+        runpy.run_module(target, run_name='__main__', alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+sys.stdout.flush()
+print(json.dumps({'code': code, 'heavy': sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def imports_of(*argv, cwd=ROOT):
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120, cwd=cwd)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["code"], result["heavy"], out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "no-model", "--prompt", "x", "--height", "30"], "--height 30 is not a multiple of 8"),
+    (["sample", "no-model", "--prompt", "x --s zero"], "--s needs a whole number"),
+    (["sample", "no-model", "--prompt", "x"], "the model 'no-model' does not exist"),
+    (["train", "train.max_stepz=10"], "unknown config key 'train.max_stepz'"),
+    (["train", "data.source=folder", "data.path=/no/such/folder"], "'data.path' points to '/no/such/folder'"),
+    (["cache", "--out", "c", "data.file_path=x"], "unknown config key 'data.file_path'"),
+    (["config", "train.lr=-1"], "'train.lr' is -1.0"),
+    (["eval", "no-model"], "the model 'no-model' does not exist"),
+    (["export", "no-run", "--format", "diffusers", "--out", "o"], "the export source 'no-run' does not exist"),
+    (["bench", "--batch", "0"], "--batch must be a whole number >= 1"),
+])
+def test_a_mistake_is_said_before_torch_diffusers_or_transformers_are_imported(argv, message):
+    code, heavy, err = imports_of("colodiffusion", *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert heavy == [], f"{argv} imported {heavy} before refusing"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sample", "--help"], ["bench", "--help"],
+                                  ["export", "--help"], ["eval", "--help"], ["cache", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    code, heavy, _ = imports_of("colodiffusion", *argv)
+    assert code == 0 and heavy == []
+
+
+def test_the_seed_line_refuses_before_importing_torch(tmp_path):
+    code, heavy, err = imports_of(str(ROOT / "main.py"), "--logdir", str(tmp_path), "-t", "-b",
+                                  "configs/train_colossalai.yaml")
+    assert code == 2 and "model.pretrained and data.path must be given" in err and heavy == [], err
+    code, heavy, err = imports_of(str(ROOT / "main.py"), "-t", "train.max_stepz=1")
+    assert code == 2 and "train.max_stepz" in err and heavy == [], err
