@@ -2,12 +2,14 @@
 need no model answer before torch, diffusers or transformers are imported."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from common import ROOT
+from common import ROOT, TINY
 
 HEAVY = ("torch", "diffusers", "transformers")
 
@@ -65,3 +67,71 @@ def test_the_seed_line_refuses_before_importing_torch(tmp_path):
     assert code == 2 and "model.pretrained and data.path must be given" in err and heavy == [], err
     code, heavy, err = imports_of(str(ROOT / "main.py"), "-t", "train.max_stepz=1")
     assert code == 2 and "train.max_stepz" in err and heavy == [], err
+
+
+# -- model sources through `colodiffusion train` (item 1) ---------------------------------------------
+
+def colodiffusion(*argv, env=None, timeout=600):
+    """`colodiffusion ARGV` as a user runs it (this checkout's code), one CPU thread."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "colodiffusion", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def one_sentence(out) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr
+
+
+QUICK = [*TINY, "train.max_steps=1", "train.checkpoint_every=0"]
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_one_sentence_through_train(tmp_path):
+    hf_home = tmp_path / "hf"
+    (hf_home / "hub").mkdir(parents=True)
+    run = tmp_path / "run"
+    out = colodiffusion("train", *QUICK, "model.preset=sd15", "model.pretrained=test-org/not-cached",
+                        f"run.dir={run}", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home),
+                                               "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert "'test-org/not-cached' is not in the Hugging Face cache" in one_sentence(out)
+    assert not run.exists()
+
+
+def test_a_hub_id_in_an_offline_cache_trains(tmp_path, tiny_components):
+    from sdfolder import make_diffusers_folder
+
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--test-org--tiny-sd"
+    make_diffusers_folder(tiny_components, repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    run = tmp_path / "run"
+    out = colodiffusion("train", *QUICK, "model.pretrained=test-org/tiny-sd", f"run.dir={run}",
+                        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "final" / "model_index.json").is_file()
+
+
+def test_a_single_safetensors_file_trains(tmp_path, tiny_components):
+    from sdfolder import make_diffusers_folder
+
+    from colodiffusion.export import export
+
+    single = export(make_diffusers_folder(tiny_components, tmp_path / "sd"), "single-file", tmp_path / "m.safetensors")
+    run = tmp_path / "run"
+    out = colodiffusion("train", *QUICK, f"model.pretrained={single}", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "final" / "model_index.json").is_file()
+
+
+def test_scratch_over_a_folder_without_unet_trains(tmp_path, tiny_components):
+    import shutil
+
+    from sdfolder import make_diffusers_folder
+
+    folder = make_diffusers_folder(tiny_components, tmp_path / "sd")
+    shutil.rmtree(folder / "unet")
+    run = tmp_path / "run"
+    out = colodiffusion("train", *QUICK, f"model.pretrained={folder}", "model.init=scratch", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "final" / "unet" / "config.json").is_file()

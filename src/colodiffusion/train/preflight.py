@@ -5,6 +5,7 @@ does), the config fits the world. Each failure is one sentence (ConfigError, exi
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import Counter
@@ -23,18 +24,40 @@ SLACK = 1.10  # file headers, RNG and loader state, the manifest
 
 
 def unet_parameters(cfg: Config) -> int:
-    """UNet parameter count, from a meta-device build (no memory, no weights read)."""
+    """UNet parameter count, without reading weights: from the UNet's config on the meta device (the
+    preset's for model.init=scratch, an unset model.pretrained or a folder without unet/), or from a
+    single .safetensors file's header. A Hub id is resolved first (its one sentence if it is not there)."""
     from diffusers import UNet2DConditionModel
 
+    from colodiffusion.models import hub
     from colodiffusion.models.presets import build_unet, get_preset
 
+    m = cfg.model
+    root = None if m.init == "scratch" else hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
+    if root is not None and root.is_file():
+        counted = _single_file_unet_parameters(root)
+        if counted:
+            return counted
     with torch.device("meta"):
-        if cfg.model.pretrained:
-            config = UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet")
-            unet = UNet2DConditionModel.from_config(config)
-        else:
-            unet = build_unet(get_preset(cfg.model.preset))
+        if root is not None and (root / "unet" / "config.json").is_file():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        else:  # the preset's shape: a fresh UNet, or a .ckpt (not unpickled for an estimate) of that family
+            unet = build_unet(get_preset(m.preset))
     return sum(p.numel() for p in unet.parameters())
+
+
+def _single_file_unet_parameters(path: Path) -> int:
+    """Parameters under the LDM layout's UNet prefix, from a .safetensors header (0 for anything else)."""
+    if path.suffix != ".safetensors":
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.startswith("model.diffusion_model.")]
+    except Exception:  # an unreadable file is the loader's to explain, with its own sentence
+        return 0
+    return sum(math.prod(shape) for shape in shapes)
 
 
 def checkpoint_bytes(cfg: Config) -> int:
@@ -61,7 +84,10 @@ def _writable(folder: Path) -> Optional[str]:
 
 
 def _space(cfg: Config, folder: Path) -> Optional[str]:
-    need = checkpoint_bytes(cfg)
+    try:
+        need = checkpoint_bytes(cfg)
+    except ConfigError as exc:  # e.g. a Hub id that is not in the cache: said here, and on every rank
+        return str(exc).rstrip(".")
     free = shutil.disk_usage(folder).free
     if free < need:
         return (f"the run folder '{folder}' has {free / 2**20:.0f} MiB free but one checkpoint needs about "
