@@ -135,3 +135,18 @@ def test_scratch_over_a_folder_without_unet_trains(tmp_path, tiny_components):
     out = colodiffusion("train", *QUICK, f"model.pretrained={folder}", "model.init=scratch", f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run / "final" / "unet" / "config.json").is_file()
+
+
+# -- small folders (item 2) ---------------------------------------------------------------------------
+
+def test_twelve_images_train_with_first_stage_batches_that_fit(tmp_path):
+    from datagen import make_folder
+
+    images = make_folder(tmp_path / "my_images", 12)
+    run = tmp_path / "run"
+    out = colodiffusion("train", "data.source=folder", f"data.path={images}", "data.val_fraction=0.1",
+                        "first_stage.steps=2", "first_stage.scale_samples=8", "train.max_steps=1",
+                        "train.sample_every=0", "train.val_every=0", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fewer than first_stage.batch_size=16: the autoencoder trains with first_stage.batch_size=11" in out.stdout
+    assert (run / "final" / "model_index.json").is_file()

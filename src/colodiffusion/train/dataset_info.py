@@ -1,7 +1,7 @@
 """What the trainer learns about its data before the first step: said once, and recorded.
 
-`fit_batch`: a dataset smaller than one batch (20 images and the default batch of 32) trains with
-the largest batch it fills, and one line says so, instead of refusing to start.
+`fit_batch`: a dataset smaller than one batch (20 images and the default batch of 32, or 12 images and
+the first stage's 16) trains with the largest batch it fills, and one line says so, instead of refusing to start.
 `report`: the share of caption words the tokenizer splits into more than `MAX_PIECES` pieces (words
 the text encoder barely knows), and RUN_DIR/run_info.json, the facts about the data that an exported
 model's metadata records (`export` writes them as kohya's `ss_*` keys).
@@ -25,7 +25,9 @@ CAPTION_SAMPLE = 512  # captions read for the report: all of a small dataset, an
 
 
 def fit_batch(cfg: Config, backend, dataset) -> None:
-    """Lower train.batch_size to what the dataset fills when it holds less than one micro-batch per rank."""
+    """Lower train.batch_size (and first_stage.batch_size, for an autoencoder trained here) to what the
+    dataset fills when it holds less than one micro-batch per rank."""
+    _fit_first_stage(cfg, backend, dataset)
     t = cfg.train
     micro = len(dataset) // backend.dp_size  # the most samples one rank can take per micro-batch
     if micro < 1 or micro >= t.batch_size // backend.dp_size // t.grad_accum:
@@ -35,6 +37,18 @@ def fit_batch(cfg: Config, backend, dataset) -> None:
         print(f"the dataset has {len(dataset)} samples, fewer than train.batch_size={t.batch_size}: training with "
               f"train.batch_size={batch} (every sample once per micro-batch); set train.batch_size to choose another")
     t.batch_size = batch
+
+
+def _fit_first_stage(cfg: Config, backend, dataset) -> None:
+    """The tiny preset's autoencoder trains on the main rank over the whole training set: its batch is
+    at most the dataset."""
+    fs, m = cfg.first_stage, cfg.model
+    if m.pretrained or m.vae or cfg.data.source == "latents" or not 0 < len(dataset) < fs.batch_size:
+        return
+    if backend.is_main and not (Path(cfg.run.dir) / "components" / "vae").is_dir():  # not trained before
+        print(f"the dataset has {len(dataset)} samples, fewer than first_stage.batch_size={fs.batch_size}: the "
+              f"autoencoder trains with first_stage.batch_size={len(dataset)}; set first_stage.batch_size to choose another")
+    fs.batch_size = len(dataset)
 
 
 def sample_captions(dataset, limit: int = CAPTION_SAMPLE) -> tuple[list[str], bool]:
