@@ -150,3 +150,22 @@ def test_twelve_images_train_with_first_stage_batches_that_fit(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fewer than first_stage.batch_size=16: the autoencoder trains with first_stage.batch_size=11" in out.stdout
     assert (run / "final" / "model_index.json").is_file()
+
+
+# -- a corrupt image (item 3) -------------------------------------------------------------------------
+
+def test_a_corrupt_image_is_said_and_neither_prompted_nor_counted(tmp_path):
+    from datagen import make_folder, truncated_jpeg
+
+    images = make_folder(tmp_path / "my_images", 12)
+    (images / "000003.jpg").write_bytes(truncated_jpeg())  # index 3: one of the four the grid would pick
+    (images / "000003.txt").write_text("a zorblax that cannot be seen")
+    run = tmp_path / "run"
+    out = colodiffusion("train", "data.source=folder", f"data.path={images}", "train.batch_size=4",
+                        "first_stage.steps=1", "first_stage.batch_size=4", "first_stage.scale_samples=8",
+                        "train.max_steps=1", "train.sample_every=1", "sample.steps=1", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [line for line in out.stdout.splitlines() if "000003.jpg" in line]
+    assert said and "cannot be used and are skipped" in said[0], out.stdout
+    assert "zorblax" not in out.stdout.replace(said[0], "")  # its caption is no sample prompt
+    assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 11

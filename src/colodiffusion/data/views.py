@@ -159,13 +159,16 @@ def training_view(cfg, dataset: Dataset, val_indices: list[int], class_source: O
     return SampleView(parts, tags, cfg.train.seed)
 
 
-def sample_prompts(dataset: Dataset, n: int = 4) -> list[str]:
-    """Up to n distinct non-empty captions spread over the (instance) training samples."""
+def sample_prompts(dataset: Dataset, n: int = 4, skip: frozenset = frozenset()) -> list[str]:
+    """Up to n distinct non-empty captions spread over the (instance) training samples, none of the
+    indices in `skip` (samples known to be bad: their captions describe nothing the model sees)."""
     size = len(dataset.parts[0].indices) if isinstance(dataset, SampleView) else len(dataset)
     out: list[str] = []
     for j in range(n):
         start = j * size // n
         for k in range(start, min(size, start + 16)):  # the next few samples if this one is bad or a repeat
+            if k in skip:
+                continue
             try:
                 text = caption_of(dataset, k)
             except (BadSample, Filtered):

@@ -51,12 +51,13 @@ def _fit_first_stage(cfg: Config, backend, dataset) -> None:
     fs.batch_size = len(dataset)
 
 
-def sample_captions(dataset, limit: int = CAPTION_SAMPLE) -> tuple[list[str], bool]:
-    """Up to `limit` captions spread evenly over the dataset, and whether they are all of them."""
+def sample_captions(dataset, limit: int = CAPTION_SAMPLE, skip: frozenset = frozenset()) -> tuple[list[str], bool]:
+    """Up to `limit` captions spread evenly over the dataset (none of the indices in `skip`), and
+    whether they are all of them."""
     n = len(dataset)
     indices = range(n) if n <= limit else [i * n // limit for i in range(limit)]
     captions = []
-    for i in indices:
+    for i in (i for i in indices if i not in skip):
         try:
             captions.append(decode_caption(dataset.raw(i)[1]) if hasattr(dataset, "raw") else dataset[i]["caption"])
         except BadSample:  # the loader skips and counts it
@@ -77,17 +78,18 @@ def coverage_line(tokenizer, captions: list[str], complete: bool) -> str:
     return line
 
 
-def report(cfg: Config, backend, dataset, tokenizer, run_dir: Path) -> None:
-    """Print the tokenizer's coverage of the captions and write run_info.json (main rank only)."""
+def report(cfg: Config, backend, dataset, tokenizer, run_dir: Path, bad: frozenset = frozenset()) -> None:
+    """Print the tokenizer's coverage of the captions and write run_info.json (main rank only); the
+    samples known to be bad (`bad`: their indices) count neither as training images nor as captions."""
     if not backend.is_main:
         return
-    captions, complete = sample_captions(dataset)
+    captions, complete = sample_captions(dataset, skip=bad)
     print(coverage_line(tokenizer, captions, complete))
     previous = read_run_info(run_dir) if cfg.train.resume else None
     tags = Counter(tag.strip() for c in captions for tag in c.split(",") if tag.strip())
     info = {
         "started_at": (previous or {}).get("started_at", round(time.time())),
-        "num_train_images": len(dataset),
+        "num_train_images": len(dataset) - len(bad),
         "batch_size": cfg.train.batch_size,
         "dp_size": backend.dp_size,
         "data_dir": Path(cfg.data.path).name if cfg.data.path else cfg.data.source,

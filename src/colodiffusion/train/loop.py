@@ -72,11 +72,11 @@ def train(cfg: Config) -> Path:
             dataset, val_data = build_datasets(cfg)
             dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
-            preflight.check(cfg, backend, run_dir, dataset)
+            bad = preflight.check(cfg, backend, run_dir, dataset)  # indices of the bad samples it met
         run_folder.prepare(cfg, backend, run_dir)
-        choose_sample_prompts(cfg, backend, dataset)
+        choose_sample_prompts(cfg, backend, dataset, bad)
         comps = build_model(cfg, backend, run_dir, dataset)
-        dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir)  # tokenizer coverage; run_info.json
+        dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir, bad)  # tokenizer coverage; run_info.json
         state = build_state(cfg, backend, comps, dataset)
         build_evaluation(cfg, backend, comps, state, val_data)
         resume(cfg, backend, state, run_dir)
@@ -120,11 +120,12 @@ def epochs_done(step: int, batches: int, grad_accum: int) -> int:
     return ((step + 1) * grad_accum - 1) // batches if step else 0
 
 
-def choose_sample_prompts(cfg: Config, backend: Backend, dataset) -> None:
-    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes)."""
+def choose_sample_prompts(cfg: Config, backend: Backend, dataset, bad: frozenset = frozenset()) -> None:
+    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes),
+    never those of samples known to be bad (`bad`: their indices)."""
     if cfg.sample.prompts or not cfg.train.sample_every:
         return
-    cfg.sample.prompts = sample_prompts(cfg, dataset)
+    cfg.sample.prompts = sample_prompts(cfg, dataset, bad)
     if backend.is_main and cfg.data.source != "shapes":
         print(f"sample.prompts is not set: sample grids use captions from the data: {cfg.sample.prompts}")
 

@@ -98,16 +98,17 @@ def _space(cfg: Config, folder: Path) -> Optional[str]:
 PROBE_SAMPLES = 64  # samples read before training: a few seconds, even from object storage
 
 
-def _data(cfg: Config, backend, dataset) -> Optional[str]:
+def _data(cfg: Config, backend, dataset) -> tuple[Optional[str], list[dict]]:
+    """(what stops the run or None, the bad samples the probe met)."""
     per_rank = cfg.train.batch_size // max(1, backend.dp_size) // cfg.train.grad_accum
     if len(dataset) // max(1, backend.dp_size) < per_rank:
         return (f"the dataset has {len(dataset)} samples, fewer than one batch of {per_rank} per rank on "
-                f"{backend.dp_size} rank(s); lower train.batch_size or add data")
+                f"{backend.dp_size} rank(s); lower train.batch_size or add data"), []
     try:
         read, bad, filtered = probe(dataset, PROBE_SAMPLES)
     except Exception as exc:  # not a bad sample but a reader failure: the point is to say it before training
         msg = (str(exc).splitlines() or [""])[0][:200]
-        return f"the training data cannot be read ({type(exc).__name__}: {msg}); check data.source and data.path"
+        return f"the training data cannot be read ({type(exc).__name__}: {msg}); check data.source and data.path", []
     tried = read + len(bad) + sum(filtered.values())
     where = f" of data.path '{cfg.data.path}'" if cfg.data.path else ""
     reasons = ", ".join(f"{n} {r}" for r, n in Counter(b["reason"] for b in bad).most_common())
@@ -115,19 +116,25 @@ def _data(cfg: Config, backend, dataset) -> Optional[str]:
     if read == 0:
         filters = f", {sum(filtered.values())} filtered out" if filtered else ""
         return (f"none of the {tried} samples probed{where} can be used ({len(bad)} bad: {reasons or 'none'}"
-                f"{example}{filters}); check data.source, data.path and the data.* filters")
+                f"{example}{filters}); check data.source, data.path and the data.* filters"), bad
     if too_many_bad(len(bad), tried, cfg.data.max_bad_fraction):
         return (f"{len(bad)} of the {tried} samples probed{where} are bad ({reasons}{example}), more than "
-                f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; fix the data or raise the limit")
-    return None
+                f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; fix the data or raise the limit"), bad
+    if bad and backend.is_main:  # below the limit they are skipped, but never silently
+        keys = ", ".join(f"'{k}'" for k in dict.fromkeys(b["key"] for b in bad))
+        print(f"{len(bad)} of the {tried} samples probed{where} cannot be used and are skipped ({reasons}: "
+              f"{keys}); bad_samples.jsonl lists each one the run meets")
+    return None, bad
 
 
-def check(cfg: Config, backend, run_dir: Path, dataset) -> None:
-    """Raise ConfigError (on every rank) if the run cannot checkpoint or read its data."""
-    problem = _data(cfg, backend, dataset)
+def check(cfg: Config, backend, run_dir: Path, dataset) -> set[int]:
+    """Raise ConfigError (on every rank) if the run cannot checkpoint or read its data; return the
+    indices of the bad samples the probe met (all of them for a dataset of up to PROBE_SAMPLES)."""
+    problem, bad = _data(cfg, backend, dataset)
     if problem is None and backend.is_main:
         problem = _writable(run_dir / "checkpoints") or _space(cfg, run_dir)
     if not signals.all_ranks(backend, problem is None):
         raise ConfigError(problem or "preflight failed on another rank (see its message)")
     if cfg.train.debug_nan_steps and backend.is_main:
         print(f"warning: train.debug_nan_steps={list(cfg.train.debug_nan_steps)} makes those steps' loss NaN (a test hook)")
+    return {b["index"] for b in bad}
