@@ -169,3 +169,37 @@ def test_a_corrupt_image_is_said_and_neither_prompted_nor_counted(tmp_path):
     assert said and "cannot be used and are skipped" in said[0], out.stdout
     assert "zorblax" not in out.stdout.replace(said[0], "")  # its caption is no sample prompt
     assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 11
+
+
+# -- signals in the first stage (item 4) --------------------------------------------------------------
+
+def start_first_stage(tmp_path, name):
+    """`colodiffusion train` with a first stage far longer than the test, once it has begun."""
+    import time
+
+    err = tmp_path / f"{name}.err"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "colodiffusion", "train", *TINY, "first_stage.steps=1000000",
+                             f"run.dir={tmp_path / name}"], stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
+                            env=env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while "first stage (autoencoder)" not in err.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+        time.sleep(0.2)
+    return proc, err
+
+
+def test_sigterm_in_the_first_stage_stops_it_and_sigint_is_one_line(tmp_path):
+    import signal
+
+    proc, err = start_first_stage(tmp_path, "term")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert "stopped by SIGTERM during the first stage (autoencoder)" in out
+
+    proc, err = start_first_stage(tmp_path, "int")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted (continue with train.resume=auto" in err.read_text()
+    assert "Traceback" not in err.read_text()

@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as exc:
             print(f"error{_rank_tag()}: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+            after = " (continue with train.resume=auto from its newest checkpoint)" if args.command == "train" else ""
+            print(f"interrupted{_rank_tag()}{after}", file=sys.stderr)
+            return 130
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: a crash also lands in its per-rank error file
         from torch.distributed.elastic.multiprocessing.errors import record

@@ -85,6 +85,11 @@ def train(cfg: Config) -> Path:
         backend.barrier()
         clean = True
         return run_dir
+    except signals.Stopped as stop:  # a stop signal before anything could be checkpointed: exit 0
+        if backend.is_main:
+            print(stop)
+        clean = True
+        return run_dir
     except Exception as exc:
         clearer = backend.explain_failure(exc)  # e.g. a collective timeout names the rank that went silent
         if clearer is None:
@@ -135,8 +140,15 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     def make(show: bool) -> Components:
         return frozen_components(cfg, dataset, cached_components(cfg) or run_dir / "components", backend.device, show)
 
-    comps = make(True) if backend.is_main else None
+    comps, stopped = None, None
+    if backend.is_main:
+        try:
+            comps = make(True)
+        except signals.Stopped as exc:
+            stopped = exc
     backend.barrier()
+    if signals.any_rank(backend, stopped is not None):  # every rank ends with the main rank
+        raise stopped or signals.Stopped("stopped by a signal on the main rank during the first stage")
     if comps is None:
         comps = make(False)
     if cfg.data.source != "latents":  # training from the latent cache needs neither on the accelerator
