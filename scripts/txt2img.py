@@ -76,17 +76,14 @@ def specs_for(opt, prompt: str, first_seed: int):
 
 
 def main(argv=None) -> int:
-    from colodiffusion.config import ConfigError
+    from colodiffusion.config import ConfigError, read_prompt_file
 
     opt = parse(argv)
     if opt.plms and opt.dpm_solver:
         print("error: choose one of --plms and --dpm_solver.", file=sys.stderr)
         return 2
-    if opt.from_file:
-        prompts = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
-    else:
-        prompts = [opt.prompt]
     try:
+        prompts = read_prompt_file(opt.from_file) if opt.from_file else [opt.prompt]
         return run(opt, prompts)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

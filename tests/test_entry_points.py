@@ -40,6 +40,8 @@ def imports_of(*argv, cwd=ROOT):
     (["sample", "no-model", "--prompt", "x", "--height", "30"], "--height 30 is not a multiple of 8"),
     (["sample", "no-model", "--prompt", "x --s zero"], "--s needs a whole number"),
     (["sample", "no-model", "--prompt", "x"], "the model 'no-model' does not exist"),
+    (["sample", "no-model", "--prompt", "x", "--n", "2"], "--n is the negative prompt inside a --prompt string"),
+    (["sample", "no-model", "--prompt-file", "no-such-prompts.txt"], "prompt file 'no-such-prompts.txt' does not exist"),
     (["train", "train.max_stepz=10"], "unknown config key 'train.max_stepz'"),
     (["train", "data.source=folder", "data.path=/no/such/folder"], "'data.path' points to '/no/such/folder'"),
     (["cache", "--out", "c", "data.file_path=x"], "unknown config key 'data.file_path'"),
@@ -203,3 +205,27 @@ def test_sigterm_in_the_first_stage_stops_it_and_sigint_is_one_line(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted (continue with train.resume=auto" in err.read_text()
     assert "Traceback" not in err.read_text()
+
+
+# -- sample: --n has one meaning (item 7), prompt files (item 9) -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_components):
+    from sdfolder import make_diffusers_folder
+
+    return make_diffusers_folder(tiny_components, tmp_path_factory.mktemp("model") / "sd")
+
+
+def test_a_prompt_file_gives_each_line_its_options_and_n_samples_counts_images(tmp_path, tiny_model):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya-style prompt file\na red circle --n blurry --d 7\n\na blue square --s 2\n")
+    out = colodiffusion("sample", str(tiny_model), "--prompt-file", str(prompts), "--n-samples", "2", "--steps", "1",
+                        "--out", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    params = [Image.open(tmp_path / "s" / f"{i:05d}.png").text["parameters"] for i in range(4)]
+    assert not (tmp_path / "s" / "00004.png").exists()
+    assert params[0].startswith("a red circle\nNegative prompt: blurry") and "Seed: 7" in params[0]
+    assert "Seed: 8" in params[1] and "Steps: 1" in params[1]
+    assert params[2].startswith("a blue square") and "Steps: 2" in params[2] and "Negative prompt" not in params[2]

@@ -70,9 +70,18 @@ def cmd_cache(args) -> int:
 
 
 def sample_specs(args) -> list:
-    """Each --prompt (with its own kohya-style options, if any) --n times, the flags filling the rest."""
-    from colodiffusion.config import check_prompt, multiples_of_8, parse_prompt
+    """Each --prompt and each line of --prompt-file (with its own kohya-style options, if any)
+    --n-samples times, the flags filling the rest."""
+    from colodiffusion.config import check_prompt, multiples_of_8, parse_prompt, read_prompt_file
 
+    if args.n_flag is not None:
+        raise UsageError("--n is the negative prompt inside a --prompt string ('a dog --n blurry'); on the command "
+                         "line, images per prompt are --n-samples N and a negative prompt for all is --negative-prompt TEXT.")
+    if args.n_samples < 1:
+        raise UsageError(f"--n-samples must be at least 1, not {args.n_samples}.")
+    prompts = list(args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not prompts:
+        raise UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line).")
     for flag in ("height", "width"):
         v = getattr(args, flag)
         if v is not None and (v < 8 or v % 8):
@@ -81,8 +90,8 @@ def sample_specs(args) -> list:
     flags = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
              "sampler": args.sampler, "karras": args.karras, "width": args.width, "height": args.height,
              "init_image": args.init_image}
-    for text in args.prompt:
-        for j in range(args.n):
+    for text in prompts:
+        for j in range(args.n_samples):
             spec = parse_prompt(text)
             spec.seed = spec.seed + j if spec.seed is not None else args.seed + len(specs)  # --d: its n seeds
             for name, value in flags.items():
@@ -107,8 +116,6 @@ def _exists(path: str, what: str) -> None:
 
 
 def cmd_sample(args) -> int:
-    if args.n < 1:
-        raise UsageError(f"--n must be at least 1, not {args.n}.")
     specs = sample_specs(args)
     _exists(args.model, "the model")
     from colodiffusion.generate import render, save_grid, save_image
@@ -121,7 +128,7 @@ def cmd_sample(args) -> int:
     name = model_name(args.model)
     for i, (img, spec) in enumerate(zip(images, specs)):
         save_image(img, out / f"{i:05d}.png", spec, name)
-    save_grid(images, specs, out / "grid.png", cols=args.n, model=name)
+    save_grid(images, specs, out / "grid.png", cols=args.n_samples, model=name)
     print(f"wrote {len(images)} images and grid.png to {out} (prompt and settings in each PNG's parameters)")
     return 0
 
@@ -229,14 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=webdataset")
     c.set_defaults(func=cmd_cache)
 
-    s = sub.add_parser("sample", help="generate images from a trained model (PNGs carry their settings)")
+    s = sub.add_parser("sample", help="generate images from a trained model (PNGs carry their settings)",
+                       allow_abbrev=False)  # (so that --n is never read as an abbreviation of --n-samples)
     s.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
-    s.add_argument("--prompt", action="append", required=True,
+    s.add_argument("--prompt", action="append",
                    help="text prompt (repeatable); may end in options of its own: --n NEGATIVE --s STEPS --l GUIDANCE "
                         "--d SEED --w WIDTH --h HEIGHT --ss SAMPLER --karras --i INIT_IMAGE --strength S")
+    s.add_argument("--prompt-file", help="a file of prompts, one per line, each with the options --prompt takes "
+                                         "(kohya's prompt files; # starts a comment)")
     s.add_argument("--negative-prompt", default="", help="what guidance steers away from (every prompt)")
-    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--n-samples", "--n_samples", type=int, default=4, help="images per prompt (txt2img's --n_samples)")
+    s.add_argument("--n", dest="n_flag", help=argparse.SUPPRESS)  # refused: --n is a prompt's negative prompt
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=4.0)
     s.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES)

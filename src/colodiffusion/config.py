@@ -244,6 +244,21 @@ def parse_prompt(text: str) -> PromptSpec:
     return spec
 
 
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a kohya-style prompt file: one per line, each with its own options
+    ('a dog --n blurry --s 30'); blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompt file '{path}' does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"prompt file '{path}' cannot be read as UTF-8 text ({exc}).") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompt file '{path}' holds no prompt (one per line; # starts a comment).")
+    return prompts
+
+
 def multiples_of_8(v: int) -> str:
     """The nearest image sides the pipeline accepts, for a message: '24 or 32'."""
     below, above = v - v % 8, v - v % 8 + 8
