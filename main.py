@@ -216,10 +216,13 @@ def relaunch_under_torchrun(cfg, argv: list[str], run_dir: Path) -> None:
     same run folder. Under torchrun or the deepspeed launcher, do nothing."""
     if "WORLD_SIZE" in os.environ or cfg.trainer.devices <= 1:
         return
-    import torch
+    from colodiffusion.config import ConfigError
+    from colodiffusion.parallel import check_world
 
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # say it once, before N processes start
-        fail("trainer.accelerator=gpu but no CUDA GPU is visible; set trainer.accelerator=auto or cpu.")
+    try:  # what every rank would refuse (no GPU for gemini/fp16, a mesh that does not fit): said once, here
+        check_world(cfg, cfg.trainer.devices)
+    except ConfigError as exc:
+        fail(str(exc))
     src = str(ROOT / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.trainer.devices),

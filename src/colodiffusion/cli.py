@@ -115,8 +115,21 @@ def _exists(path: str, what: str) -> None:
         raise UsageError(f"{what} '{path}' does not exist.")
 
 
+def model_path(path: str) -> Path:
+    """The model a user names. The seed's `RUN/checkpoints/last.ckpt` (which a run here does not write)
+    is that run folder: its final/, or its newest checkpoint while it trains."""
+    p = Path(path)
+    if not p.exists() and p.name == "last.ckpt" and p.parent.name == "checkpoints" and p.parent.parent.is_dir():
+        run = p.parent.parent
+        print(f"note: {p} is the seed's name for the last checkpoint; reading the run {run} (its final/, else its "
+              "newest checkpoint)", file=sys.stderr)
+        return run
+    return p
+
+
 def cmd_sample(args) -> int:
     specs = sample_specs(args)
+    args.model = str(model_path(args.model))
     _exists(args.model, "the model")
     from colodiffusion.generate import render, save_grid, save_image
 

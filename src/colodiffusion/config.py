@@ -659,6 +659,9 @@ def _friendly(exc: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
+        if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
+            return ConfigError(f"config key '{key}' in {where} is the seed's; use {ours} here.")
         parent = _node_at(key)
         allowed = _allowed_keys(parent) if parent is not None else _allowed_keys(Config())
         return ConfigError(f"unknown config key '{key}' in {where}; allowed keys here are: {allowed}.")
@@ -862,6 +865,13 @@ def _check_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: use 2 or 3.")
     if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
         raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini for ZeRO-3.")
+    if p.strategy in ("ddp", "deepspeed", "colossalai") and (p.tp != 1 or p.dp_replicate != 1):
+        raise ConfigError(f"parallel.strategy={p.strategy} replicates or shards over all ranks: parallel.tp ({p.tp}) "
+                          f"and parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine them).")
+    if p.strategy == "deepspeed":
+        _check_deepspeed(cfg)
+    if p.strategy == "colossalai":
+        _check_colossalai(cfg)
     if p.strategy == "colossalai" and p.plugin == "gemini":
         _check_gemini(cfg)
     if p.deepspeed_config is not None:
@@ -869,6 +879,30 @@ def _check_parallel(cfg: Config) -> None:
             raise ConfigError(f"parallel.deepspeed_config is only read by parallel.strategy=deepspeed (strategy is {p.strategy}).")
         if not Path(p.deepspeed_config).is_file():
             raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', which is not a file.")
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.async_checkpoint:
+        raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
+    if p.offload_params and p.zero != 3:
+        raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 partitions parameters.")
+    if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
+        raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave perf.param_dtype=fp32, "
+                          "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
+
+
+def _check_colossalai(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.plugin == "gemini" and cfg.train.ema.enabled:
+        raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
+                          "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
+    if p.plugin != "low_level_zero" and p.offload != "none":
+        raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
+                          "(parallel.offload_optim_frac / offload_param_frac) or none.")
+    if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
+        raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
+                          "and perf.optimizer_offload=false.")
 
 
 GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}
@@ -984,6 +1018,12 @@ SEED_KEYS = {
     "lightning.strategy": "parallel.strategy (and parallel.plugin, parallel.placement_policy for Colossal-AI)",
     "lightning.callbacks.image_logger": "train.sample_every",
     "lightning.modelcheckpoint": "train.checkpoint_every",
+}
+
+
+# Keys of the seed's own recipes (config/train_colossalai.yaml) that users type as overrides.
+SEED_OVERRIDES = {
+    "data.file_path": "data.path (with data.source=webdataset for LAION shards, or folder, parquet, arrow, latents)",
 }
 
 

@@ -433,4 +433,4 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
     write_sealed(run_dir / "final", lambda folder: export_diffusers(
         folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
         comps.text_encoder_2), step=s.step)
-    print(f"final model (EMA weights) written to {run_dir / 'final'}")
+    print(f"final model ({'EMA' if s.ema is not None else 'trained'} weights) written to {run_dir / 'final'}")
