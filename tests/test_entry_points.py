@@ -297,3 +297,63 @@ def test_without_ema_the_final_model_says_so_and_wandb_dir_is_honoured(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "final model (trained weights) written" in out.stdout and "EMA" not in out.stdout
     assert any((wandb_dir / "wandb").glob("offline-run-*")) and not (run / "wandb").exists()
+
+
+# -- kohya's caption extension and dataset subsets (item 9) -------------------------------------------
+
+SMALL = ["first_stage.steps=1", "first_stage.scale_samples=8", "train.batch_size=4", "train.max_steps=1",
+         "train.sample_every=1", "sample.steps=1", "train.val_every=0"]
+
+
+def folder_with(root: Path, n: int, ext: str, word: str) -> Path:
+    from datagen import make_folder
+
+    make_folder(root, n)
+    for txt in root.glob("*.txt"):
+        txt.rename(txt.with_suffix(ext)).write_text(f"{word}, {txt.with_suffix(ext).read_text()}")
+    return root
+
+
+def test_captions_in_dot_caption_files(tmp_path):
+    images = folder_with(tmp_path / "imgs", 6, ".caption", "zorblax")
+    run = tmp_path / "run"
+    out = colodiffusion("train", "data.source=folder", f"data.path={images}", "data.caption_extension=.caption",
+                        *SMALL, f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sample grids use captions from the data: ['zorblax, " in out.stdout
+
+
+def test_a_kohya_dataset_toml_with_two_subsets_trains(tmp_path):
+    a = folder_with(tmp_path / "a", 4, ".txt", "alpha")
+    b = folder_with(tmp_path / "b", 3, ".caption", "beta")
+    (b / "000000.caption").unlink()  # class_tokens caption it
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\n\n  [[datasets.subsets]]\n"
+                    f"  image_dir = '{a}'\n  num_repeats = 2\n\n  [[datasets.subsets]]\n  image_dir = '{b}'\n"
+                    f"  caption_extension = '.caption'\n  class_tokens = 'gamma thing'\n")
+    run = tmp_path / "run"
+    out = colodiffusion("train", "data.source=folder", f"data.dataset_config={toml}", *SMALL, f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 4 * 2 + 3
+    prompts = next(line for line in out.stdout.splitlines() if "sample grids use captions" in line)
+    assert "alpha, " in prompts and "gamma thing" in prompts  # subset b: class_tokens for its image without one
+    assert "cannot be used" not in out.stdout  # (b's other images have their .caption files read)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = '{a}'\n")
+    out = colodiffusion("train", "data.source=folder", f"data.dataset_config={bad}")
+    assert "'resolution' in [[datasets]] is set here with data.resolution" in one_sentence(out)
+
+
+def test_a_recipe_with_data_subsets_trains(tmp_path):
+    a = folder_with(tmp_path / "a", 4, ".txt", "alpha")
+    b = folder_with(tmp_path / "b", 3, ".caption", "beta")
+    recipe = tmp_path / "data.yaml"
+    recipe.write_text(f"data:\n  source: folder\n  subsets:\n    - path: {a}\n      repeats: 3\n"
+                      f"    - path: {b}\n      caption_extension: .caption\n      tag_dropout: 0.5\n")
+    run = tmp_path / "run"
+    out = colodiffusion("train", "-c", str(recipe), *SMALL, f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 4 * 3 + 3
+    recipe.write_text(recipe.read_text().replace("caption_extension: .caption", "caption_extension: caption"))
+    out = colodiffusion("train", "-c", str(recipe))
+    assert "subset 2 of data.subsets: caption_extension 'caption' must start with a dot" in one_sentence(out)

@@ -120,6 +120,26 @@ class DiffusionConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """One folder of a dataset made of several (kohya's [[datasets.subsets]]); a key left unset takes
+    the data.* value of the same name."""
+    path: str = ""
+    """The subset's folder of images (kohya's image_dir)."""
+    repeats: int = 1
+    """Passes over its images per epoch (kohya's num_repeats), times N for N_name/ subfolders."""
+    caption_extension: Optional[str] = None
+    """The caption file of an image: its name with this extension (.txt, .caption, ...)."""
+    class_tokens: Optional[str] = None
+    """The caption of its images that have none (kohya's class_tokens, e.g. "sks dog")."""
+    shuffle_caption: Optional[bool] = None
+    """As data.shuffle_caption, for this subset."""
+    keep_tokens: Optional[int] = None
+    """As data.keep_tokens, for this subset."""
+    tag_dropout: Optional[float] = None
+    """As data.tag_dropout, for this subset."""
+
+
+@dataclass
 class DataConfig:
     source: str = choice("shapes", "shapes", "folder", "webdataset", "parquet", "arrow", "latents")
     """Where training images come from: built-in synthetic shapes, a folder of images + .txt captions (or
@@ -129,6 +149,14 @@ class DataConfig:
     path: Optional[str] = None
     """Dataset location: a folder; tar shards as a brace pattern (shards/{00000..00099}.tar), folder or
     fsspec URL (s3://...); parquet file(s) or folder; or the latent cache folder."""
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    """folder only, instead of data.path: several folders, each with its own path, repeats and caption
+    options (keys: path, repeats, caption_extension, class_tokens, shuffle_caption, keep_tokens, tag_dropout)."""
+    dataset_config: Optional[str] = None
+    """folder only, instead of data.path and data.subsets: a kohya sd-scripts dataset TOML ([general] and one
+    [[datasets]] with its [[datasets.subsets]]: image_dir, num_repeats, caption_extension, class_tokens, ...)."""
+    caption_extension: str = ".txt"
+    """folder: the caption file beside an image is its name with this extension (kohya's caption_extension)."""
     resolution: int = 32
     """Square training resolution in pixels (latents are resolution / VAE factor): 32 for tiny, 512 for sd15, 768 for sd2."""
     num_samples: int = 20000
@@ -697,10 +725,10 @@ def validate(cfg: Config) -> None:
     _check_model(cfg)
     _check_log(cfg)
     if cfg.data.source == "folder":
-        if not cfg.data.path:
-            raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions.")
-        if not Path(cfg.data.path).is_dir():
-            raise ConfigError(f"config key 'data.path' points to '{cfg.data.path}', which is not a folder.")
+        _check_folder(cfg.data)
+    elif cfg.data.subsets or cfg.data.dataset_config:
+        raise ConfigError(f"data.subsets and data.dataset_config are folders of images: set data.source=folder "
+                          f"(it is {cfg.data.source}).")
     if cfg.data.source in ("webdataset", "parquet", "arrow", "latents") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path (see docs/data.md).")
     if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
@@ -718,6 +746,104 @@ def validate(cfg: Config) -> None:
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")
+
+
+def _check_folder(d: DataConfig) -> None:
+    given = [k for k in ("path", "subsets", "dataset_config") if getattr(d, k)]
+    if not given:
+        raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions (or data.subsets, "
+                          "or a kohya dataset TOML in data.dataset_config).")
+    if len(given) > 1:
+        raise ConfigError(f"give one of data.path, data.subsets and data.dataset_config, not {' and '.join('data.' + k for k in given)}.")
+    if d.path and not Path(d.path).is_dir():
+        raise ConfigError(f"config key 'data.path' points to '{d.path}', which is not a folder.")
+    if not d.caption_extension.startswith("."):
+        raise ConfigError(f"config key 'data.caption_extension' is '{d.caption_extension}'; it must start with a dot (.txt, .caption).")
+    folder_subsets(d)  # a subset (or the TOML) that cannot work: one sentence now
+
+
+# kohya sd-scripts' dataset TOML keys and ours (per subset, or in [general] for all of them).
+KOHYA_SUBSET_KEYS = {"image_dir": "path", "num_repeats": "repeats", "caption_extension": "caption_extension",
+                     "class_tokens": "class_tokens", "shuffle_caption": "shuffle_caption", "keep_tokens": "keep_tokens",
+                     "caption_tag_dropout_rate": "tag_dropout"}
+KOHYA_DATASET_KEYS = {"resolution": "data.resolution", "batch_size": "train.batch_size (the global batch)",
+                      "enable_bucket": "data.bucketing", "flip_aug": "data.random_flip", "random_crop": "data.crop=random",
+                      "caption_dropout_rate": "diffusion.caption_dropout", "is_reg": "data.class_path"}
+
+
+def folder_subsets(d: DataConfig) -> list[SubsetConfig]:
+    """The folders of a folder dataset, every key filled in (a subset's own, else [general]'s of a
+    dataset TOML, else data.*'s); one ConfigError sentence for one that cannot work."""
+    if d.dataset_config:
+        general, subsets = _read_dataset_toml(d.dataset_config)
+    else:
+        general, subsets = {}, list(d.subsets) or [SubsetConfig(path=d.path or "")]
+    out = []
+    for n, sub in enumerate(subsets):
+        where = f"subset {n + 1} of {'data.dataset_config' if d.dataset_config else 'data.subsets'}"
+        filled = SubsetConfig(**{f.name: _first(getattr(sub, f.name), general.get(f.name), getattr(d, f.name, None))
+                                 for f in dataclasses.fields(SubsetConfig)})
+        if not isinstance(filled.path, str) or not filled.path or not Path(filled.path).is_dir():
+            raise ConfigError(f"{where}: its path '{filled.path}' is not a folder of images.")
+        problem = _subset_problem(filled)
+        if problem:
+            raise ConfigError(f"{where}: {problem}.")
+        out.append(filled)
+    return out
+
+
+def _subset_problem(s: SubsetConfig) -> Optional[str]:
+    kinds = {"repeats": int, "caption_extension": str, "class_tokens": (str, type(None)), "shuffle_caption": bool,
+             "keep_tokens": int, "tag_dropout": (int, float)}
+    for key, kind in kinds.items():
+        if not isinstance(getattr(s, key), kind):
+            return f"{key} is {getattr(s, key)!r}, which is not a {getattr(kind, '__name__', 'value of its type')}"
+    if s.repeats < 1:
+        return f"repeats is {s.repeats}; it must be a whole number >= 1"
+    if not s.caption_extension.startswith("."):
+        return f"caption_extension '{s.caption_extension}' must start with a dot (.txt, .caption)"
+    if s.keep_tokens < 0 or not 0 <= s.tag_dropout < 1:
+        return "keep_tokens must be >= 0 and tag_dropout in [0, 1)"
+    return None
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _read_dataset_toml(path: str) -> tuple[dict, list[SubsetConfig]]:
+    """([general] options as our subset keys, the subsets) of a kohya sd-scripts dataset TOML."""
+    import tomllib
+
+    where = f"data.dataset_config '{path}'"
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist.") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{where} is not a readable TOML file ({exc}).") from None
+    datasets = doc.get("datasets")
+    if not isinstance(datasets, list) or len(datasets) != 1 or not isinstance(datasets[0], dict):
+        raise ConfigError(f"{where} must hold exactly one [[datasets]] table (a run trains one resolution here; "
+                          "its [[datasets.subsets]] may be several).")
+
+    def ours(table: Any, what: str) -> dict:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {what} must be a table.")
+        for key in table:
+            if key in KOHYA_DATASET_KEYS:
+                raise ConfigError(f"{where}: '{key}' in {what} is set here with {KOHYA_DATASET_KEYS[key]}, not in the TOML.")
+            if key not in KOHYA_SUBSET_KEYS:
+                raise ConfigError(f"{where}: '{key}' in {what} is not read here; the keys are: {', '.join(KOHYA_SUBSET_KEYS)}.")
+        return {KOHYA_SUBSET_KEYS[k]: v for k, v in table.items()}
+
+    general = ours(doc.get("general", {}), "[general]")
+    dataset = dict(datasets[0])
+    subsets = dataset.pop("subsets", None)
+    general.update(ours(dataset, "[[datasets]]"))
+    if not isinstance(subsets, list) or not subsets:
+        raise ConfigError(f"{where}: its [[datasets]] has no [[datasets.subsets]] (each with an image_dir).")
+    return general, [SubsetConfig(**ours(t, f"[[datasets.subsets]] number {n + 1}")) for n, t in enumerate(subsets)]
 
 
 SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
@@ -1079,7 +1205,7 @@ def _show(value: Any) -> str:
     """A value as it would be written in a key=value override."""
     if isinstance(value, str) and value and value.strip() == value and not value[0] in "[{'\"":
         return value
-    return json.dumps(value)
+    return json.dumps(value, default=dataclasses.asdict)  # (data.subsets holds SubsetConfig entries)
 
 
 def describe(cfg: Config) -> str:

@@ -92,9 +92,12 @@ def _build_files_dataset(cfg: Config) -> Dataset:
         return LatentDataset(d.path)
     transform = ImageTransform.from_config(cfg)
     if d.source == "folder":
-        from colodiffusion.data.folder import FolderDataset
+        from colodiffusion.config import folder_subsets
+        from colodiffusion.data.folder import FolderDataset, FolderSubsets
 
-        return FolderDataset(d.path, transform, d.caption_column)
+        if d.path:
+            return FolderDataset(d.path, transform, d.caption_column, d.caption_extension)
+        return FolderSubsets(folder_subsets(d), transform, d.caption_column)
     if d.source == "webdataset":
         from colodiffusion.data.webdataset import WebDataset, index_file_for
 
