@@ -357,3 +357,19 @@ def test_a_recipe_with_data_subsets_trains(tmp_path):
     recipe.write_text(recipe.read_text().replace("caption_extension: .caption", "caption_extension: caption"))
     out = colodiffusion("train", "-c", str(recipe))
     assert "subset 2 of data.subsets: caption_extension 'caption' must start with a dot" in one_sentence(out)
+
+
+def test_every_exported_diffusers_folder_has_a_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    out = colodiffusion("train", *QUICK, "train.lr=5e-4", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = colodiffusion("export", str(run), "--format", "diffusers", "--out", str(tmp_path / "exported"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for folder in (run / "final", tmp_path / "exported"):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+        assert "| learning_rate | 0.0005 |" in card.text and "| steps | 1 |" in card.text
+        assert "StableDiffusionPipeline.from_pretrained" in card.text and str(tmp_path) not in card.content
+    assert 'from_pretrained("run/final")' in (run / "final" / "README.md").read_text()

@@ -17,7 +17,7 @@ from colodiffusion.generate import export_diffusers
 from colodiffusion.models import lora
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.single_file import DTYPES, save_single_file
-from colodiffusion.train.metadata import kohya_metadata
+from colodiffusion.train.metadata import kohya_metadata, write_model_card
 
 FORMATS = ("diffusers", "single-file", "lora")
 
@@ -54,4 +54,7 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
     cast = DTYPES[dtype]
     unet, te, vae = (copy.deepcopy(x).to(cast) for x in (m.unet, m.text_encoder, m.vae))
     te_2 = copy.deepcopy(m.text_encoder_2).to(cast) if m.is_sdxl else None
-    return export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler, m.tokenizer_2, te_2)
+    export_diffusers(out, m.tokenizer, te, vae, unet, m.noise_scheduler, m.tokenizer_2, te_2)
+    meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type)
+    write_model_card(out, meta, out.name, out.name, m.is_sdxl)
+    return out

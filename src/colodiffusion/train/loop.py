@@ -33,7 +33,7 @@ from colodiffusion.storage import checkpoint
 from colodiffusion.storage.sealed import write_sealed
 from colodiffusion.train import dataset_info, guards, preflight, run_folder, signals
 from colodiffusion.train.first_stage import frozen_components
-from colodiffusion.train.metadata import kohya_metadata
+from colodiffusion.train.metadata import kohya_metadata, write_model_card
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
@@ -396,6 +396,8 @@ def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State,
     if kind == "diffusers":
         export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
                          comps.text_encoder_2)
+        write_model_card(tmp, kohya_metadata(run_dir, out, unet, comps.prediction_type), f"{run_dir.name} epoch {epoch}",
+                         f"{run_dir.name}/models/{out.name}", comps.is_sdxl)
         shutil.rmtree(out, ignore_errors=True)
     else:
         save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer, comps.noise_scheduler)
@@ -430,7 +432,12 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
         meta = kohya_metadata(run_dir, run_dir / "lora", unet, comps.prediction_type, lora_shape(unet))
         write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step)
         unet, text_encoder = merged(unet), merged(text_encoder)
-    write_sealed(run_dir / "final", lambda folder: export_diffusers(
-        folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
-        comps.text_encoder_2), step=s.step)
+    card = kohya_metadata(run_dir, run_dir / "final", unet, comps.prediction_type)
+
+    def write(folder: Path) -> None:  # the weights and their model card, sealed together
+        export_diffusers(folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler,
+                         comps.tokenizer_2, comps.text_encoder_2)
+        write_model_card(folder, card, run_dir.name, f"{run_dir.name}/final", comps.is_sdxl)
+
+    write_sealed(run_dir / "final", write, step=s.step)
     print(f"final model ({'EMA' if s.ema is not None else 'trained'} weights) written to {run_dir / 'final'}")
