@@ -261,6 +261,21 @@ def test_a_gpu_recipe_on_a_cpu_is_one_sentence_before_any_process_starts(tmp_pat
                                                                     *overrides.split()]))
 
 
+def test_a_refusal_in_main_py_workers_is_their_sentences_without_torchruns_traceback(tmp_path):
+    """`trainer.devices: 2` under main.py: what only the workers can see (here data that cannot be read) is
+    one sentence per rank, exit code 2, and no ChildFailedError traceback from torchrun under it."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"{i}.jpg").write_text("not an image")
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--logdir", str(tmp_path / "logs"), "-t",
+                          "trainer.devices=2", "parallel.strategy=ddp", "data.source=folder", f"data.path={bad}"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2 and "launching" in out.stdout, out.stderr[-3000:]
+    assert "error (rank 0): none of the 4 samples probed" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-3000:]
+
+
 def test_txt2img_takes_the_seeds_flags_and_its_last_ckpt(tmp_path, tiny_model):
     import shutil
 
