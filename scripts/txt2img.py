@@ -120,21 +120,23 @@ def main(argv=None) -> int:
         if opt.config and not Path(opt.ckpt).is_file():
             print(f"note: --config is read for a single-file --ckpt only; '{opt.ckpt}' is a folder that carries its "
                   "own configs, so --config is not used")
+        if not Path(opt.ckpt).exists():
+            raise ConfigError(f"--ckpt '{opt.ckpt}' does not exist.")
         prompts = read_prompt_file(opt.from_file) if opt.from_file else [opt.prompt]
-        return run(opt, prompts)
+        rounds = 1 if opt.fixed_code else opt.n_iter  # --fixed_code: every round starts from the same noise
+        batches = [specs_for(opt, p, opt.seed + ((it % rounds) * len(prompts) + k) * opt.n_samples)
+                   for it in range(opt.n_iter) for k, p in enumerate(prompts)]
+        return run(opt, batches)  # (flags, prompts and paths checked before torch and diffusers are imported)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def run(opt, prompts) -> int:
+def run(opt, batches) -> int:
     from colodiffusion.generate import load_pipeline, render, save_grid, save_image
 
     import torch
 
-    rounds = 1 if opt.fixed_code else opt.n_iter  # --fixed_code: every round starts from the same noise
-    batches = [specs_for(opt, p, opt.seed + ((it % rounds) * len(prompts) + k) * opt.n_samples)
-               for it in range(opt.n_iter) for k, p in enumerate(prompts)]
     dtype = torch.float32 if opt.precision == "full" else None
     pipe = load_pipeline(opt.ckpt, dtype=dtype, original_config=opt.config, tokenizer=opt.tokenizer)
     check_shape(opt, pipe)

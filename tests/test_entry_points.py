@@ -56,6 +56,18 @@ def test_a_mistake_is_said_before_torch_diffusers_or_transformers_are_imported(a
     assert heavy == [], f"{argv} imported {heavy} before refusing"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", ".", "--H", "30"], "height 30 is not a multiple of 8"),
+    (["--ckpt", "no-model"], "--ckpt 'no-model' does not exist"),
+    (["--ckpt", ".", "--from-file", "no-such-prompts.txt"], "prompt file 'no-such-prompts.txt' does not exist"),
+    (["--ckpt", ".", "--plms", "--ddim_eta", "0.5"], "--ddim_eta is DDIM's"),
+])
+def test_txt2img_says_a_mistake_before_torch_diffusers_or_transformers_are_imported(argv, message):
+    code, heavy, err = imports_of(str(ROOT / "scripts" / "txt2img.py"), "--prompt", "x", *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert heavy == [], f"{argv} imported {heavy} before refusing"
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sample", "--help"], ["bench", "--help"],
                                   ["export", "--help"], ["eval", "--help"], ["cache", "--help"]])
 def test_help_imports_nothing_heavy(argv):
