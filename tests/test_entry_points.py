@@ -355,13 +355,13 @@ def test_a_kohya_dataset_toml_with_two_subsets_trains(tmp_path):
     b = folder_with(tmp_path / "b", 3, ".caption", "beta")
     (b / "000000.caption").unlink()  # class_tokens caption it
     toml = tmp_path / "dataset.toml"
-    toml.write_text(f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\n\n  [[datasets.subsets]]\n"
-                    f"  image_dir = '{a}'\n  num_repeats = 2\n\n  [[datasets.subsets]]\n  image_dir = '{b}'\n"
+    toml.write_text(f"[general]\nshuffle_caption = true\nkeep_tokens = 1\nnum_repeats = 2\n\n[[datasets]]\n\n"
+                    f"  [[datasets.subsets]]\n  image_dir = '{a}'\n  num_repeats = 3\n\n  [[datasets.subsets]]\n  image_dir = '{b}'\n"
                     f"  caption_extension = '.caption'\n  class_tokens = 'gamma thing'\n")
     run = tmp_path / "run"
     out = colodiffusion("train", "data.source=folder", f"data.dataset_config={toml}", *SMALL, f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 4 * 2 + 3
+    assert json.loads((run / "run_info.json").read_text())["num_train_images"] == 4 * 3 + 3 * 2  # [general]'s for b
     prompts = next(line for line in out.stdout.splitlines() if "sample grids use captions" in line)
     assert "alpha, " in prompts and "gamma thing" in prompts  # subset b: class_tokens for its image without one
     assert "cannot be used" not in out.stdout  # (b's other images have their .caption files read)

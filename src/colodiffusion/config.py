@@ -125,8 +125,9 @@ class SubsetConfig:
     the data.* value of the same name."""
     path: str = ""
     """The subset's folder of images (kohya's image_dir)."""
-    repeats: int = 1
-    """Passes over its images per epoch (kohya's num_repeats), times N for N_name/ subfolders."""
+    repeats: Optional[int] = None
+    """Passes over its images per epoch (kohya's num_repeats; unset: 1), times N for N_name/ subfolders and
+    times data.repeats (which multiplies every subset's)."""
     caption_extension: Optional[str] = None
     """The caption file of an image: its name with this extension (.txt, .caption, ...)."""
     class_tokens: Optional[str] = None
@@ -781,7 +782,9 @@ def folder_subsets(d: DataConfig) -> list[SubsetConfig]:
     out = []
     for n, sub in enumerate(subsets):
         where = f"subset {n + 1} of {'data.dataset_config' if d.dataset_config else 'data.subsets'}"
-        filled = SubsetConfig(**{f.name: _first(getattr(sub, f.name), general.get(f.name), getattr(d, f.name, None))
+        # (repeats falls back to 1, not data.repeats: that one multiplies every subset's in data/views.py)
+        filled = SubsetConfig(**{f.name: _first(getattr(sub, f.name), general.get(f.name),
+                                                1 if f.name == "repeats" else getattr(d, f.name, None))
                                  for f in dataclasses.fields(SubsetConfig)})
         if not isinstance(filled.path, str) or not filled.path or not Path(filled.path).is_dir():
             raise ConfigError(f"{where}: its path '{filled.path}' is not a folder of images.")
