@@ -88,8 +88,9 @@ def test_the_seed_line_verbatim_says_what_the_readme_says_before_importing_torch
 
 # -- model sources through `colodiffusion train` (item 1) ---------------------------------------------
 
-def colodiffusion(*argv, env=None, timeout=600):
-    """`colodiffusion ARGV` as a user runs it (this checkout's code), one CPU thread."""
+def colodiffusion(*argv, env=None, timeout=1800):
+    """`colodiffusion ARGV` as a user runs it (this checkout's code), one CPU thread. (A tiny run takes
+    a minute alone, ten under a load of 16 on two cores: the timeout is for a hang, not for speed.)"""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "colodiffusion", *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -129,12 +130,13 @@ def test_a_hub_id_in_an_offline_cache_trains(tmp_path, tiny_components):
     assert (run / "final" / "model_index.json").is_file()
 
 
-def test_a_single_safetensors_file_trains(tmp_path, tiny_components):
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_single_file_trains(tmp_path, tiny_components, suffix):
     from sdfolder import make_diffusers_folder
 
     from colodiffusion.export import export
 
-    single = export(make_diffusers_folder(tiny_components, tmp_path / "sd"), "single-file", tmp_path / "m.safetensors")
+    single = export(make_diffusers_folder(tiny_components, tmp_path / "sd"), "single-file", tmp_path / f"m{suffix}")
     run = tmp_path / "run"
     out = colodiffusion("train", *QUICK, f"model.pretrained={single}", f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
