@@ -216,16 +216,39 @@ def relaunch_under_torchrun(cfg, argv: list[str], run_dir: Path) -> None:
     same run folder. Under torchrun or the deepspeed launcher, do nothing."""
     if "WORLD_SIZE" in os.environ or cfg.trainer.devices <= 1:
         return
-    import torch
+    from colodiffusion.config import ConfigError
+    from colodiffusion.parallel import check_world
 
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # say it once, before N processes start
-        fail("trainer.accelerator=gpu but no CUDA GPU is visible; set trainer.accelerator=auto or cpu.")
+    try:  # what every rank would refuse (no GPU for gemini/fp16, a mesh that does not fit): said once, here
+        check_world(cfg, cfg.trainer.devices)
+    except ConfigError as exc:
+        fail(str(exc))
     src = str(ROOT / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.trainer.devices),
-           str(ROOT / "main.py"), *argv, f"run.dir={run_dir}"]
-    print("launching: " + " ".join(cmd[1:]), flush=True)
-    os.execve(sys.executable, cmd, env)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)  # the workers'
+    cmd = ["--standalone", "--nproc_per_node", str(cfg.trainer.devices), str(ROOT / "main.py"), *argv, f"run.dir={run_dir}"]
+    print("launching: -m torch.distributed.run " + " ".join(cmd), flush=True)
+    sys.exit(torchrun(cmd))
+
+
+# Worker exit codes that come with their own one-line reason: a user mistake (2), Ctrl-C (130).
+SAID = (2, 130)
+
+
+def torchrun(cmd: list[str]) -> int:
+    """torchrun in this process. A worker that stopped with one sentence (exit code 2 or 130) has
+    said why; torchrun's ChildFailedError traceback would only bury it, so it is left out. Any
+    other failure is a crash and keeps the traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(cmd)
+    except ChildFailedError as exc:
+        _, first = exc.get_first_failure()
+        if first.exitcode not in SAID:
+            raise
+        return first.exitcode
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     python scripts/txt2img.py --prompt "a red circle" --ckpt RUN_OR_MODEL --ddim_steps 50 --scale 7.5 \
         --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver [--karras]] \
-        [--negative_prompt TEXT] [--init-img IMAGE --strength 0.75] --outdir outputs/txt2img-samples
+        [--negative_prompt TEXT] [--init-img IMAGE --strength 0.75] [--fixed_code --ddim_eta 0.0 --precision full|autocast]
+        --outdir outputs/txt2img-samples
 
 `--ckpt` is a single-file checkpoint (.safetensors/.ckpt, LDM layout; `--config` its original YAML,
 inferred when left out), a diffusers folder, a colodiffusion run folder, or one of its
-`checkpoints/step_N` folders (any backend's; its EMA weights when it has them). Images go to
+`checkpoints/step_N` folders (any backend's; its EMA weights when it has them); the seed's
+`LOGDIR/RUN/checkpoints/last.ckpt` is read as that run. Images go to
 OUTDIR/samples/NNNNN.png and one labelled grid per call to OUTDIR/grid-NNNN.png, numbered after what
 is there; each PNG carries its prompt and settings (the `parameters` text chunk UIs read).
 Each image has its own seed (seed, seed+1, ...), so an image does not depend on the batch size.
@@ -50,7 +52,36 @@ def parse(argv):
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single file that carries none")
     p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder, run folder or checkpoints/step_N folder")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument("--fixed_code", action="store_true", help="the same starting noise for every --n_iter round")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling; DDIM only)")
+    p.add_argument("--precision", choices=["full", "autocast"], default="autocast",
+                   help="full: fp32 weights; autocast: fp16 on a GPU (fp32 on a CPU)")
+    p.add_argument("--C", type=int, help="latent channels (checked against the model's)")
+    p.add_argument("--f", type=int, help="downsampling factor (checked against the model's)")
+    p.add_argument("--laion400m", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def flag_problem(opt):
+    """One sentence for flags that cannot work together (None if they can)."""
+    if opt.plms and opt.dpm_solver:
+        return "choose one of --plms and --dpm_solver."
+    if opt.ddim_eta and (opt.plms or opt.dpm_solver):
+        return "--ddim_eta is DDIM's; leave it at 0 with --plms or --dpm_solver (the seed refuses it with PLMS too)."
+    if opt.laion400m:
+        return ("--laion400m picked the seed's LAION-400M model files; give that model (or any other) with --ckpt "
+                "instead (a single file, a diffusers folder or a run folder).")
+    return None
+
+
+def check_shape(opt, pipe) -> None:
+    """The seed's --C / --f describe the model; here they come from it, so a different value is a mistake."""
+    from colodiffusion.config import ConfigError
+
+    for flag, given, actual in (("--C", opt.C, pipe.unet.config.in_channels), ("--f", opt.f, pipe.vae_scale_factor)):
+        if given is not None and given != actual:
+            raise ConfigError(f"{flag} {given} does not match the model, which has {actual}; leave {flag} out "
+                              "(it is read from the model).")
 
 
 def specs_for(opt, prompt: str, first_seed: int):
@@ -76,29 +107,39 @@ def specs_for(opt, prompt: str, first_seed: int):
 
 
 def main(argv=None) -> int:
-    from colodiffusion.config import ConfigError
+    from colodiffusion.cli import model_path
+    from colodiffusion.config import ConfigError, read_prompt_file
 
     opt = parse(argv)
-    if opt.plms and opt.dpm_solver:
-        print("error: choose one of --plms and --dpm_solver.", file=sys.stderr)
+    problem = flag_problem(opt)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    if opt.from_file:
-        prompts = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
-    else:
-        prompts = [opt.prompt]
     try:
-        return run(opt, prompts)
+        opt.ckpt = str(model_path(opt.ckpt))
+        if opt.config and not Path(opt.ckpt).is_file():
+            print(f"note: --config is read for a single-file --ckpt only; '{opt.ckpt}' is a folder that carries its "
+                  "own configs, so --config is not used")
+        if not Path(opt.ckpt).exists():
+            raise ConfigError(f"--ckpt '{opt.ckpt}' does not exist.")
+        prompts = read_prompt_file(opt.from_file) if opt.from_file else [opt.prompt]
+        rounds = 1 if opt.fixed_code else opt.n_iter  # --fixed_code: every round starts from the same noise
+        batches = [specs_for(opt, p, opt.seed + ((it % rounds) * len(prompts) + k) * opt.n_samples)
+                   for it in range(opt.n_iter) for k, p in enumerate(prompts)]
+        return run(opt, batches)  # (flags, prompts and paths checked before torch and diffusers are imported)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def run(opt, prompts) -> int:
+def run(opt, batches) -> int:
     from colodiffusion.generate import load_pipeline, render, save_grid, save_image
 
-    batches = [specs_for(opt, p, opt.seed + (it * len(prompts) + k) * opt.n_samples)
-               for it in range(opt.n_iter) for k, p in enumerate(prompts)]
-    pipe = load_pipeline(opt.ckpt, original_config=opt.config, tokenizer=opt.tokenizer)
+    import torch
+
+    dtype = torch.float32 if opt.precision == "full" else None
+    pipe = load_pipeline(opt.ckpt, dtype=dtype, original_config=opt.config, tokenizer=opt.tokenizer)
+    check_shape(opt, pipe)
     model = Path(opt.ckpt).stem if Path(opt.ckpt).is_file() else Path(opt.ckpt).resolve().name
     sample_dir = Path(opt.outdir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +147,7 @@ def run(opt, prompts) -> int:
     grid_count = len(list(Path(opt.outdir).glob("grid-*.png")))
     images, specs = [], []
     for batch in batches:
-        out = render(pipe, batch)
+        out = render(pipe, batch, eta=opt.ddim_eta)
         images.extend(out)
         specs.extend(batch)
         if not opt.skip_save:

@@ -504,10 +504,10 @@ def test_sample_and_txt2img_take_a_checkpoint_folder(finetuned, tmp_path):
     assert_same(load_file(finetuned / "final" / "unet" / "diffusion_pytorch_model.safetensors"), pipe.unet.state_dict(),
                 "EMA UNet")
     with pytest.raises(SystemExit) as exit_:
-        main(["sample", str(ckpt), "--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
+        main(["sample", str(ckpt), "--prompt", "a red circle", "--n-samples", "1", "--steps", "2", "--out", str(tmp_path / "s")])
     assert exit_.value.code == 0 and (tmp_path / "s" / "00000.png").exists()
     with pytest.raises(SystemExit):  # the same weights through final/: the same image, sampler included
-        main(["sample", str(finetuned / "final"), "--prompt", "a red circle", "--n", "1", "--steps", "2",
+        main(["sample", str(finetuned / "final"), "--prompt", "a red circle", "--n-samples", "1", "--steps", "2",
               "--out", str(tmp_path / "f")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "00000.png")),
                           np.asarray(Image.open(tmp_path / "f" / "00000.png")))

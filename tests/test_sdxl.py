@@ -90,12 +90,12 @@ def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, ca
     assert image.shape == (1, RES, RES, 3) and image.std() > 0
 
     # the commands: sample (final/ and a checkpoint, img2img), eval (validation loss), export
-    code, out, err = run_cli(["sample", str(a), "--prompt", "a red circle --n blue", "--n", "2", "--steps", "2",
+    code, out, err = run_cli(["sample", str(a), "--prompt", "a red circle --n blue", "--n-samples", "2", "--steps", "2",
                               "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     assert Image.open(tmp_path / "s" / "00001.png").size == (RES, RES)
     code, _, err = run_cli(["sample", str(a / "checkpoints" / "step_00000004"), "--prompt", "a blue square",
-                            "--init-image", str(next(xl["data"].glob("*.png"))), "--n", "1", "--steps", "2",
+                            "--init-image", str(next(xl["data"].glob("*.png"))), "--n-samples", "1", "--steps", "2",
                             "--out", str(tmp_path / "i2i")], capsys)
     assert code == 0, err
     clip = make_tiny_clip(tmp_path / "clip")

@@ -72,7 +72,7 @@ def test_final_folder_loads_in_stable_diffusion_pipeline(run_dir):
 def test_sample_and_eval_commands(run_dir, tmp_path):
     loop.train(cfg_for(run_dir, "train.max_steps=2"))
     out = subprocess.run([sys.executable, "-m", "colodiffusion", "sample", str(run_dir), "--prompt", "a red circle",
-                          "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")],
+                          "--n-samples", "2", "--steps", "2", "--out", str(tmp_path / "s")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "s" / "00001.png").exists() and (tmp_path / "s" / "grid.png").exists()

@@ -163,7 +163,7 @@ def test_karras_needs_a_k_sampler():
 def test_sample_flags_fill_what_a_prompt_leaves_out():
     from colodiffusion.cli import build_parser, sample_specs
 
-    args = build_parser().parse_args(["sample", "m", "--prompt", "a", "--prompt", "b --d 42 --n red --s 7", "--n", "2",
+    args = build_parser().parse_args(["sample", "m", "--prompt", "a", "--prompt", "b --d 42 --n red --s 7", "--n-samples", "2",
                                       "--negative-prompt", "ugly", "--seed", "5", "--sampler", "euler", "--karras"])
     specs = sample_specs(args)
     assert [(s.prompt, s.seed, s.negative_prompt, s.steps) for s in specs] == [

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from colodiffusion.bench_args import FAST, build_parser
-from colodiffusion.config import Config, ConfigError, load_config
+from colodiffusion.bench_args import build_parser, checked_config
+from colodiffusion.config import Config, ConfigError
 from colodiffusion.models.presets import Preset, build_unet, get_preset
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring; the longest match wins.
@@ -429,25 +429,12 @@ def run(cfg: Config, args, emit: Callable[[dict], None]) -> int:
     return 0
 
 
-NO_SDXL = ("colodiffusion bench times SD 1.x/2.x-shaped UNets on synthetic latents; SDXL (added text/time "
-           "conditioning) is not benchmarked yet: use --preset sd15, sd2 or tiny.")
-
-
 def main_args(args) -> int:
-    for name in ("batch", "steps", "warmup"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be a whole number >= 1, not {getattr(args, name)}.")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise ConfigError(f"--resolution must be a multiple of 8, at least 8, not {args.resolution}.")
-    if args.preset == "sdxl":
-        raise ConfigError(NO_SDXL)
-    preset = [f"model.preset={args.preset}"] if args.preset else ([] if args.config else ["model.preset=sd15"])
-    # The bench feeds synthetic latents: a recipe's data source (and its data.path) is not read.
-    overrides = ["precision=bf16", "data.source=shapes", *preset] + (FAST if args.fast else []) + args.overrides
-    cfg = load_config(args.config, overrides)
-    if cfg.model.preset == "sdxl":
-        raise ConfigError(NO_SDXL)
+    return run_bench(checked_config(args), args)
 
+
+def run_bench(cfg, args) -> int:
+    """Run the benchmark of `checked_config(args)`, one JSON line per result."""
     def emit(record: dict) -> None:
         line = json.dumps({"tag": args.tag, **record} if args.tag else record)
         print(line, flush=True)

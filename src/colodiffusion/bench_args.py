@@ -32,3 +32,27 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--tag", help="a label copied into every JSON line (bench/gpu_check.sh names its steps)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. perf.compile=full")
     return p
+
+
+NO_SDXL = ("colodiffusion bench times SD 1.x/2.x-shaped UNets on synthetic latents; SDXL (added text/time "
+           "conditioning) is not benchmarked yet: use --preset sd15, sd2 or tiny.")
+
+
+def checked_config(args):
+    """The benchmarked config after checking the flags (ConfigError, one sentence); no torch needed."""
+    from colodiffusion.config import ConfigError, load_config
+
+    for name in ("batch", "steps", "warmup"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be a whole number >= 1, not {getattr(args, name)}.")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise ConfigError(f"--resolution must be a multiple of 8, at least 8, not {args.resolution}.")
+    if args.preset == "sdxl":
+        raise ConfigError(NO_SDXL)
+    preset = [f"model.preset={args.preset}"] if args.preset else ([] if args.config else ["model.preset=sd15"])
+    # The bench feeds synthetic latents: a recipe's data source (and its data.path) is not read.
+    overrides = ["precision=bf16", "data.source=shapes", *preset] + (FAST if args.fast else []) + args.overrides
+    cfg = load_config(args.config, overrides)
+    if cfg.model.preset == "sdxl":
+        raise ConfigError(NO_SDXL)
+    return cfg

@@ -2,7 +2,8 @@
 
 A user mistake (bad config key, missing path) prints one sentence and exits with code 2; no
 traceback. Anything else is a bug and keeps its traceback. The parser imports neither torch nor
-diffusers (each command imports what it needs), so `--help` answers at once.
+diffusers, and each command checks its arguments and config before it imports what it needs, so
+`--help` and a mistake answer at once (tests/test_entry_points.py checks which modules were loaded).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _threads():
 
 def cmd_train(args) -> int:
     from colodiffusion.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch is imported: a bad key answers at once
     from colodiffusion.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     _threads()
     run_dir = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -50,12 +52,13 @@ def cmd_train(args) -> int:
 
 def cmd_cache(args) -> int:
     from colodiffusion.config import load_config
-    from colodiffusion.data.cache import build_cache
-    from colodiffusion.train.first_stage import frozen_components
 
     cfg = load_config(args.config, args.overrides)
     if args.shard_size < 1 or args.batch_size < 1:
         raise UsageError("--shard-size and --batch-size must be at least 1.")
+    from colodiffusion.data.cache import build_cache
+    from colodiffusion.train.first_stage import frozen_components
+
     _threads()
 
     def components(dataset, device, show):  # the run's frozen parts (trained here for a preset without them)
@@ -68,9 +71,18 @@ def cmd_cache(args) -> int:
 
 
 def sample_specs(args) -> list:
-    """Each --prompt (with its own kohya-style options, if any) --n times, the flags filling the rest."""
-    from colodiffusion.config import check_prompt, multiples_of_8, parse_prompt
+    """Each --prompt and each line of --prompt-file (with its own kohya-style options, if any)
+    --n-samples times, the flags filling the rest."""
+    from colodiffusion.config import check_prompt, multiples_of_8, parse_prompt, read_prompt_file
 
+    if args.n_flag is not None:
+        raise UsageError("--n is the negative prompt inside a --prompt string ('a dog --n blurry'); on the command "
+                         "line, images per prompt are --n-samples N and a negative prompt for all is --negative-prompt TEXT.")
+    if args.n_samples < 1:
+        raise UsageError(f"--n-samples must be at least 1, not {args.n_samples}.")
+    prompts = list(args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not prompts:
+        raise UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line).")
     for flag in ("height", "width"):
         v = getattr(args, flag)
         if v is not None and (v < 8 or v % 8):
@@ -79,8 +91,8 @@ def sample_specs(args) -> list:
     flags = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
              "sampler": args.sampler, "karras": args.karras, "width": args.width, "height": args.height,
              "init_image": args.init_image}
-    for text in args.prompt:
-        for j in range(args.n):
+    for text in prompts:
+        for j in range(args.n_samples):
             spec = parse_prompt(text)
             spec.seed = spec.seed + j if spec.seed is not None else args.seed + len(specs)  # --d: its n seeds
             for name, value in flags.items():
@@ -99,12 +111,29 @@ def model_name(model: str) -> str:
     return p.parent.name if p.name == "final" else p.stem if p.is_file() else p.name
 
 
+def _exists(path: str, what: str) -> None:
+    if not Path(path).exists():
+        raise UsageError(f"{what} '{path}' does not exist.")
+
+
+def model_path(path: str) -> Path:
+    """The model a user names. The seed's `RUN/checkpoints/last.ckpt` (which a run here does not write)
+    is that run folder: its final/, or its newest checkpoint while it trains."""
+    p = Path(path)
+    if not p.exists() and p.name == "last.ckpt" and p.parent.name == "checkpoints" and p.parent.parent.is_dir():
+        run = p.parent.parent
+        print(f"note: {p} is the seed's name for the last checkpoint; reading the run {run} (its final/, else its "
+              "newest checkpoint)", file=sys.stderr)
+        return run
+    return p
+
+
 def cmd_sample(args) -> int:
+    specs = sample_specs(args)
+    args.model = str(model_path(args.model))
+    _exists(args.model, "the model")
     from colodiffusion.generate import render, save_grid, save_image
 
-    if args.n < 1:
-        raise UsageError(f"--n must be at least 1, not {args.n}.")
-    specs = sample_specs(args)
     _threads()
     pipe = _load(args.model)
     images = render(pipe, specs)
@@ -113,16 +142,20 @@ def cmd_sample(args) -> int:
     name = model_name(args.model)
     for i, (img, spec) in enumerate(zip(images, specs)):
         save_image(img, out / f"{i:05d}.png", spec, name)
-    save_grid(images, specs, out / "grid.png", cols=args.n, model=name)
+    save_grid(images, specs, out / "grid.png", cols=args.n_samples, model=name)
     print(f"wrote {len(images)} images and grid.png to {out} (prompt and settings in each PNG's parameters)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from colodiffusion.evaluate import JUDGE_GUIDANCE, choose_scorer, evaluate_model, evaluate_own_data
-
     if args.num_images < 2:
         raise UsageError("--num-images must be at least 2 (FID estimates a covariance).")
+    _exists(args.model, "the model")
+    for flag in ("data", "clip_model", "fid_model"):
+        if getattr(args, flag):
+            _exists(getattr(args, flag), "--" + flag.replace("_", "-"))
+    from colodiffusion.evaluate import JUDGE_GUIDANCE, choose_scorer, evaluate_model, evaluate_own_data
+
     _threads()
     pipe = _load(args.model)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -158,6 +191,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _exists(args.source, "the export source")
+    for flag in ("original_config", "tokenizer"):
+        if getattr(args, flag):
+            _exists(getattr(args, flag), "--" + flag.replace("_", "-"))
     from colodiffusion.export import export
 
     _quiet()
@@ -168,10 +205,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from colodiffusion.bench import main_args
+    from colodiffusion.bench_args import checked_config
+
+    cfg = checked_config(args)  # flags and config first: torch only for a run that will happen
+    from colodiffusion.bench import run_bench
 
     _threads()
-    return main_args(args)
+    return run_bench(cfg, args)
 
 
 def _quiet() -> None:
@@ -215,14 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=webdataset")
     c.set_defaults(func=cmd_cache)
 
-    s = sub.add_parser("sample", help="generate images from a trained model (PNGs carry their settings)")
+    s = sub.add_parser("sample", help="generate images from a trained model (PNGs carry their settings)",
+                       allow_abbrev=False)  # (so that --n is never read as an abbreviation of --n-samples)
     s.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
-    s.add_argument("--prompt", action="append", required=True,
+    s.add_argument("--prompt", action="append",
                    help="text prompt (repeatable); may end in options of its own: --n NEGATIVE --s STEPS --l GUIDANCE "
                         "--d SEED --w WIDTH --h HEIGHT --ss SAMPLER --karras --i INIT_IMAGE --strength S")
+    s.add_argument("--prompt-file", help="a file of prompts, one per line, each with the options --prompt takes "
+                                         "(kohya's prompt files; # starts a comment)")
     s.add_argument("--negative-prompt", default="", help="what guidance steers away from (every prompt)")
-    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--n-samples", "--n_samples", type=int, default=4, help="images per prompt (txt2img's --n_samples)")
+    s.add_argument("--n", dest="n_flag", help=argparse.SUPPRESS)  # refused: --n is a prompt's negative prompt
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=4.0)
     s.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES)
@@ -293,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as exc:
             print(f"error{_rank_tag()}: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+            after = " (continue with train.resume=auto from its newest checkpoint)" if args.command == "train" else ""
+            print(f"interrupted{_rank_tag()}{after}", file=sys.stderr)
+            return 130
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: a crash also lands in its per-rank error file
         from torch.distributed.elastic.multiprocessing.errors import record

@@ -125,6 +125,27 @@ class DiffusionConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """One folder of a dataset made of several (kohya's [[datasets.subsets]]); a key left unset takes
+    the data.* value of the same name."""
+    path: str = ""
+    """The subset's folder of images (kohya's image_dir)."""
+    repeats: Optional[int] = None
+    """Passes over its images per epoch (kohya's num_repeats; unset: 1), times N for N_name/ subfolders and
+    times data.repeats (which multiplies every subset's)."""
+    caption_extension: Optional[str] = None
+    """The caption file of an image: its name with this extension (.txt, .caption, ...)."""
+    class_tokens: Optional[str] = None
+    """The caption of its images that have none (kohya's class_tokens, e.g. "sks dog")."""
+    shuffle_caption: Optional[bool] = None
+    """As data.shuffle_caption, for this subset."""
+    keep_tokens: Optional[int] = None
+    """As data.keep_tokens, for this subset."""
+    tag_dropout: Optional[float] = None
+    """As data.tag_dropout, for this subset."""
+
+
+@dataclass
 class DataConfig:
     source: str = choice("shapes", "shapes", "folder", "webdataset", "parquet", "arrow", "latents")
     """Where training images come from: built-in synthetic shapes, a folder of images + .txt captions (or
@@ -134,6 +155,14 @@ class DataConfig:
     path: Optional[str] = None
     """Dataset location: a folder; tar shards as a brace pattern (shards/{00000..00099}.tar), folder or
     fsspec URL (s3://...); parquet file(s) or folder; or the latent cache folder."""
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    """folder only, instead of data.path: several folders, each with its own path, repeats and caption
+    options (keys: path, repeats, caption_extension, class_tokens, shuffle_caption, keep_tokens, tag_dropout)."""
+    dataset_config: Optional[str] = None
+    """folder only, instead of data.path and data.subsets: a kohya sd-scripts dataset TOML ([general] and one
+    [[datasets]] with its [[datasets.subsets]]: image_dir, num_repeats, caption_extension, class_tokens, ...)."""
+    caption_extension: str = ".txt"
+    """folder: the caption file beside an image is its name with this extension (kohya's caption_extension)."""
     resolution: int = 32
     """Square training resolution in pixels (latents are resolution / VAE factor): 32 for tiny, 512 for sd15, 768 for sd2."""
     num_samples: int = 20000
@@ -247,6 +276,21 @@ def parse_prompt(text: str) -> PromptSpec:
             what = {int: "a whole number", float: "a number"}.get(kind, "a value")
             raise ConfigError(f"prompt '{text}': --{name} needs {what}, not '{value}'.") from None
     return spec
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a kohya-style prompt file: one per line, each with its own options
+    ('a dog --n blurry --s 30'); blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompt file '{path}' does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"prompt file '{path}' cannot be read as UTF-8 text ({exc}).") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompt file '{path}' holds no prompt (one per line; # starts a comment).")
+    return prompts
 
 
 def multiples_of_8(v: int) -> str:
@@ -650,6 +694,9 @@ def _friendly(exc: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
+        if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
+            return ConfigError(f"config key '{key}' in {where} is the seed's; use {ours} here.")
         parent = _node_at(key)
         allowed = _allowed_keys(parent) if parent is not None else _allowed_keys(Config())
         return ConfigError(f"unknown config key '{key}' in {where}; allowed keys here are: {allowed}.")
@@ -686,10 +733,10 @@ def validate(cfg: Config) -> None:
     _check_revision(cfg.model.revision)
     _check_log(cfg)
     if cfg.data.source == "folder":
-        if not cfg.data.path:
-            raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions.")
-        if not Path(cfg.data.path).is_dir():
-            raise ConfigError(f"config key 'data.path' points to '{cfg.data.path}', which is not a folder.")
+        _check_folder(cfg.data)
+    elif cfg.data.subsets or cfg.data.dataset_config:
+        raise ConfigError(f"data.subsets and data.dataset_config are folders of images: set data.source=folder "
+                          f"(it is {cfg.data.source}).")
     if cfg.data.source in ("webdataset", "parquet", "arrow", "latents") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path (see docs/data.md).")
     if cfg.data.source == "latents" and not (Path(cfg.data.path) / "manifest.json").is_file():
@@ -707,6 +754,106 @@ def validate(cfg: Config) -> None:
     resume = cfg.train.resume
     if resume and resume != "auto" and not Path(resume).exists():
         raise ConfigError(f"config key 'train.resume' is '{resume}'; give 'auto' or an existing checkpoint folder.")
+
+
+def _check_folder(d: DataConfig) -> None:
+    given = [k for k in ("path", "subsets", "dataset_config") if getattr(d, k)]
+    if not given:
+        raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions (or data.subsets, "
+                          "or a kohya dataset TOML in data.dataset_config).")
+    if len(given) > 1:
+        raise ConfigError(f"give one of data.path, data.subsets and data.dataset_config, not {' and '.join('data.' + k for k in given)}.")
+    if d.path and not Path(d.path).is_dir():
+        raise ConfigError(f"config key 'data.path' points to '{d.path}', which is not a folder.")
+    if not d.caption_extension.startswith("."):
+        raise ConfigError(f"config key 'data.caption_extension' is '{d.caption_extension}'; it must start with a dot (.txt, .caption).")
+    folder_subsets(d)  # a subset (or the TOML) that cannot work: one sentence now
+
+
+# kohya sd-scripts' dataset TOML keys and ours (per subset, or in [general] for all of them).
+KOHYA_SUBSET_KEYS = {"image_dir": "path", "num_repeats": "repeats", "caption_extension": "caption_extension",
+                     "class_tokens": "class_tokens", "shuffle_caption": "shuffle_caption", "keep_tokens": "keep_tokens",
+                     "caption_tag_dropout_rate": "tag_dropout"}
+KOHYA_DATASET_KEYS = {"resolution": "data.resolution", "batch_size": "train.batch_size (the global batch)",
+                      "enable_bucket": "data.bucketing", "flip_aug": "data.random_flip", "random_crop": "data.crop=random",
+                      "caption_dropout_rate": "diffusion.caption_dropout", "is_reg": "data.class_path"}
+
+
+def folder_subsets(d: DataConfig) -> list[SubsetConfig]:
+    """The folders of a folder dataset, every key filled in (a subset's own, else [general]'s of a
+    dataset TOML, else data.*'s); one ConfigError sentence for one that cannot work."""
+    if d.dataset_config:
+        general, subsets = _read_dataset_toml(d.dataset_config)
+    else:
+        general, subsets = {}, list(d.subsets) or [SubsetConfig(path=d.path or "")]
+    out = []
+    for n, sub in enumerate(subsets):
+        where = f"subset {n + 1} of {'data.dataset_config' if d.dataset_config else 'data.subsets'}"
+        # (repeats falls back to 1, not data.repeats: that one multiplies every subset's in data/views.py)
+        filled = SubsetConfig(**{f.name: _first(getattr(sub, f.name), general.get(f.name),
+                                                1 if f.name == "repeats" else getattr(d, f.name, None))
+                                 for f in dataclasses.fields(SubsetConfig)})
+        if not isinstance(filled.path, str) or not filled.path or not Path(filled.path).is_dir():
+            raise ConfigError(f"{where}: its path '{filled.path}' is not a folder of images.")
+        problem = _subset_problem(filled)
+        if problem:
+            raise ConfigError(f"{where}: {problem}.")
+        out.append(filled)
+    return out
+
+
+def _subset_problem(s: SubsetConfig) -> Optional[str]:
+    kinds = {"repeats": int, "caption_extension": str, "class_tokens": (str, type(None)), "shuffle_caption": bool,
+             "keep_tokens": int, "tag_dropout": (int, float)}
+    for key, kind in kinds.items():
+        if not isinstance(getattr(s, key), kind):
+            return f"{key} is {getattr(s, key)!r}, which is not a {getattr(kind, '__name__', 'value of its type')}"
+    if s.repeats < 1:
+        return f"repeats is {s.repeats}; it must be a whole number >= 1"
+    if not s.caption_extension.startswith("."):
+        return f"caption_extension '{s.caption_extension}' must start with a dot (.txt, .caption)"
+    if s.keep_tokens < 0 or not 0 <= s.tag_dropout < 1:
+        return "keep_tokens must be >= 0 and tag_dropout in [0, 1)"
+    return None
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _read_dataset_toml(path: str) -> tuple[dict, list[SubsetConfig]]:
+    """([general] options as our subset keys, the subsets) of a kohya sd-scripts dataset TOML."""
+    import tomllib
+
+    where = f"data.dataset_config '{path}'"
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist.") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{where} is not a readable TOML file ({exc}).") from None
+    datasets = doc.get("datasets")
+    if not isinstance(datasets, list) or len(datasets) != 1 or not isinstance(datasets[0], dict):
+        raise ConfigError(f"{where} must hold exactly one [[datasets]] table (a run trains one resolution here; "
+                          "its [[datasets.subsets]] may be several).")
+
+    def ours(table: Any, what: str) -> dict:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {what} must be a table.")
+        for key in table:
+            if key in KOHYA_DATASET_KEYS:
+                raise ConfigError(f"{where}: '{key}' in {what} is set here with {KOHYA_DATASET_KEYS[key]}, not in the TOML.")
+            if key not in KOHYA_SUBSET_KEYS:
+                raise ConfigError(f"{where}: '{key}' in {what} is not read here; the keys are: {', '.join(KOHYA_SUBSET_KEYS)}.")
+        return {KOHYA_SUBSET_KEYS[k]: v for k, v in table.items()}
+
+    general = ours(doc.get("general", {}), "[general]")
+    dataset = dict(datasets[0])
+    subsets = dataset.pop("subsets", None)
+    general.update(ours(dataset, "[[datasets]]"))
+    if not isinstance(subsets, list) or not subsets:
+        raise ConfigError(f"{where}: its [[datasets]] has no [[datasets.subsets]] (each with an image_dir).")
+    return general, [SubsetConfig(**ours(t, f"[[datasets.subsets]] number {n + 1}")) for n, t in enumerate(subsets)]
 
 
 SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
@@ -864,6 +1011,13 @@ def _check_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: use 2 or 3.")
     if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
         raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini for ZeRO-3.")
+    if p.strategy in ("ddp", "deepspeed", "colossalai") and (p.tp != 1 or p.dp_replicate != 1):
+        raise ConfigError(f"parallel.strategy={p.strategy} replicates or shards over all ranks: parallel.tp ({p.tp}) "
+                          f"and parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine them).")
+    if p.strategy == "deepspeed":
+        _check_deepspeed(cfg)
+    if p.strategy == "colossalai":
+        _check_colossalai(cfg)
     if p.strategy == "colossalai" and p.plugin == "gemini":
         _check_gemini(cfg)
     if p.deepspeed_config is not None:
@@ -871,6 +1025,30 @@ def _check_parallel(cfg: Config) -> None:
             raise ConfigError(f"parallel.deepspeed_config is only read by parallel.strategy=deepspeed (strategy is {p.strategy}).")
         if not Path(p.deepspeed_config).is_file():
             raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', which is not a file.")
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.async_checkpoint:
+        raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
+    if p.offload_params and p.zero != 3:
+        raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 partitions parameters.")
+    if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
+        raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave perf.param_dtype=fp32, "
+                          "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
+
+
+def _check_colossalai(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.plugin == "gemini" and cfg.train.ema.enabled:
+        raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
+                          "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
+    if p.plugin != "low_level_zero" and p.offload != "none":
+        raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
+                          "(parallel.offload_optim_frac / offload_param_frac) or none.")
+    if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
+        raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
+                          "and perf.optimizer_offload=false.")
 
 
 GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}
@@ -1008,6 +1186,12 @@ SEED_KEYS = {
 }
 
 
+# Keys of the seed's own recipes (config/train_colossalai.yaml) that users type as overrides.
+SEED_OVERRIDES = {
+    "data.file_path": "data.path (with data.source=webdataset for LAION shards, or folder, parquet, arrow, latents)",
+}
+
+
 def _refuse_seed_layout(data: Any, path: Path) -> None:
     """A seed (latent-diffusion) YAML is not this schema: say which of its keys map to which of ours."""
     if not OmegaConf.is_dict(data):
@@ -1060,7 +1244,7 @@ def _show(value: Any) -> str:
     """A value as it would be written in a key=value override."""
     if isinstance(value, str) and value and value.strip() == value and not value[0] in "[{'\"":
         return value
-    return json.dumps(value)
+    return json.dumps(value, default=dataclasses.asdict)  # (data.subsets holds SubsetConfig entries)
 
 
 def describe(cfg: Config) -> str:

@@ -18,7 +18,7 @@ from colodiffusion.models import lora
 from colodiffusion.models.loading import load_model
 from colodiffusion.models.single_file import DTYPES, save_single_file
 from colodiffusion.storage.sealed import check_replaceable, write_file, write_sealed
-from colodiffusion.train.metadata import kohya_metadata
+from colodiffusion.train.metadata import kohya_metadata, write_model_card
 
 FORMATS = ("diffusers", "single-file", "lora")
 
@@ -60,5 +60,9 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
     te_2 = copy.deepcopy(m.text_encoder_2).to(cast) if m.is_sdxl else None
     # Sealed like final/: written beside --out, then swapped in whole, so a failure half-way leaves the
     # folder that was there as it was (and `sample` refuses a folder that no longer matches its manifest).
-    return write_sealed(out, lambda folder: export_diffusers(folder, m.tokenizer, te, vae, unet, m.noise_scheduler,
-                                                             m.tokenizer_2, te_2))
+    def write(folder: Path) -> None:
+        export_diffusers(folder, m.tokenizer, te, vae, unet, m.noise_scheduler, m.tokenizer_2, te_2)
+        meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type)
+        write_model_card(folder, meta, out.name, out.name, m.is_sdxl)
+
+    return write_sealed(out, write)

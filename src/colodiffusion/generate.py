@@ -102,10 +102,12 @@ def image_size(pipe: StableDiffusionPipeline, height: Optional[int], width: Opti
 def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25,
              guidance: float = 4.0, sampler: str = "ddim", height: Optional[int] = None,
              width: Optional[int] = None, batch_size: int = 64, negative_prompt: str | Sequence[str] = "",
-             karras: bool = False, init_image: Optional[Image.Image] = None, strength: float = 0.75) -> list[Image.Image]:
+             karras: bool = False, init_image: Optional[Image.Image] = None, strength: float = 0.75,
+             eta: float = 0.0) -> list[Image.Image]:
     """One image per (prompt, seed); each image's noise comes from its own seeded generator, so an
     image does not depend on what else is in the batch. `negative_prompt`: one for all or one per
-    prompt; `init_image` turns it into img2img (`strength` of noise added to it, 1 ignores it)."""
+    prompt; `init_image` turns it into img2img (`strength` of noise added to it, 1 ignores it); `eta`:
+    DDIM's eta (0: deterministic)."""
     height, width = image_size(pipe, height, width)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     pipe.scheduler = make_sampler(sampler, pipe.scheduler.config, karras)
@@ -123,7 +125,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
         if init_image is not None:
             extra["image"] = [init_image] * len(chunk)
         out = run(chunk, negative_prompt=negatives[i:i + batch_size], num_inference_steps=steps,
-                  guidance_scale=guidance, generator=gens, output_type="pil", **extra)
+                  guidance_scale=guidance, generator=gens, output_type="pil", eta=eta, **extra)
         images.extend(out.images)
     return images
 
@@ -146,7 +148,8 @@ def load_init_image(path: str | Path) -> Image.Image:
         raise ConfigError(f"init image '{path}' cannot be read as PNG, JPEG, WEBP or BMP ({exc}).") from None
 
 
-def render(pipe: StableDiffusionPipeline, specs: Sequence[PromptSpec], batch_size: int = 64) -> list[Image.Image]:
+def render(pipe: StableDiffusionPipeline, specs: Sequence[PromptSpec], batch_size: int = 64,
+           eta: float = 0.0) -> list[Image.Image]:
     """One image per filled-in spec (`SampleConfig.specs`), batched where their settings agree."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(specs):
@@ -159,7 +162,7 @@ def render(pipe: StableDiffusionPipeline, specs: Sequence[PromptSpec], batch_siz
         out = generate(pipe, [specs[i].prompt for i in idx], [specs[i].seed for i in idx], steps=s.steps,
                        guidance=s.guidance, sampler=s.sampler, height=s.height, width=s.width, batch_size=batch_size,
                        negative_prompt=[specs[i].negative_prompt or "" for i in idx], karras=bool(s.karras),
-                       init_image=init, strength=s.strength if s.strength is not None else 0.75)
+                       init_image=init, strength=s.strength if s.strength is not None else 0.75, eta=eta)
         for i, img in zip(idx, out):
             images[i] = img
     return images

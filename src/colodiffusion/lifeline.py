@@ -4,7 +4,7 @@ torchrun starts each worker in a session of its own, so killing torchrun (or the
 it leads, or the job step around it) leaves the workers running: they wait for ever in a
 collective or on the launcher's rendezvous store, holding their GPUs and memory. `bind()` makes
 a worker started by a launcher (LOCAL_RANK is set: torchrun, the deepspeed launcher, `main.py`'s
-relaunch, which execs torchrun) exit when its parent process dies:
+relaunch, which runs torchrun in its process) exit when its parent process dies:
 
 - Linux: the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, through ctypes). It
   fires when the parent *thread* that started us exits; torchrun and the deepspeed launcher start

@@ -63,7 +63,7 @@ def _exports_on_one_process(run: Path, tmp_path: Path) -> None:
     final = _unet(run / "final")
     for got in (_unet(tmp_path / "d"), load_model(tmp_path / "m.safetensors").unet.state_dict()):
         assert final.keys() == got.keys() and all(torch.equal(final[k], got[k]) for k in final)
-    done = python(["-m", "colodiffusion", "sample", str(ckpt), "--prompt", "a red circle", "--n", "1",
+    done = python(["-m", "colodiffusion", "sample", str(ckpt), "--prompt", "a red circle", "--n-samples", "1",
                    "--steps", "2", "--out", str(tmp_path / "s")])
     assert done.returncode == 0 and (tmp_path / "s" / "00000.png").exists(), done.stderr[-4000:]
 

@@ -113,7 +113,7 @@ def test_colossalai_zero_plugins_need_cuda(plugin):
 
     with pytest.raises(ConfigError, match=f"parallel.plugin={plugin} runs only on CUDA"):
         build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.plugin={plugin}", "parallel.zero=2",
-                                         "precision=bf16"]))
+                                         "precision=bf16", "train.ema.enabled=false"]))
 
 
 def test_deepspeed_param_offload_needs_zero3():

@@ -62,16 +62,16 @@ def _class_images(cfg: Config) -> Optional[Dataset]:
 SHAPES_SAMPLE_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
 
 
-def sample_prompts(cfg: Config, dataset: Dataset) -> list[str]:
+def sample_prompts(cfg: Config, dataset: Dataset, bad: frozenset = frozenset()) -> list[str]:
     """The sample grid's prompts: sample.prompts, else the demo's for shapes data, else four captions
-    spread over the training data."""
+    spread over the training data (skipping the indices in `bad`: samples known to be unreadable)."""
     if cfg.sample.prompts:
         return list(cfg.sample.prompts)
     if cfg.data.source == "shapes":
         return list(SHAPES_SAMPLE_PROMPTS)
     from colodiffusion.data.views import sample_prompts as from_data
 
-    return from_data(dataset) or [""]
+    return from_data(dataset, skip=bad) or [""]
 
 
 def missing_extra(exc: ImportError, what: str) -> ConfigError:
@@ -92,9 +92,12 @@ def _build_files_dataset(cfg: Config) -> Dataset:
         return LatentDataset(d.path)
     transform = ImageTransform.from_config(cfg)
     if d.source == "folder":
-        from colodiffusion.data.folder import FolderDataset
+        from colodiffusion.config import folder_subsets
+        from colodiffusion.data.folder import FolderDataset, FolderSubsets
 
-        return FolderDataset(d.path, transform, d.caption_column)
+        if d.path:
+            return FolderDataset(d.path, transform, d.caption_column, d.caption_extension)
+        return FolderSubsets(folder_subsets(d), transform, d.caption_column)
     if d.source == "webdataset":
         from colodiffusion.data.webdataset import WebDataset, index_file_for
 

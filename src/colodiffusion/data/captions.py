@@ -24,8 +24,13 @@ class CaptionTags:
 
     @classmethod
     def from_config(cls, cfg) -> Optional["CaptionTags"]:
-        d = cfg.data
-        return cls(d.shuffle_caption, d.keep_tokens, d.tag_dropout) if d.shuffle_caption or d.tag_dropout else None
+        return cls.of(cfg.data)
+
+    @classmethod
+    def of(cls, options) -> Optional["CaptionTags"]:
+        """From data.* or one of data.subsets (shuffle_caption, keep_tokens, tag_dropout); None: captions as written."""
+        o = options
+        return cls(o.shuffle_caption, o.keep_tokens, o.tag_dropout) if o.shuffle_caption or o.tag_dropout else None
 
     def __call__(self, caption: str, rng: np.random.Generator) -> str:
         tags = [t.strip() for t in caption.split(SEPARATOR)]

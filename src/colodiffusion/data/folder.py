@@ -3,6 +3,10 @@ captions.csv beside the images (fields: file name relative to that file's folder
 diffusers' ImageFolder layout: a metadata.jsonl / metadata.csv with `file_name` and `text` (or the
 column named by data.caption_column).
 
+`FolderSubsets` reads several such folders as one dataset (data.subsets, or kohya's dataset TOML in
+data.dataset_config), each with its own repeats, caption extension (data.caption_extension: .txt by
+default, or .caption, ...), caption for images without one (class_tokens) and caption tag options.
+
 kohya's folder convention is read too: images in a subfolder named `N_text` (e.g. `10_sks dog/`) are
 repeated N times per epoch (`repeat_counts`, applied by data/views.py) and take `text` as their caption
 when they have none of their own.
@@ -86,8 +90,10 @@ def read_caption_table(table: Path, caption_column: str = "caption") -> dict[Pat
 class FolderDataset(ImageSource):
     name = "folder"
 
-    def __init__(self, path: str, transform: ImageTransform, caption_column: str = "caption"):
+    def __init__(self, path: str, transform: ImageTransform, caption_column: str = "caption",
+                 caption_extension: str = ".txt", class_tokens: Optional[str] = None):
         super().__init__(transform, str(path))
+        self.caption_extension, self.class_tokens = caption_extension, class_tokens
         self.root = Path(path)
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not self.files:
@@ -124,8 +130,47 @@ class FolderDataset(ImageSource):
         image = self._read(path, self.transform.max_image_bytes)
         caption = self.table.get(path.resolve())
         if caption is None:
-            txt = path.with_suffix(".txt")
+            txt = path.with_suffix(self.caption_extension)
             caption = self._read(txt, MAX_TEXT_BYTES) if txt.is_file() else None
         if caption is None and self.folder_info[i]:
             caption = self.folder_info[i][1]
+        if caption is None:
+            caption = self.class_tokens
         return image, caption, None
+
+
+class FolderSubsets(ImageSource):
+    """Several folders as one source (data.subsets, or a kohya dataset TOML): each with its own
+    repeats, caption file extension, caption for images without one, and caption tag options."""
+    name = "folder"
+
+    def __init__(self, subsets: list, transform: ImageTransform, caption_column: str = "caption"):
+        super().__init__(transform, ", ".join(s.path for s in subsets))
+        self.subsets = subsets
+        self.folders = [FolderDataset(s.path, transform, caption_column, s.caption_extension, s.class_tokens)
+                        for s in subsets]
+        self.starts = [0]
+        for folder in self.folders:
+            self.starts.append(self.starts[-1] + len(folder))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(subset number, index in that subset's folder)."""
+        n = next(n for n in range(len(self.folders)) if i < self.starts[n + 1])
+        return n, i - self.starts[n]
+
+    def subset_of(self, i: int):
+        return self.subsets[self.locate(i)[0]]
+
+    def repeat_counts(self) -> list[int]:
+        return [c * s.repeats for s, f in zip(self.subsets, self.folders) for c in f.repeat_counts()]
+
+    def key(self, i: int) -> str:
+        n, j = self.locate(i)
+        return f"{Path(self.subsets[n].path).name}/{self.folders[n].key(j)}"
+
+    def raw(self, i: int):
+        n, j = self.locate(i)
+        return self.folders[n].raw(j)

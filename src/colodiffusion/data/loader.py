@@ -140,7 +140,7 @@ def probe(dataset: Dataset, n: int = 64) -> tuple[int, list[dict], Counter]:
         sample, rec, reason = skip.attempt(j)
         read += sample is not None
         if rec is not None:
-            bad.append(rec)
+            bad.append({**rec, "index": j})
         elif reason is not None:
             filtered[reason] += 1
     return read, bad, filtered

@@ -30,6 +30,7 @@ class Part:
     source: Dataset
     indices: list[int]
     loss_weight: Optional[float] = None  # None: samples carry no weight (the objective's plain mean)
+    tags: Any = False  # this part's own CaptionTags (None: none); False: the view's
 
 
 class SampleView(Dataset):
@@ -59,9 +60,10 @@ class SampleView(Dataset):
         sample = dict(part.source[i])
         if part.loss_weight is not None:
             sample["loss_weight"] = part.loss_weight
-        if self.caption_tags is not None:
+        tags = part.tags if part.tags is not False else self.caption_tags
+        if tags is not None:
             rng = np.random.default_rng([self.seed, self.epoch, k, 1])  # not the crop/flip stream
-            sample["caption"] = self.caption_tags(sample["caption"], rng)
+            sample["caption"] = tags(sample["caption"], rng)
         return sample
 
     def key(self, k: int) -> str:
@@ -139,33 +141,54 @@ def expand(indices: list[int], counts: list[int], times: int) -> list[int]:
     return [i for i in indices for _ in range(counts[i] * times)]
 
 
+def subset_parts(dataset: Dataset, indices: list[int], weight: Optional[float]) -> list[Part]:
+    """The training indices as one part, or for several folders (data.subsets) one part per run of
+    the same subset, each with that subset's caption tag options."""
+    subset_of = getattr(dataset, "subset_of", None)
+    if subset_of is None:
+        return [Part(dataset, indices, weight)]
+    parts: list[Part] = []
+    for i in indices:
+        sub = subset_of(i)
+        if not parts or subset_of(parts[-1].indices[-1]) is not sub:
+            parts.append(Part(dataset, [], weight, CaptionTags.of(sub)))
+        parts[-1].indices.append(i)
+    return parts
+
+
 def training_view(cfg, dataset: Dataset, val_indices: list[int], class_source: Optional[Dataset]) -> Dataset:
     """The samples a run trains on: `dataset` itself unless a split, repeats, class images or caption
     controls are configured."""
     d = cfg.data
     held = set(val_indices)
     indices = expand([i for i in range(len(dataset)) if i not in held], repeat_counts(dataset), d.repeats)
-    parts = [Part(dataset, indices, 1.0 if class_source is not None else None)]
+    parts = subset_parts(dataset, indices, 1.0 if class_source is not None else None)
     if class_source is not None:
         pool = expand(list(range(len(class_source))), repeat_counts(class_source), 1)
         if not pool:
             raise ValueError(f"data.class_path '{d.class_path}' holds no class images with a repeat count above 0")
         parts.append(Part(class_source, [pool[j % len(pool)] for j in range(len(indices))], d.prior_loss_weight))
     tags = CaptionTags.from_config(cfg)
-    if len(parts) == 1 and tags is None and indices == list(range(len(dataset))):
+    if len(parts) == 1 and tags is None and parts[0].tags is False and indices == list(range(len(dataset))):
         return dataset
     if not indices:
         raise ValueError(f"no training samples are left in data.path '{d.path}' (held out, or repeat count 0)")
     return SampleView(parts, tags, cfg.train.seed)
 
 
-def sample_prompts(dataset: Dataset, n: int = 4) -> list[str]:
-    """Up to n distinct non-empty captions spread over the (instance) training samples."""
-    size = len(dataset.parts[0].indices) if isinstance(dataset, SampleView) else len(dataset)
+def sample_prompts(dataset: Dataset, n: int = 4, skip: frozenset = frozenset()) -> list[str]:
+    """Up to n distinct non-empty captions spread over the (instance) training samples, none of the
+    indices in `skip` (samples known to be bad: their captions describe nothing the model sees)."""
+    if isinstance(dataset, SampleView):  # the instance parts come first; class images are another source
+        size = sum(len(p.indices) for p in dataset.parts if p.source is dataset.parts[0].source)
+    else:
+        size = len(dataset)
     out: list[str] = []
     for j in range(n):
         start = j * size // n
         for k in range(start, min(size, start + 16)):  # the next few samples if this one is bad or a repeat
+            if k in skip:
+                continue
             try:
                 text = caption_of(dataset, k)
             except (BadSample, Filtered):

@@ -15,7 +15,7 @@ import torch
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.parallel.backend import Backend, plain_copy
 
-__all__ = ["Backend", "BACKENDS", "build_backend", "check_launch", "plain_copy"]
+__all__ = ["Backend", "BACKENDS", "build_backend", "check_devices", "check_launch", "check_world", "plain_copy"]
 
 BACKENDS: dict[str, type[Backend]] = {"single": Backend}
 
@@ -39,10 +39,38 @@ def check_launch(cfg: Config) -> None:
         raise ConfigError(
             f"trainer.devices={devices} but {world} process(es) were launched; run `torchrun --nproc_per_node "
             f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set trainer.devices={world}.")
-    if acc == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator=gpu but no CUDA GPU is visible; set trainer.accelerator=auto or cpu.")
+    check_devices(cfg)
     if acc == "cpu" and torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=cpu but CUDA GPUs are visible; hide them with CUDA_VISIBLE_DEVICES= .")
+
+
+CUDA_ONLY_PLUGINS = ("gemini", "low_level_zero")
+
+
+def check_devices(cfg: Config) -> None:
+    """Without a CUDA GPU, one sentence naming every setting that needs one and the override for each
+    (the seed's recipes ask for three at once: trainer.accelerator=gpu, gemini and fp16)."""
+    if torch.cuda.is_available():
+        return
+    p, needs = cfg.parallel, []
+    if p.strategy == "colossalai" and p.plugin in CUDA_ONLY_PLUGINS:
+        needs.append((f"parallel.plugin={p.plugin} runs only on CUDA GPUs in Colossal-AI", "parallel.plugin=torch_ddp"))
+    if cfg.precision == "fp16" and p.strategy in ("deepspeed", "colossalai"):
+        needs.append((f"precision=fp16 with parallel.strategy={p.strategy} runs only on CUDA GPUs", "precision=32"))
+    if cfg.trainer.accelerator == "gpu":
+        needs.append(("trainer.accelerator=gpu asks for a CUDA GPU", "trainer.accelerator=cpu"))
+    if needs:
+        raise ConfigError(f"{'; '.join(why for why, _ in needs)}, and no CUDA GPU is visible: on a CPU give "
+                          f"{' '.join(fix for _, fix in needs)} (the CPU-sized twins, configs/*_tiny.yaml, need none).")
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Before launching `world_size` processes: the machine and the mesh (what each rank would refuse)."""
+    check_devices(cfg)
+    if cfg.parallel.strategy != "single":
+        from colodiffusion.parallel.dims import ParallelDims
+
+        ParallelDims.from_config(cfg, world_size)
 
 
 def build_backend(cfg: Config) -> Backend:

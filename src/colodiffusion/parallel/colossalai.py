@@ -28,7 +28,6 @@ from colodiffusion.storage import checkpoint, safe_load
 
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")
-ZERO_PLUGINS = ("gemini", "low_level_zero")
 # The seed's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
 PLACEMENTS = {"cuda": {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0},
               "cpu": {"shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}}
@@ -73,22 +72,7 @@ def hybrid_adam():
 class ColossalAIBackend(DistributedBackend):
     name = "colossalai"
 
-    def __init__(self, cfg: Config):
-        p = cfg.parallel
-        if p.plugin in ZERO_PLUGINS and not torch.cuda.is_available():
-            raise ConfigError(f"parallel.plugin={p.plugin} runs only on CUDA GPUs in Colossal-AI and none is visible; "
-                              "use parallel.plugin=torch_ddp on a CPU.")
-        if p.tp != 1 or p.dp_replicate != 1:
-            raise ConfigError("parallel.strategy=colossalai uses data parallelism only: parallel.tp and parallel.dp_replicate must be 1.")
-        if p.plugin == "gemini" and cfg.train.ema.enabled:
-            raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
-                              "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
-        if p.plugin != "low_level_zero" and p.offload != "none":
-            raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
-                              "(parallel.offload_optim_frac / offload_param_frac) or none.")
-        if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
-            raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
-                              "and perf.optimizer_offload=false.")
+    def __init__(self, cfg: Config):  # (config-only refusals are config.py's; CUDA-only plugins: check_devices)
         self.Booster, self.plugins = import_booster()
         super().__init__(cfg)
         self.scaler = None  # the Booster (torch AMP) or the ZeRO plugin scales fp16 losses

@@ -143,18 +143,7 @@ def _write_errors_after(engine):
 class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
 
-    def __init__(self, cfg: Config):
-        p = cfg.parallel
-        if p.tp != 1 or p.dp_replicate != 1:
-            raise ConfigError(f"parallel.strategy=deepspeed shards over all ranks: parallel.tp ({p.tp}) and "
-                              f"parallel.dp_replicate ({p.dp_replicate}) must be 1.")
-        if p.async_checkpoint:
-            raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
-        if p.offload_params and p.zero != 3:
-            raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 partitions parameters.")
-        if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
-            raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave perf.param_dtype=fp32, "
-                              "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
+    def __init__(self, cfg: Config):  # (its config-only refusals are config.py's, at load)
         self.ds = import_deepspeed()
         super().__init__(cfg)
         for key, value in (("LOCAL_RANK", 0), ("RANK", 0), ("WORLD_SIZE", 1)):

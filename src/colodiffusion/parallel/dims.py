@@ -41,12 +41,7 @@ class ParallelDims:
     def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
         """DDP replicates over every rank; FSDP shards over what dp_replicate and tp leave."""
         p = cfg.parallel
-        if p.strategy == "ddp":
-            if p.tp != 1 or p.dp_replicate != 1:
-                raise ConfigError(
-                    f"parallel.strategy=ddp replicates over all ranks: parallel.tp ({p.tp}) and "
-                    f"parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine them)."
-                )
+        if p.strategy == "ddp":  # (tp and dp_replicate are 1: config.py refuses others at load)
             return cls(world_size, 1, 1, world_size)
         inner = p.dp_replicate * p.tp
         if world_size % inner:

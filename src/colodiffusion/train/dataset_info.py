@@ -1,7 +1,7 @@
 """What the trainer learns about its data before the first step: said once, and recorded.
 
-`fit_batch`: a dataset smaller than one batch (20 images and the default batch of 32) trains with
-the largest batch it fills, and one line says so, instead of refusing to start.
+`fit_batch`: a dataset smaller than one batch (20 images and the default batch of 32, or 12 images and
+the first stage's 16) trains with the largest batch it fills, and one line says so, instead of refusing to start.
 `report`: the share of caption words the tokenizer splits into more than `MAX_PIECES` pieces (words
 the text encoder barely knows), and RUN_DIR/run_info.json, the facts about the data that an exported
 model's metadata records (`export` writes them as kohya's `ss_*` keys).
@@ -25,7 +25,8 @@ CAPTION_SAMPLE = 512  # captions read for the report: all of a small dataset, an
 
 
 def fit_batch(cfg: Config, backend, dataset) -> None:
-    """Lower train.batch_size to what the dataset fills when it holds less than one micro-batch per rank."""
+    """Lower train.batch_size to what the dataset fills when it holds less than one micro-batch per rank
+    (the autoencoder's batch: first_stage.first_stage_batch)."""
     t = cfg.train
     micro = len(dataset) // backend.dp_size  # the most samples one rank can take per micro-batch
     if micro < 1 or micro >= t.batch_size // backend.dp_size // t.grad_accum:
@@ -37,12 +38,13 @@ def fit_batch(cfg: Config, backend, dataset) -> None:
     t.batch_size = batch
 
 
-def sample_captions(dataset, limit: int = CAPTION_SAMPLE) -> tuple[list[str], bool]:
-    """Up to `limit` captions spread evenly over the dataset, and whether they are all of them."""
+def sample_captions(dataset, limit: int = CAPTION_SAMPLE, skip: frozenset = frozenset()) -> tuple[list[str], bool]:
+    """Up to `limit` captions spread evenly over the dataset (none of the indices in `skip`), and
+    whether they are all of them."""
     n = len(dataset)
     indices = range(n) if n <= limit else [i * n // limit for i in range(limit)]
     captions = []
-    for i in indices:
+    for i in (i for i in indices if i not in skip):
         try:
             captions.append(decode_caption(dataset.raw(i)[1]) if hasattr(dataset, "raw") else dataset[i]["caption"])
         except BadSample:  # the loader skips and counts it
@@ -63,17 +65,18 @@ def coverage_line(tokenizer, captions: list[str], complete: bool) -> str:
     return line
 
 
-def report(cfg: Config, backend, dataset, tokenizer, run_dir: Path) -> None:
-    """Print the tokenizer's coverage of the captions and write run_info.json (main rank only)."""
+def report(cfg: Config, backend, dataset, tokenizer, run_dir: Path, bad: frozenset = frozenset()) -> None:
+    """Print the tokenizer's coverage of the captions and write run_info.json (main rank only); the
+    samples known to be bad (`bad`: their indices) count neither as training images nor as captions."""
     if not backend.is_main:
         return
-    captions, complete = sample_captions(dataset)
+    captions, complete = sample_captions(dataset, skip=bad)
     print(coverage_line(tokenizer, captions, complete))
     previous = read_run_info(run_dir) if cfg.train.resume else None
     tags = Counter(tag.strip() for c in captions for tag in c.split(",") if tag.strip())
     info = {
         "started_at": (previous or {}).get("started_at", round(time.time())),
-        "num_train_images": len(dataset),
+        "num_train_images": len(dataset) - len(bad),
         "batch_size": cfg.train.batch_size,
         "dp_size": backend.dp_size,
         "data_dir": Path(cfg.data.path).name if cfg.data.path else cfg.data.source,

@@ -20,6 +20,7 @@ from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.models import Components, build_components
 from colodiffusion.models.components import component_seed
 from colodiffusion.storage import faults
+from colodiffusion.train import signals
 
 
 def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True) -> Components:
@@ -41,6 +42,7 @@ def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, sh
     for i in bar:
         if i == fs.steps // 2:
             faults.point("first_stage")  # the kill tests stop here, mid-training
+        signals.check_stopped("the first stage (autoencoder)")  # SIGTERM: nothing to save yet, stop now
         x = next(loader)["pixel_values"].to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample

@@ -31,7 +31,7 @@ from colodiffusion.storage import checkpoint
 from colodiffusion.storage.sealed import write_file, write_sealed
 from colodiffusion.train import dataset_info, guards, preflight, run_folder, signals
 from colodiffusion.train.first_stage import frozen_components
-from colodiffusion.train.metadata import kohya_metadata
+from colodiffusion.train.metadata import kohya_metadata, write_model_card
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
@@ -70,17 +70,22 @@ def train(cfg: Config) -> Path:
             dataset, val_data = build_datasets(cfg)
             dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
-            preflight.check(cfg, backend, run_dir, dataset)
+            bad = preflight.check(cfg, backend, run_dir, dataset)  # indices of the bad samples it met
         run_folder.prepare(cfg, backend, run_dir)
-        choose_sample_prompts(cfg, backend, dataset)
+        choose_sample_prompts(cfg, backend, dataset, bad)
         comps = build_model(cfg, backend, run_dir, dataset)
-        dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir)  # tokenizer coverage; run_info.json
+        dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir, bad)  # tokenizer coverage; run_info.json
         state = build_state(cfg, backend, comps, dataset)
         build_evaluation(cfg, backend, comps, state, val_data)
         resume(cfg, backend, state, run_dir)
         if run_loop(cfg, backend, comps, state, run_dir):
             export_final(cfg, backend, comps, state, run_dir)
         backend.barrier()
+        clean = True
+        return run_dir
+    except signals.Stopped as stop:  # a stop signal before anything could be checkpointed: exit 0
+        if backend.is_main:
+            print(stop)
         clean = True
         return run_dir
     except Exception as exc:
@@ -120,11 +125,12 @@ def epochs_done(step: int, batches: int, grad_accum: int) -> int:
     return ((step + 1) * grad_accum - 1) // batches if step else 0
 
 
-def choose_sample_prompts(cfg: Config, backend: Backend, dataset) -> None:
-    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes)."""
+def choose_sample_prompts(cfg: Config, backend: Backend, dataset, bad: frozenset = frozenset()) -> None:
+    """sample.prompts unset: the grid shows captions from the data (the demo's prompts for shapes),
+    never those of samples known to be bad (`bad`: their indices)."""
     if cfg.sample.prompts or not cfg.train.sample_every:
         return
-    cfg.sample.prompts = sample_prompts(cfg, dataset)
+    cfg.sample.prompts = sample_prompts(cfg, dataset, bad)
     if backend.is_main and cfg.data.source != "shapes":
         print(f"sample.prompts is not set: sample grids use captions from the data: {cfg.sample.prompts}")
 
@@ -134,8 +140,15 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     def make(show: bool) -> Components:
         return frozen_components(cfg, dataset, cached_components(cfg) or run_dir / "components", backend.device, show)
 
-    comps = make(True) if backend.is_main else None
+    comps, stopped = None, None
+    if backend.is_main:
+        try:
+            comps = make(True)
+        except signals.Stopped as exc:
+            stopped = exc
     backend.barrier()
+    if signals.any_rank(backend, stopped is not None):  # every rank ends with the main rank
+        raise stopped or signals.Stopped("stopped by a signal on the main rank during the first stage")
     if comps is None:
         comps = make(False)
     if cfg.data.source != "latents":  # training from the latent cache needs neither on the accelerator
@@ -379,8 +392,13 @@ def save_epoch_model(cfg: Config, backend: Backend, comps: Components, s: State,
     kind = cfg.train.save_model_as
     out = run_dir / "models" / f"epoch_{epoch:06d}{'' if kind == 'diffusers' else '.' + kind}"
     if kind == "diffusers":
-        write_sealed(out, lambda tmp: export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet,
-                                                       comps.noise_scheduler, comps.tokenizer_2, comps.text_encoder_2))
+        def write(tmp: Path) -> None:
+            export_diffusers(tmp, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler,
+                             comps.tokenizer_2, comps.text_encoder_2)
+            write_model_card(tmp, kohya_metadata(run_dir, out, unet, comps.prediction_type),
+                             f"{run_dir.name} epoch {epoch}", f"{run_dir.name}/models/{out.name}", comps.is_sdxl)
+
+        write_sealed(out, write)
     else:
         write_file(out, lambda tmp: save_single_file(tmp, unet, comps.vae, text_encoder, comps.tokenizer,
                                                      comps.noise_scheduler))
@@ -417,7 +435,12 @@ def export_final(cfg: Config, backend: Backend, comps: Components, s: State, run
         write_sealed(run_dir / "lora", lambda folder: save_lora(folder, unet, text_encoder, metadata=meta), step=s.step,
                      hint=again)
         unet, text_encoder = merged(unet), merged(text_encoder)
-    write_sealed(run_dir / "final", lambda folder: export_diffusers(
-        folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.tokenizer_2,
-        comps.text_encoder_2), step=s.step, hint=again)
-    print(f"final model (EMA weights) written to {run_dir / 'final'}")
+    card = kohya_metadata(run_dir, run_dir / "final", unet, comps.prediction_type)
+
+    def write(folder: Path) -> None:  # the weights and their model card, sealed together
+        export_diffusers(folder, comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler,
+                         comps.tokenizer_2, comps.text_encoder_2)
+        write_model_card(folder, card, run_dir.name, f"{run_dir.name}/final", comps.is_sdxl)
+
+    write_sealed(run_dir / "final", write, step=s.step, hint=again)
+    print(f"final model ({'EMA' if s.ema is not None else 'trained'} weights) written to {run_dir / 'final'}")

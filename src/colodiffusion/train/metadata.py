@@ -1,5 +1,5 @@
 """How a model was made, as the `ss_*` metadata keys kohya's sd-scripts write into a .safetensors
-header and UIs (AUTOMATIC1111's training-info panel, Civitai, metadata viewers) read.
+header (and, for a diffusers folder, as the training settings of its model card README.md) and UIs (AUTOMATIC1111's training-info panel, Civitai, metadata viewers) read.
 
 Built from the run folder an export starts from: its config.yaml, run_info.json (images, effective
 batch, caption tags, start time; written by `dataset_info.report`) and metrics.jsonl (steps and the
@@ -16,6 +16,7 @@ from typing import Optional
 
 from colodiffusion import __version__
 from colodiffusion.config import Config, load_config
+from colodiffusion.storage.files import match_umask
 from colodiffusion.train.dataset_info import read_run_info
 
 # Base model families by the UNet's cross-attention width (the text encoder's), as kohya names them.
@@ -115,3 +116,45 @@ def _from_run(cfg: Config, info: dict, step: Optional[int], finished_at: Optiona
         "ss_dataset_dirs": {data_dir: {"n_repeats": 1, "img_count": images}} if images else None,
         "ss_tag_frequency": {data_dir: info["tag_frequency"]} if info.get("tag_frequency") else None,
     }
+
+
+# Keys of the model card's settings table that are not settings (or are too long for a table).
+NOT_SETTINGS = ("ss_output_name", "ss_training_comment", "ss_tag_frequency", "ss_dataset_dirs")
+
+
+def write_model_card(folder: str | Path, meta: dict[str, str], title: str, where: str, sdxl: bool = False) -> Path:
+    """README.md of an exported diffusers folder, as the Hub shows it: the card data (library, pipeline,
+    tags), how to load it (from `where`, the folder's name as the user knows it: it may be written in a
+    temporary folder first) and the training settings (`meta`: kohya_metadata's keys, without ss_)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=["text-to-image", "stable-diffusion-xl" if sdxl else "stable-diffusion", "colodiffusion"])
+    rows = "\n".join(f"| {k[3:]} | {v} |" for k, v in meta.items() if k not in NOT_SETTINGS)
+    started = f"from {meta['ss_sd_model_name']} " if "ss_sd_model_name" in meta else ""
+    card = ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# {title}
+
+A text-to-image model ({meta.get("ss_base_model_version", "custom")}) trained {started}with colodiffusion {__version__}.
+
+```python
+from diffusers import {pipeline}
+
+pipe = {pipeline}.from_pretrained("{where}")
+image = pipe("a prompt").images[0]
+```
+
+## Training settings
+
+| setting | value |
+|---|---|
+{rows}
+""")
+    out = Path(folder) / "README.md"
+    card.save(out)
+    match_umask([out])
+    return out

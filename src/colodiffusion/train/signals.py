@@ -52,6 +52,18 @@ def uninstall() -> None:
         del _previous[s]
 
 
+class Stopped(Exception):
+    """A stop signal arrived in a phase that has nothing to checkpoint (the tiny preset's first stage):
+    the run ends there, and the next start does that phase again."""
+
+
+def check_stopped(phase: str) -> None:
+    """Raise Stopped if a stop signal arrived (call it between the steps of `phase`)."""
+    if _received is not None:
+        raise Stopped(f"stopped by {received()} during {phase}, before the first checkpoint; the next start "
+                      "(train.resume=auto) does it again")
+
+
 def received() -> Optional[str]:
     return signal.Signals(_received).name if _received is not None else None
 

@@ -62,7 +62,7 @@ class WandB:
     def __init__(self, cfg: Config, run_dir: Path, start_step: int = 0):
         self.wandb = _import("wandb")
         self.run = self.wandb.init(project=cfg.log.project, name=cfg.log.run_name or run_dir.name,
-                                   dir=str(run_dir), config=flat_config(cfg))
+                                   dir=os.environ.get("WANDB_DIR") or str(run_dir), config=flat_config(cfg))
 
     def scalars(self, step: int, metrics: dict) -> None:
         self.run.log(metrics, step=step)
