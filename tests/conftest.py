@@ -5,9 +5,15 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (-n N) every process is one of several on the machine: one compute thread each, for
+# the worker and for every process it starts (the CLI keeps an OMP_NUM_THREADS it finds), instead of
+# threads that spin waiting for each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402
-from common import TINY  # noqa: E402
+from common import TINY, built_once  # noqa: E402
 
 # Every process the tests start inherits this id (procs.py), also torchrun's workers after a kill.
 SESSION_ID = os.environ[procs.SESSION] = procs.new_id()
@@ -108,18 +114,19 @@ def no_process_outlives_the_suite():
 
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory) -> Path:
-    """Frozen parts (tokenizer, text encoder, first-stage VAE) built once and copied into runs."""
-    import torch
+    """Frozen parts (tokenizer, text encoder, first-stage VAE) built once per session (shared by the
+    xdist workers) and copied into runs; tests/faults uses the same ones."""
+    def build(folder: Path) -> None:
+        import torch
 
-    from colodiffusion.config import load_config
-    from colodiffusion.data import build_dataset
-    from colodiffusion.train.first_stage import frozen_components
+        from colodiffusion.config import load_config
+        from colodiffusion.data import build_dataset
+        from colodiffusion.train.first_stage import frozen_components
 
-    torch.set_num_threads(2)
-    folder = tmp_path_factory.mktemp("components")
-    cfg = load_config(None, TINY)
-    frozen_components(cfg, build_dataset(cfg), folder, torch.device("cpu"), show_progress=False)
-    return folder
+        cfg = load_config(None, TINY)
+        frozen_components(cfg, build_dataset(cfg), folder, torch.device("cpu"), show_progress=False)
+
+    return built_once(tmp_path_factory, "components", build)
 
 
 @pytest.fixture
