@@ -21,13 +21,14 @@ TINY = [
 ]
 
 
-def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+def built_once(config, tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """The folder `name`, filled by `build(folder)` once per test session. Under pytest-xdist the first
     worker that asks builds it under a file lock in the session's shared temp folder and the others read
-    it; without xdist it lives in this session's own temp folder."""
+    it; without xdist it lives in this session's own temp folder. (An xdist worker is told by its config,
+    not by PYTEST_XDIST_WORKER, which a pytest started inside a test inherits.)"""
     from filelock import FileLock
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not hasattr(config, "workerinput"):
         folder = tmp_path_factory.mktemp(name) / name
         build(folder)
         return folder

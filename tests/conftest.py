@@ -113,7 +113,7 @@ def no_process_outlives_the_suite():
 
 
 @pytest.fixture(scope="session")
-def tiny_components(tmp_path_factory) -> Path:
+def tiny_components(pytestconfig, tmp_path_factory) -> Path:
     """Frozen parts (tokenizer, text encoder, first-stage VAE) built once per session (shared by the
     xdist workers) and copied into runs; tests/faults uses the same ones."""
     def build(folder: Path) -> None:
@@ -126,7 +126,7 @@ def tiny_components(tmp_path_factory) -> Path:
         cfg = load_config(None, TINY)
         frozen_components(cfg, build_dataset(cfg), folder, torch.device("cpu"), show_progress=False)
 
-    return built_once(tmp_path_factory, "components", build)
+    return built_once(pytestconfig, tmp_path_factory, "components", build)
 
 
 @pytest.fixture
