@@ -1,9 +1,11 @@
 """Constants shared by the tests (imported by name: `from common import TINY`)."""
 
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -17,6 +19,28 @@ TINY = [
     "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
     "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
 ]
+
+
+def built_once(config, tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test session. Under pytest-xdist the first
+    worker that asks builds it under a file lock in the session's shared temp folder and the others read
+    it; without xdist it lives in this session's own temp folder. (An xdist worker is told by its config,
+    not by PYTEST_XDIST_WORKER, which a pytest started inside a test inherits.)"""
+    from filelock import FileLock
+
+    if not hasattr(config, "workerinput"):
+        folder = tmp_path_factory.mktemp(name) / name
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # shared by this session's workers
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not folder.exists():
+            partial = root / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(folder)
+    return folder
 
 
 def index_dataset(n: int):

@@ -2,9 +2,11 @@
 cache (same loss as training from images; resumes after a kill)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -69,11 +71,20 @@ def test_one_bad_file_among_twenty_trains_with_the_defaults(tmp_path):
 
 @pytest.mark.slow
 def test_parquet_trains(tmp_path):
-    make_parquet(tmp_path / "p.parquet", 32, row_group=8)
+    import pyarrow.parquet as pq
+
+    path = make_parquet(tmp_path / "p.parquet", 32, row_group=8)
     run = tmp_path / "run"
-    cli("train", f"run.dir={run}", "data.source=parquet", f"data.path={tmp_path / 'p.parquet'}",
+    cli("train", f"run.dir={run}", "data.source=parquet", f"data.path={path}",
         "data.image_column=jpg", "data.caption_column=text", "data.shuffle=block", "train.max_steps=2", *TINY)
-    assert len(metrics(run)) == 2 and (run / "final" / "model_index.json").exists()
+    # It trained on the file's 32 rows and their `text` captions (run_info.json counts what the run read) ...
+    info = json.loads((run / "run_info.json").read_text())
+    captions = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    assert (info["num_train_images"], info["data_dir"]) == (32, "p.parquet")
+    assert info["tag_frequency"] == dict(Counter(captions))
+    # ... for two steps with finite losses, and exported the result.
+    assert [m["step"] for m in metrics(run)] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics(run))
+    assert (run / "final" / "model_index.json").exists()
 
 
 @pytest.mark.slow

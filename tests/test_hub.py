@@ -2,6 +2,8 @@
 huggingface_hub's cache. Every test is offline (HF_HUB_OFFLINE=1) against a cache folder it builds
 itself, laid out as huggingface_hub writes it (refs/ -> snapshots/<commit>/); nothing touches the network."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -113,8 +115,18 @@ def test_train_from_a_hub_id_with_hf_hub_offline(hub_cache, tmp_path):
                           f"model.pretrained={REPO}", "model.revision=v2", f"run.dir={run}"],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (run / "final" / "model_index.json").is_file()
     assert load_config(run / "config.yaml").model.pretrained == REPO  # the id is kept, resolved again on resume
+    # It trained from snapshot B (tag v2), not from main's A: one step away from B's UNet, far from A's.
+    final = load_file(str(run / "final" / UNET_FILE))
+    a, b = snapshot_unet(hub_cache, COMMIT_A), snapshot_unet(hub_cache, COMMIT_B)
+    assert final.keys() == b.keys()
+
+    def distance(x, y):
+        return sum((x[k].float() - y[k].float()).square().sum().item() for k in x) ** 0.5
+
+    assert 0 < distance(final, b) < distance(final, a) / 10, (distance(final, b), distance(final, a))
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 1 and math.isfinite(losses[0])
 
 
 def test_a_revision_or_ref_never_leads_out_of_the_cache(offline, tmp_path, tiny_components):

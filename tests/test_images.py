@@ -166,6 +166,7 @@ def test_loading_a_model_warns_about_nothing(pipe, tmp_path):
 
     folder = export_diffusers(tmp_path / "d", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
                               build_noise_scheduler(load_config(None, []), "epsilon"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # diffusers' torch_dtype deprecation is one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every category, each time (diffusers' torch_dtype deprecation was one)
         load_pipeline(folder, device=torch.device("cpu"))
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []

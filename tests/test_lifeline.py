@@ -20,9 +20,11 @@ worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
 print(worker.pid, flush=True)
 time.sleep(600)
 """
+# The worker says how it bound: with prctl asked for, the kernel's signal must be what kills it (a
+# silent fall-back to the 0.1 s watchdog would pass the death check alone).
 WORKER = """
 from colodiffusion import lifeline
-lifeline.bind(use_prctl={use_prctl}, poll_s=0.1)
+print(lifeline.bind(use_prctl={use_prctl}, poll_s=0.1), flush=True)
 import time
 time.sleep(600)
 """
@@ -45,7 +47,7 @@ def test_worker_exits_when_its_launcher_is_killed(use_prctl):
     worker = None
     try:
         worker = int(launcher.stdout.readline())
-        time.sleep(1.0)  # let the worker bind (interpreter start-up)
+        assert launcher.stdout.readline().strip() == ("prctl" if use_prctl else "watchdog")  # bound, and how
         assert procs._alive(worker), "the worker exited before its launcher was killed"
         os.kill(launcher.pid, signal.SIGKILL)  # the launcher only: the worker is not in its group's kill
         launcher.wait(10)

@@ -1,8 +1,8 @@
 """Speed/memory levers (train/perf.py, train/master_weights.py, train/optim.py) and `colodiffusion bench`.
 
 Every lever's code path runs here on the CPU with the tiny preset; timings and GPU memory are
-measured by bench/ scripts, never asserted. torch.compile itself only runs in a slow test, with
-dynamo's eager backend (no inductor code generation)."""
+measured by bench/ scripts, never asserted. torch.compile itself runs in one test, with
+the aot_eager backend (no inductor code generation)."""
 
 import copy
 import json
@@ -199,12 +199,32 @@ def test_compile_cache_folder_is_the_users_and_reaches_inductor(monkeypatch, tmp
 
 @pytest.mark.slow
 def test_compiled_unet_matches_eager():
-    ref, unet = tiny_unet(), tiny_unet()
-    compile_unet(unet, "full", backend="eager")  # dynamo tracing without inductor codegen
-    inputs = tiny_inputs()
+    """compile_unet's module really runs through torch.compile (dynamo captures the forward, AOTAutograd the
+    backward; the aot_eager backend skips Inductor's code generation) and gives the eager outputs and gradients.
+    A UNet smaller than the tiny preset (same block kinds) keeps the tracing to a few CPU seconds."""
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def micro_unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8)
+
+    torch._dynamo.reset()
+    ref, unet = micro_unet(), micro_unet()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_unet(unet, "full", backend=counter)
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700]), torch.randn(2, 5, 32, generator=g))
     out, grads = forward_backward(unet, inputs)
+    assert counter.frame_count >= 1, "the UNet's forward was not compiled"
+    traced = {n.target for gm in counter.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert traced & {torch.conv2d, torch.nn.functional.conv2d}  # the UNet's own work is in the graph
     out_ref, grads_ref = forward_backward(ref, inputs)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
 
@@ -588,7 +608,21 @@ def test_bench_memory_reports_batch_1_and_8(capsys):
     code, lines, _ = run_bench(capsys, "--memory", "perf.param_dtype=bf16", "perf.optimizer_offload=true",
                             "perf.activation_checkpointing=full")
     assert code == 0
-    assert [r["batch"] for r in lines if r.get("name") == "memory"] == [1, 8]
+    rows = [r for r in lines if r.get("name") == "memory"]
+    assert [r["batch"] for r in rows] == [1, 8]
+    # The state figures are arithmetic over the tiny UNet's n parameters (GiB rounded to 3 places): bf16 weights and
+    # gradients (2 bytes each), an fp32 EMA, and fp32 masters plus AdamW's two fp32 moments in the optimizer.
+    n = sum(p.numel() for p in tiny_unet().parameters())
+    expected = {"weights": 2 * n, "grads": 2 * n, "ema": 4 * n}
+    for r in rows:
+        state = r["state_gib"]
+        assert all(abs(state[k] - b / 2**30) <= 0.0005 for k, b in expected.items()), state
+        assert state["optimizer"] >= round(12 * n / 2**30, 3), state
+        assert abs(state["on_device"] - sum(state[k] for k in ("weights", "grads", "optimizer", "ema"))) <= 0.002
+        # the process's peak (CPU: max RSS) holds at least that state; a step took time
+        assert r["memory_kind"] == "cpu_process_max_rss" and r["peak_memory_gib"] > state["on_device"]
+        assert r["step_s"] > 0 and r["img_per_s"] > 0
+    assert rows[0]["state_gib"] == rows[1]["state_gib"]  # the batch changes activations, not the kept state
 
 
 @pytest.mark.slow

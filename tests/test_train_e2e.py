@@ -61,11 +61,13 @@ def test_final_folder_loads_in_stable_diffusion_pipeline(run_dir):
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3)
     assert out.std() > 0  # an image, not a constant
-    # the exported UNet carries the EMA weights
+    # the exported UNet carries the EMA weights, every one of them (and they are not the live weights)
     ema = load_file(str(run_dir / "checkpoints/step_00000003/ema.safetensors"))
+    live = final_weights(run_dir, 3)
     exported = pipe.unet.state_dict()
-    k = next(iter(ema))
-    assert torch.equal(exported[k], ema[k])
+    assert ema.keys() == exported.keys()
+    assert [k for k in ema if not torch.equal(exported[k], ema[k])] == []
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
 
 
 @pytest.mark.slow
@@ -107,8 +109,19 @@ def test_seed_command_line_trains(tmp_path, tiny_components):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs_and_resumes(run_dir, precision):
+def test_mixed_precision_runs_and_resumes(run_dir, precision, monkeypatch):
+    # The UNet's prediction in the training step comes out of autocast in the asked dtype (fp32 without it).
+    seen = []
+    real = loop.unet_call
+
+    def recording(*args):
+        out = real(*args)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(loop, "unet_call", recording)
     loop.train(cfg_for(run_dir, "train.max_steps=2", "train.checkpoint_every=1", f"precision={precision}"))
+    assert seen and set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float16}, seen
     state = torch.load(run_dir / "checkpoints/step_00000002/state.pt", weights_only=True)
     assert ("scaler" in state["backend"]) == (precision == "fp16")
     loop.train(cfg_for(run_dir, "train.max_steps=3", f"precision={precision}", "train.resume=auto"))

@@ -33,7 +33,8 @@ from colodiffusion.storage import checkpoint
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 
 GLOBAL_BATCH = 8
-STEPS = 20
+STEPS = 12  # long enough to train visibly and for Adam to amplify a wrong shard; each step costs 2 processes
+SAVE_AT = STEPS // 2  # where the checkpointing cases save, and resumed cases start
 
 
 def make_cfg(overrides=()):
@@ -135,7 +136,7 @@ if __name__ == "__main__":
 def assert_gathered_matches(ref: dict, got: dict) -> None:
     """Full model and EMA weights gathered on rank 0 (`got`) match the single-process run's (`ref`),
     and the EMA is not the live weights. Adam turns 1e-7 gradient differences into ~1e-4 weight
-    differences over 20 steps; a wrongly gathered shard would be off by O(0.1)."""
+    differences over the run; a wrongly gathered shard would be off by O(0.1)."""
     for part in ("model", "ema"):
         assert set(got[part]) == set(ref[part]) and got[part]
         for k, v in ref[part].items():

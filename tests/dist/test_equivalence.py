@@ -25,10 +25,10 @@ pytestmark = pytest.mark.slow
 CASES = {
     "ddp": "parallel.strategy=ddp",
     "fsdp_zero2": "parallel.strategy=fsdp:parallel.zero=2",
-    # also writes a synchronous sharded checkpoint after step 10
-    "fsdp_zero3": "parallel.strategy=fsdp:parallel.zero=3:save=10",
-    # TP only (dp size 1: both ranks take the whole batch); an asynchronous checkpoint after step 10
-    "tp2": "parallel.strategy=fsdp:parallel.tp=2:parallel.async_checkpoint=true:save=10",
+    # also writes a synchronous sharded checkpoint halfway
+    "fsdp_zero3": f"parallel.strategy=fsdp:parallel.zero=3:save={harness.SAVE_AT}",
+    # TP only (dp size 1: both ranks take the whole batch); an asynchronous checkpoint halfway
+    "tp2": f"parallel.strategy=fsdp:parallel.tp=2:parallel.async_checkpoint=true:save={harness.SAVE_AT}",
 }
 
 
@@ -68,12 +68,12 @@ def test_full_weights_and_ema_gather_on_rank0(runs, name):
 
 
 def resume_on_one_rank(runs: Path, ckpt: str, strategy: str) -> list[float]:
-    folder = runs / ckpt / "step_00000010"
+    folder = runs / ckpt / f"step_{harness.SAVE_AT:08d}"
     assert (folder / "dcp" / ".metadata").exists() and (folder / "rank_1.pt").exists()
     run = harness.Run(harness.make_cfg([f"parallel.strategy={strategy}"]))
     try:
         run.load(folder)
-        assert run.step == 10
+        assert run.step == harness.SAVE_AT
         return run.train(harness.STEPS)
     finally:
         run.backend.shutdown()
@@ -81,11 +81,11 @@ def resume_on_one_rank(runs: Path, ckpt: str, strategy: str) -> list[float]:
 
 def test_fsdp_checkpoint_from_two_ranks_resumes_single_process(runs):
     cont = resume_on_one_rank(runs, "fsdp_zero3_ckpt", "single")
-    assert max_rel(cont, losses(runs, "fsdp_zero3")[10:]) <= 1e-5
-    assert max_rel(cont, losses(runs, "single")[10:]) <= 1e-5
+    assert max_rel(cont, losses(runs, "fsdp_zero3")[harness.SAVE_AT:]) <= 1e-5
+    assert max_rel(cont, losses(runs, "single")[harness.SAVE_AT:]) <= 1e-5
 
 
 def test_async_tp_checkpoint_resumes_on_ddp_with_one_rank(runs):
     cont = resume_on_one_rank(runs, "tp2_ckpt", "ddp")
-    assert max_rel(cont, losses(runs, "tp2")[10:]) <= 1e-4
-    assert max_rel(cont, losses(runs, "single")[10:]) <= 1e-4
+    assert max_rel(cont, losses(runs, "tp2")[harness.SAVE_AT:]) <= 1e-4
+    assert max_rel(cont, losses(runs, "single")[harness.SAVE_AT:]) <= 1e-4

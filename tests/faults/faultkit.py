@@ -105,16 +105,10 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, after: int = 0, timeout
 
 
 @pytest.fixture(scope="session")
-def components(tmp_path_factory) -> Path:
-    """The tokenizer, text encoder and trained first stage, built once and copied into each run."""
-    from colodiffusion.config import load_config
-    from colodiffusion.data import build_dataset
-    from colodiffusion.train.first_stage import frozen_components
-
-    root = tmp_path_factory.mktemp("shared")
-    cfg = load_config(None, overrides(root / "run"))
-    frozen_components(cfg, build_dataset(cfg), root / "components", torch.device("cpu"), show_progress=False)
-    return root / "components"
+def components(tiny_components) -> Path:
+    """The tokenizer, text encoder and trained first stage, built once (tests/conftest.py: BASE trains
+    them with the same first_stage settings, seed and data) and copied into each run."""
+    return tiny_components
 
 
 @pytest.fixture

@@ -296,7 +296,7 @@ def test_bad_step_counters_continue_across_a_resume(tmp_path, components):
     assert metrics(run_dir)[-1]["step"] == 3 and metrics(run_dir)[-1]["bad_steps"] == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the global CUDA RNG exists only on a GPU")
+@pytest.mark.cuda  # the global CUDA RNG exists only on a GPU
 def test_the_global_cuda_rng_is_in_each_rank_file():
     from types import SimpleNamespace
 
