@@ -349,8 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.mode in ("speed", "loss-match"):
         common = {"precision": args.precision, "preset": args.preset, "device": device_name(
             torch.device("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__}
-        if os.environ.get("ENGINES_NOTE"):  # engines_gpu.sh: e.g. kernels compiling beside this measurement
-            common["note"] = os.environ["ENGINES_NOTE"]
+        if os.environ.get("STEP_BESIDE"):  # bench/steps.sh: a background job (the kernel build) ran when this step began
+            common["note"] = f"{os.environ['STEP_BESIDE']} running in the background when this step started"
     out = args.results if args.mode == "fixture" else getattr(args, "out", None)
     try:
         return MODES[args.mode](args, Emitter(out, common))

@@ -7,6 +7,7 @@ device call carries at most 64 MiB with the working tree, so a folder may hold a
 
     python3 bench/wheels.py plan engines                  # the folder, each wheel and its size, the total
     python3 bench/wheels.py prepare gpu_check engines     # fetch/build here (bench/prepare_wheels.sh)
+    python3 bench/wheels.py prepare engines --python 3.11 --dir /tmp/whl311   # for a CPU rehearsal on Python 3.11
     python3 bench/wheels.py install engines deepspeed --dir .whl/engines --site /tmp/site   # there
 
 A script installs its wheels by *need* (a group: `core`, `colossalai`, ...), each into its own
@@ -148,7 +149,7 @@ def pip(*args: str) -> None:
 
 def cmd_prepare(args) -> int:
     for target in args.targets:
-        out = ROOT / folder(target)
+        out = Path(args.dir) / target if args.dir else ROOT / folder(target)
         out.mkdir(parents=True, exist_ok=True)
         wheels = wheels_of(target)
         _, missing = files_for(out, wheels)
@@ -156,7 +157,7 @@ def cmd_prepare(args) -> int:
         fetch = [w.requirement for w in todo if not w.build]
         if fetch:
             platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-            pip("download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON, "--implementation", "cp",
+            pip("download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", args.python, "--implementation", "cp",
                 *platforms, "-d", str(out), *fetch)
         for w in (w for w in todo if w.build):
             # pure-Python wheels from the sdist; the builds use this machine's torch only to read its version
@@ -166,7 +167,7 @@ def cmd_prepare(args) -> int:
             print(f"error: {p}", file=sys.stderr)
         if problems:
             return 1
-        print(f"{folder(target)}: {len(wheels)} wheels, {folder_bytes(out):,} bytes; carry=[\"{folder(target)}\"]")
+        print(f"{out}: {len(wheels)} wheels for Python {args.python}, {folder_bytes(out):,} bytes; carry=[\"{folder(target)}\"]")
     return 0
 
 
@@ -234,6 +235,9 @@ def main(argv=None) -> int:
     s.add_argument("targets", nargs="+", choices=list(TARGETS))
     s = sub.add_parser("prepare", help="fetch or build the wheels into .whl/TARGET, then check the folder")
     s.add_argument("targets", nargs="+", choices=list(TARGETS))
+    s.add_argument("--python", default=PYTHON, help=f"the Python the wheels are for (default {PYTHON}: the GPU image's; "
+                   "a CPU rehearsal on another Python needs its own folder)")
+    s.add_argument("--dir", help="write DIR/TARGET instead of .whl/TARGET (e.g. a rehearsal's folder)")
     s = sub.add_parser("install", help="install one need's wheels under --site, then import it")
     s.add_argument("target", choices=list(TARGETS))
     s.add_argument("need")
