@@ -36,15 +36,8 @@
 # their one-sentence refusal), limits 3x.
 set -u
 cd "$(dirname "$0")/.." || exit 1
-DRY_RUN=0 CPU=0
-for arg; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    --cpu) CPU=1 ;;
-    *) echo "usage: bash bench/engines_gpu.sh [--dry-run] [--cpu]" >&2; exit 2 ;;
-  esac
-done
-PART=${EXTRA:-0}
+# shellcheck source=bench/steps.sh
+source bench/steps.sh  # the step runner; reads --dry-run, --cpu and EXTRA
 OUT=${OUT:-$PWD/gpu_out_engines}
 WHEELS=${WHEELS:-.whl/engines}
 LOG=$OUT/steps.log R=$OUT/results.jsonl
@@ -63,8 +56,6 @@ SETUP_S=45 FINISH_S=5
 EP=(--preset "$PRESET")
 TR=(python3 -m torch.distributed.run --standalone --nproc_per_node 1)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
-# shellcheck source=bench/steps.sh
-source bench/steps.sh
 
 if ((DRY_RUN)); then
   echo "dry run (EXTRA=$PART): the plan; limits are the most each step may take"

@@ -35,15 +35,8 @@
 # loss-match steps) and each limit is 4x (a CPU compiles slower).
 set -u
 cd "$(dirname "$0")/.." || exit 1
-DRY_RUN=0 CPU=0
-for arg; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    --cpu) CPU=1 ;;
-    *) echo "usage: bash bench/gpu_check.sh [--dry-run] [--cpu]" >&2; exit 2 ;;
-  esac
-done
-PART=${EXTRA:-0}
+# shellcheck source=bench/steps.sh
+source bench/steps.sh  # the step runner; reads --dry-run, --cpu and EXTRA
 LEVERS=${LEVERS:-b64 cudagraphs}
 SDPA=${SDPA:-}
 WHEELS=${WHEELS:-.whl/gpu_check}
@@ -58,8 +51,6 @@ fi
 BUDGET=${BUDGET:-$((530 * LIMIT_SCALE))}
 SETUP_S=30 FINISH_S=5
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-# shellcheck source=bench/steps.sh
-source bench/steps.sh
 
 for lever in $LEVERS; do
   case $lever in

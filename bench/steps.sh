@@ -8,15 +8,27 @@
 # background job (Colossal-AI's kernel build). A need that failed skips its steps with one line, so no
 # step runs into minutes of import errors.
 #
-# The caller sets OUT, LOG, BUDGET, SETUP_S and FINISH_S (the seconds reserved before the first step and
-# after the last), LIMIT_SCALE (1; a CPU rehearsal gives its slower compiles more), DRY_RUN (1: print the
-# plan, run nothing), PART (which call of several: 0, 1, ...), STEPS ("a b": only those steps, from any
-# part), and defines after_step; SCRATCH is a fresh folder for the run, removed at exit. `--dry-run` prints each
-# step as "  NAME (LIMITs) [needs: ...]: CMD"; tests/test_gpu_scripts.py adds the limits up against BUDGET.
+# Sourced first, with the script's arguments: --dry-run (DRY_RUN=1: print the plan, run nothing) and --cpu
+# (CPU=1: the rehearsal), and EXTRA (PART: which call of several, 0, 1, ...). Then the caller sets OUT,
+# LOG, BUDGET, SETUP_S and FINISH_S (the seconds reserved before the first step and after the last),
+# LIMIT_SCALE (1; a CPU rehearsal gives its slower compiles more), STEPS ("a b": only those steps, from
+# any part), and defines after_step; SCRATCH is a fresh folder for the run, removed at exit. A dry run
+# prints each step as "  NAME (LIMITs) [needs: ...]: CMD"; tests/test_gpu_scripts.py adds the limits up
+# against BUDGET.
 # No variable a compiler or build tool reads is assigned here or in the scripts (that test parses them):
 # the compile cache is BENCH_CACHE, never CC.
 
 T0=$SECONDS
+DRY_RUN=0 CPU=0
+# shellcheck disable=SC2034  # CPU is read by the sourcing script
+for arg; do  # the sourcing script's own arguments
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    --cpu) CPU=1 ;;
+    *) echo "usage: bash $0 [--dry-run] [--cpu]" >&2; exit 2 ;;
+  esac
+done
+PART=${EXTRA:-0}  # which call of the script's several
 GRACE_S=10     # a step gets SIGTERM GRACE_S before its limit (torchrun passes it on to its workers), then SIGKILL
 MIN_STEP_S=25  # a step with less time left than this is skipped
 declare -A HAVE=() WHY=() JOB_PID=() JOB_T0=() RAN=()
@@ -56,10 +68,13 @@ missing_need() {  # the first need in "$1" that is not there, with why; nothing 
   done
 }
 
-# In a dry run: what follows PLAN_MARK (a program, e.g. bench/engines.py) in a planned command, one line
-# per command in the file PLAN_ARGS, for the caller to parse with that program's own parser.
-plan_args() {
+# planned NAME WHAT NEEDS CMD...: a dry run's line for a step; what follows PLAN_MARK (a program, e.g.
+# bench/engines.py) in CMD goes to the file PLAN_ARGS, one line per command, for the caller to parse
+# with that program's own parser.
+planned() {
   local i
+  echo "  $1 ($2) [needs: $3]: ${*:4}"
+  shift 3
   [[ -n ${PLAN_MARK:-} ]] || return 0
   for ((i = 1; i <= $#; i++)); do
     if [[ ${!i} == "$PLAN_MARK" ]]; then
@@ -119,8 +134,7 @@ step() {
   want "$name" || return 0
   RAN[$name]=1
   if ((DRY_RUN)); then
-    echo "  $name (${limit}s) [needs: $needs]: $*"
-    plan_args "$@"
+    planned "$name" "${limit}s" "$needs" "$@"
     return 0
   fi
   why=$(missing_need "$needs")
@@ -151,8 +165,7 @@ background() {
   limit=$(scaled "$2")
   shift 3
   if ((DRY_RUN)); then
-    echo "  $name (${limit}s, background) [needs: $needs]: $*"
-    plan_args "$@"
+    planned "$name" "${limit}s, background" "$needs" "$@"
     return 0
   fi
   why=$(missing_need "$needs")
