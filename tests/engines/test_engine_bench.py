@@ -100,7 +100,8 @@ def test_gpu_script_seed_steps_rehearse_on_cpu(tmp_path):
            "STEPS": "seed-command cli-llz-2", "PRESET": "tiny", "RESOLUTION": "32", "SEED_PLUGIN": "torch_ddp",
            "CLI_PLUGIN": "torch_ddp",
            "SEED_EXTRA": "precision=32 trainer.accelerator=auto model.gradient_checkpointing=false data.num_workers=0"}
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)  # --cpu: the CPU rehearsal's limits (3x)
     assert proc.returncode == 0, proc.stdout[-3000:]
     steps = {s["step"]: s for s in lines(out / "steps.jsonl")}
     assert set(steps) == {"seed-command", "cli-llz-2"}, steps  # STEPS ran those two, nothing else
