@@ -547,3 +547,33 @@ def test_the_warm_compile_figure_is_the_loss_matchs_first_step(monkeypatch, tmp_
 
     (warm,) = [r for r in gpu_summary.rows(tmp_path / "out") if r["check"].startswith("warm first step")]
     assert warm["figure"] == 7.5 and warm["status"] == "met"
+
+
+# -- one short call of each script, for real (slow) --------------------------------------------------------
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool returns: at most 8 files, such names
+CHEAP_STEP = {"gpu_check": ("sdpa", "check "), "engines": ("baseline", "| engine |")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GPU_SCRIPTS))
+def test_one_call_leaves_at_most_eight_returnable_files_and_prints_one_table_at_the_end(tmp_path, name):
+    """The script's own --cpu path with one cheap step (STEPS=): the setup (wheel handling, env.json),
+    the step, the summary. $OUT holds at most 8 files the device tool can return, no folder; the summary
+    table is printed once, after the last step's line."""
+    step, header = CHEAP_STEP[name]
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "OUT": str(out), "STEPS": step,
+           "WHEELS": str(tmp_path / "none"), "EXTRA": "0"}
+    env.pop("BUDGET", None)
+    proc = subprocess.run(["bash", str(GPU_SCRIPTS[name]), "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() and OUT_NAME.match(f.name) for f in files), files
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [step] and steps[0]["rc"] == 0, (out / "steps.jsonl").read_text()
+    lines = proc.stdout.splitlines()
+    tables = [i for i, line in enumerate(lines) if line.startswith(header)]
+    assert len(tables) == 1, proc.stdout  # one table ...
+    assert tables[0] > max(i for i, line in enumerate(lines) if line.startswith(f"{step}: rc="))  # ... at the end
+    assert lines[-1].startswith("results: ")
