@@ -48,7 +48,7 @@ record() { echo "$1" >> "$OUT/steps.jsonl"; }
 # STEPS="a b" picks steps from every part of the plan, each once.
 want() { [[ -z ${RAN[$1]:-} ]] && [[ -z ${STEPS:-} || " $STEPS " == *" $1 "* ]]; }
 in_part() { [[ -n ${STEPS:-} ]] || (($1 == PART)); }
-left() { echo $((BUDGET - (SECONDS - T0))); }
+left() { echo $((BUDGET - $(scaled "$FINISH_S") - (SECONDS - T0))); }  # the finish (summary) keeps its reserve
 scaled() { echo $(($1 * LIMIT_SCALE)); }
 
 skip() {  # skip NAME WHY

@@ -383,6 +383,18 @@ step second 60 core bash -c 'cp {out}/steps.jsonl {tmp_path}/seen; cp {out}/summ
     assert [s["step"] for s in steps] == ["first", "second"]
 
 
+def test_the_deadline_keeps_the_finish_reserve(tmp_path):
+    """Steps end FINISH_S before BUDGET, so the summary after the last one still fits the call."""
+    proc, steps = run_steps(tmp_path, """HAVE[core]=1
+BUDGET=60 FINISH_S=10
+step fits 60 core true
+BUDGET=34
+step late 60 core true
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert steps[0]["limit_s"] <= 50 and steps[1]["skipped"].startswith("deadline: ")
+
+
 def test_a_background_job_gates_the_steps_that_need_it(tmp_path):
     """The kernel build's pattern: started in the background, a step beside it is told so (its bench lines
     carry a note), await records the job's own exit code; a failed job skips the steps that need it."""
