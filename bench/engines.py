@@ -41,13 +41,15 @@ from colodiffusion.bench import (  # noqa: E402
     run_losses,
     synthetic_batch,
     time_step,
+    work_of,
 )
 from colodiffusion.config import Config, ConfigError, load_config  # noqa: E402
 from colodiffusion.models.presets import get_preset  # noqa: E402
 
-COLOSSALAI = ["parallel.strategy=colossalai", "train.ema.enabled=false"]
+COLOSSALAI = ["parallel.strategy=colossalai"]
 ENGINES: dict[str, list[str]] = {
-    # name: config overrides (on top of --precision and the preset); diffusers-default is gpu_anchor.py's loop
+    # name: config overrides (on top of --precision and the preset); diffusers-default is gpu_anchor.py's
+    # loop, doing the engines' work (engine_config: clipping, no EMA)
     "diffusers-default": [],
     "single": ["parallel.strategy=single"],
     "gemini-cuda": COLOSSALAI + ["parallel.plugin=gemini", "parallel.placement_policy=cuda"],
@@ -69,9 +71,10 @@ ENGINES: dict[str, list[str]] = {
 def engine_config(engine: str, preset: str, precision: str, batch: int, extra: list[str]) -> Config:
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}.")
-    # train.batch_size only sizes DeepSpeed's JSON; the steps feed each measured batch themselves
+    # train.batch_size only sizes DeepSpeed's JSON; the steps feed each measured batch themselves. No EMA
+    # anywhere: Gemini's chunks cannot keep one, so no engine (nor the baseline) does that work.
     return load_config(None, [f"model.preset={preset}", f"precision={precision}", f"train.batch_size={batch}",
-                              "train.warmup_steps=0", *ENGINES[engine], *extra])
+                              "train.warmup_steps=0", "train.ema.enabled=false", *ENGINES[engine], *extra])
 
 
 class Engine:
@@ -144,10 +147,12 @@ def cmd_speed(args, emit: Emitter) -> int:
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        cfg = engine_config(args.engine, args.preset, args.precision, max(args.batches), args.overrides)
+        work = work_of(cfg)  # what the step does besides forward/backward/AdamW: the same for every engine
         if args.engine == "diffusers-default":
             engine, preset = None, get_preset(args.preset)
         else:
-            engine = Engine(engine_config(args.engine, args.preset, args.precision, max(args.batches), args.overrides))
+            engine = Engine(cfg)
             device, preset = engine.device, engine.preset
     except Exception as exc:  # a refused or failing engine: one line per batch, then the next engine
         for batch in args.batches:
@@ -158,11 +163,12 @@ def cmd_speed(args, emit: Emitter) -> int:
     for batch in args.batches:
         step = None
         try:
-            step = baseline_step(preset, batch, args.resolution, device) if engine is None else engine.step_fn(batch, args.resolution)
+            step = (baseline_step(preset, batch, args.resolution, device, work) if engine is None
+                    else engine.step_fn(batch, args.resolution))
             timing = time_step(step, device, args.warmup, args.steps)
             emit({"event": "speed", "engine": args.engine, "batch": batch,
                   "img_per_s": round(batch / timing["step_s"], 2), **timing, "step_s": round(timing["step_s"], 5),
-                  "setup_s": setup_s})
+                  "setup_s": setup_s, "work": work})
         except Exception as exc:  # e.g. out of memory at the largest batch: the smaller ones still count
             ok = False
             emit({"event": "speed", "engine": args.engine, "batch": batch, "error": error_line(exc)})
@@ -343,8 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.mode in ("speed", "loss-match"):
         common = {"precision": args.precision, "preset": args.preset, "device": device_name(
             torch.device("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__}
-        if os.environ.get("ENGINES_NOTE"):  # engines_gpu.sh: e.g. kernels compiling beside this measurement
-            common["note"] = os.environ["ENGINES_NOTE"]
+        if os.environ.get("STEP_BESIDE"):  # bench/steps.sh: a background job (the kernel build) ran when this step began
+            common["note"] = f"{os.environ['STEP_BESIDE']} running in the background when this step started"
     out = args.results if args.mode == "fixture" else getattr(args, "out", None)
     try:
         return MODES[args.mode](args, Emitter(out, common))

@@ -30,8 +30,11 @@ def read_lines(path: Optional[Path]) -> list[dict]:
 def speed_table(speed: list[dict]) -> list[str]:
     batches = sorted({r["batch"] for r in speed})
     base = {r["batch"]: r["img_per_s"] for r in speed if r["engine"] == "diffusers-default" and "img_per_s" in r}
+    works = {json.dumps(r["work"], sort_keys=True) for r in speed if "work" in r}
+    work = f" Work per step besides forward/backward/AdamW, every row: {works.pop()}." if len(works) == 1 else (
+        f" Rows do different work: {sorted(works)}." if works else "")
     out = ["img/s (x diffusers-default at that batch) / peak GiB over the timed steps "
-           "(* = measured while Colossal-AI's kernels compiled in the background):", "",
+           f"(* = measured while Colossal-AI's kernels compiled in the background).{work}", "",
            "| engine | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for engine in dict.fromkeys(r["engine"] for r in speed):
         cells = []

@@ -1,49 +1,80 @@
 #!/usr/bin/env bash
-# The performance issue's GPU check, in one call of at most 9 minutes on one H100 (cold compile included).
-# Steps run in order of value, each in its own process under its own time limit, all under one deadline
-# (DEADLINE_S, default 530 s); every bench line is appended to $OUT/results.jsonl the moment it exists, so a
-# step cut short keeps what it measured. The last thing printed is one summary table (bench/gpu_summary.py),
-# also in $OUT/summary.txt. Files under $OUT (the device tool returns at most 8): env.json, results.jsonl,
-# steps.jsonl, trainer_metrics.jsonl, log.txt, summary.txt, summary.json.
+# The performance issue's GPU check (issues 11 and 21): its headline figures in one device call of at most
+# 9 minutes on one H100/H200, cold compile and the wheel install included.
 #
-# Once, where pip reaches PyPI:  bash bench/prepare_wheels.sh      (writes .whl/, ignored by git)
-# Then on the GPU machine (device tool: carry=[".whl"], timeout_s=600):  bash bench/gpu_check.sh
-#   STEPS="speed_b32 warm_b32"  runs only those steps;  EXTRA=1 runs the lever steps instead (a second call).
-#   SMOKE=1: the same steps with the tiny preset, batch 4, 5 loss-match steps and no compile (a CPU plumbing check).
+#   here, once:     bash bench/prepare_wheels.sh gpu_check      (.whl/gpu_check, ~9.8 MB, ignored by git)
+#   on the GPU:     device run: command "bash bench/gpu_check.sh", carry [".whl/gpu_check"], timeout_s 600
+#   later calls:    EXTRA=1 bash bench/gpu_check.sh             (trainer vs bench, offload step)
+#                   EXTRA=2 LEVERS="b64 cudagraphs" bash bench/gpu_check.sh     (the levers)
+#   anywhere:       bash bench/gpu_check.sh --dry-run           (the plan: steps, limits, needs; runs nothing)
+#   CPU rehearsal:  bash bench/gpu_check.sh --cpu               (see below)
 #
-# Priority steps (the issue's targets):
-#   speed_b32   baseline (diffusers-default, same work: clip + EMA) and configs/sd15_gpu.yaml in one process,
-#               batch 32, fresh compile cache: ratio >= 1.6, >= 150 img/s, cold first step <= 150 s,
-#               fast peak <= baseline peak, host syncs per step <= 1
-#   warm_b32    the same recipe in a second process on that cache: warm first step <= 45 s
-#   memory      configs/sd15_memory.yaml at batch 1 and 8: peak incl. warm-up <= 6 GiB, > 0.71 img/s at batch 1
-#   trainer     `colodiffusion train -c configs/sd15_gpu.yaml` from a synthetic sd15 latent cache, EMA on:
-#               samples_per_s after warm-up >= 95% of speed_b32's fast img/s
-#   loss_match  50 steps of the recipe against the eager fp32-master path at batch 32 (warm cache): ok
-#   sdpa        each SDPA kernel on each sd15 attention shape at batch 32: the perf.sdpa_by_head_dim to try
-#   offload     the offloaded optimizer step alone (sd15 size): fused vs foreach CPU AdamW, if time is left
+# Steps run in order of value, each in its own process under its own limit, all under BUDGET (530 s from
+# the start, install included; the limits add up to less, tests/test_gpu_scripts.py checks). Every bench
+# line goes to $OUT/results.jsonl the moment it exists; after each step the summary table is rewritten
+# ($OUT/summary.txt, bench/gpu_summary.py) and printed at the end.
+#   speed_b32    the diffusers-default loop (same work: clip 1.0 + fp32 EMA) and configs/sd15_gpu.yaml in one
+#                process, batch 32, fresh compile cache: ratio >= 1.6, >= 150 img/s, cold first step <= 150 s,
+#                peak memory, host syncs
+#   loss_match   50 steps of the recipe against the eager fp32-master path, batch 32, in a second process on
+#                that cache: ok, and its first step is the warm-compile figure (<= 45 s)
+#   memory       configs/sd15_memory.yaml at batch 1 and 8: peak incl. warm-up <= 6 GiB, > 0.71 img/s at batch 1
+#   sdpa         each SDPA kernel on each attention shape: the SDPA= value for the sdpa lever
+# EXTRA=1, a second call: recipe_b32 (the recipe alone, cold: this call's reference), trainer (`colodiffusion
+#   train -c configs/sd15_gpu.yaml` from a synthetic latent cache, EMA on, on the warm cache: samples/s >=
+#   95% of recipe_b32's img/s), offload (the offloaded optimizer step alone, sd15 size).
+# EXTRA=2: recipe_b32, then each lever of LEVERS (b64 cudagraphs sdpa inductor nhwc_off fp8) in its own
+#   process on the same compile cache (what the lever leaves unchanged compiles once), against recipe_b32 of
+#   the same call; no baseline. sdpa needs SDPA="40:cudnn,80:flash,160:flash" from the first call's summary.
+# STEPS="speed_b32 memory" runs only those steps (from any part). Files under $OUT (the device tool
+# returns at most 8): env.json, results.jsonl, steps.jsonl, trainer_metrics.jsonl, log.txt, summary.txt,
+# summary.json.
+#
+# --cpu: the rehearsal on a machine without a GPU. The same code path: the same wheel handling, steps,
+# order and files, compile on (CPU Inductor); only the sizes differ (tiny preset at 32 px, batch 4, 5
+# loss-match steps) and each limit is 4x (a CPU compiles slower).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=bench/steps.sh
+source bench/steps.sh  # the step runner; reads --dry-run, --cpu and EXTRA
+LEVERS=${LEVERS:-b64 cudagraphs}
+SDPA=${SDPA:-}
+WHEELS=${WHEELS:-.whl/gpu_check}
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
+LOG=$OUT/log.txt R=$OUT/results.jsonl
+PRESET=sd15 BATCH=32 LOSS_STEPS=50 OFFLOAD_PARAMS=859.5e6 LIMIT_SCALE=1
+XS=()  # overrides after the recipe's
+if ((CPU)); then
+  PRESET=tiny BATCH=4 LOSS_STEPS=5 OFFLOAD_PARAMS=2e6 LIMIT_SCALE=4
+  XS=(model.preset=tiny data.resolution=32 data.num_workers=0)
+fi
+BUDGET=${BUDGET:-$((530 * LIMIT_SCALE))}
+SETUP_S=30 FINISH_S=5
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-T0=$SECONDS
-DEADLINE_S=${DEADLINE_S:-530}
-CC=${CC:-/tmp/colodiffusion_cc_$$}          # a fresh compile cache: speed_b32's first step is cold
-LOG=$OUT/log.txt
-rm -rf "$CC"
-PRESET=sd15 B=32 LM=50 XS=""                 # XS: overrides after the recipe's (SMOKE=1 only)
-if [ "${SMOKE:-0}" = 1 ]; then
-  PRESET=tiny B=4 LM=5 XS="model.preset=tiny data.resolution=32 data.num_workers=0 perf.compile=none"
-fi
-export OUT CC PRESET B LM XS
 
-if ! python3 -c "import diffusers, omegaconf" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$LOG" 2>&1 || { echo '{"step": "install", "rc": 1}' | tee -a "$OUT/steps.jsonl"; echo "wheel install failed: run bench/prepare_wheels.sh and carry .whl"; exit 1; }
-  export PYTHONPATH=$PWD/src:/tmp/site
+for lever in $LEVERS; do
+  case $lever in
+    b64 | cudagraphs | sdpa | inductor | nhwc_off | fp8) ;;
+    *) echo "unknown lever '$lever' in LEVERS; known: b64 cudagraphs sdpa inductor nhwc_off fp8" >&2; exit 2 ;;
+  esac
+done
+if ((DRY_RUN)); then
+  echo "dry run (EXTRA=$PART): the plan; limits are the most each step may take"
+  PLAN_MARK=bench/train_step.py PLAN_ARGS=$(mktemp)
 fi
-python3 - <<'EOF' > "$OUT/env.json" 2>> "$LOG"
+steps_begin
+BENCH_CACHE=$SCRATCH/compile_cache  # fresh: speed_b32's (or recipe_b32's) first step is a cold compile
+
+# -- setup: the wheels (no diffusers, no step), the machine -------------------------------------------
+install_needs gpu_check "$WHEELS" core
+if in_part 2 && [[ " $LEVERS " == *" fp8 "* ]]; then install_needs gpu_check "$WHEELS" torchao; fi
+if ((!DRY_RUN)); then
+  if [[ -z ${HAVE[core]:-} ]]; then
+    record "{\"step\": \"install\", \"rc\": 1, \"error\": \"${WHY[core]}\"}"
+    echo "stopped: no step can run without diffusers and omegaconf"
+    exit 1
+  fi
+  python3 - << 'EOF' > "$OUT/env.json" 2>> "$LOG"
 import json, os, shutil, subprocess, torch, diffusers
 smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version",
                       "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None
@@ -53,78 +84,96 @@ print(json.dumps({"torch": torch.__version__, "diffusers": diffusers.__version__
                   "capability": torch.cuda.get_device_capability() if cuda else None, "nvidia_smi": smi,
                   "cpus": os.cpu_count()}))
 EOF
-cat "$OUT/env.json"
+  cat "$OUT/env.json"
+fi
+after_step() { python3 bench/gpu_summary.py "$OUT" > "$OUT/summary.txt" 2>> "$LOG"; }
 
-want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
-left() { echo $((DEADLINE_S - (SECONDS - T0))); }
-
-# step NAME LIMIT CMD...: run CMD under min(LIMIT, time left); record rc and wall time; never stop the script.
-step() {
-  local name=$1 limit=$2; shift 2
-  want "$name" || return 0
-  local budget; budget=$(left)
-  [ "$budget" -lt "$limit" ] && limit=$budget
-  if [ "$limit" -lt 20 ]; then
-    echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"deadline\"}" | tee -a "$OUT/steps.jsonl"; return 0
-  fi
-  local t=$SECONDS
-  echo "=== $name (limit ${limit}s): $*" >> "$LOG"
-  # timeout kills its whole process group: the step's python processes (and a trainer's workers) too
-  timeout -s KILL "$limit" bash -c '"$@"' _ "$@" >> "$LOG" 2>&1
-  local rc=$?
-  echo "{\"step\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - t)), \"limit_s\": $limit}" | tee -a "$OUT/steps.jsonl"
+bench_step() {  # bench_step NAME LIMIT ARGS...: bench/train_step.py, its lines tagged NAME
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" core python3 bench/train_step.py --tag "$name" --out "$R" "$@" "${XS[@]}"
 }
-# shellcheck disable=SC2086  # XS is a list of key=value words
-bench() { local tag=$1; shift; python3 bench/train_step.py --tag "$tag" --out "$OUT/results.jsonl" "$@" $XS; }
+recipe_b32() {
+  bench_step recipe_b32 220 -c configs/sd15_gpu.yaml --batch "$BATCH" --warmup 3 --steps 12 perf.compile_cache="$BENCH_CACHE"
+}
 
-# The trainer for a few log intervals (log_every=10), then SIGKILL: no final checkpoint or export to wait for.
+# The trainer for six log intervals (log_every=10) from a synthetic latent cache, then SIGKILL: no final
+# checkpoint or export to wait for. metrics.jsonl is copied to $OUT as it grows.
 trainer() {
-  local cache=/tmp/colodiffusion_${PRESET}_cache run=/tmp/colodiffusion_${PRESET}_run
-  rm -rf "$run"
-  [ -f "$cache/manifest.json" ] || python3 bench/latent_cache.py --preset "$PRESET" --out "$cache" --samples 2048 || return 1
+  local cache=$SCRATCH/latents run=$SCRATCH/run pid n=0
+  [[ -f $cache/manifest.json ]] || python3 bench/latent_cache.py --preset "$PRESET" --out "$cache" --samples 2048 || return 1
   python3 -m colodiffusion train -c configs/sd15_gpu.yaml data.path="$cache" run.dir="$run" train.max_steps=100000 \
-    train.batch_size="$B" train.log_every=10 train.checkpoint_every=0 train.sample_every=0 perf.compile_cache="$CC" \
-    $XS &
-  local pid=$!
-  while kill -0 "$pid" 2>/dev/null; do  # copied as it grows: a step cut short keeps its intervals
-    cp "$run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null
-    [ "$(grep -c samples_per_s "$run/metrics.jsonl" 2>/dev/null)" -ge 6 ] 2>/dev/null && break
+    train.batch_size="$BATCH" train.log_every=10 train.checkpoint_every=0 train.sample_every=0 \
+    perf.compile_cache="$BENCH_CACHE" "$@" &
+  pid=$!
+  while kill -0 "$pid" 2> /dev/null; do
+    cp "$run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2> /dev/null
+    n=$(grep -c samples_per_s "$run/metrics.jsonl" 2> /dev/null)
+    ((${n:-0} >= 6)) && break
     sleep 1
   done
-  kill -9 "$pid" 2>/dev/null
-  cp "$run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null
+  kill -9 "$pid" 2> /dev/null
+  wait "$pid" 2> /dev/null
+  cp "$run/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2> /dev/null
+  ((${n:-0} >= 2))  # at least one interval after the compile's
 }
-export -f bench trainer
+export -f trainer
+export OUT R SCRATCH BENCH_CACHE PRESET BATCH
 
-if [ "${EXTRA:-0}" != 1 ]; then
-  step speed_b32 230 bench speed_b32 -c configs/sd15_gpu.yaml --baseline --batch "$B" --warmup 3 --steps 12 \
-    perf.compile_cache="$CC"
-  step warm_b32 100 bench warm_b32 -c configs/sd15_gpu.yaml --batch "$B" --warmup 2 --steps 12 perf.compile_cache="$CC"
-  step memory 100 bench memory -c configs/sd15_memory.yaml --memory --warmup 2 --steps 4
-  step trainer 150 trainer
-  step loss_match 130 bench loss_match -c configs/sd15_gpu.yaml --batch "$B" --loss-match "$LM" perf.compile_cache="$CC"
-  step sdpa 60 python3 bench/sdpa_shapes.py --preset "$PRESET" --batch "$B" --out "$OUT/results.jsonl"
-  step offload 60 python3 bench/offload_step.py --params "$([ "$PRESET" = sd15 ] && echo 859.5e6 || echo 2e6)" \
-    --out "$OUT/results.jsonl"
-else
-  # Levers, one cold compile each (~2.5 min): ordered by the gain expected; a second 9-minute call.
-  # SDPA="40:cudnn,..." from the first call's summary skips timing the kernels again.
-  if [ -z "${SDPA:-}" ]; then
-    step sdpa 60 python3 bench/sdpa_shapes.py --preset "$PRESET" --batch "$B" --out "$OUT/results.jsonl"
-    SDPA=$(python3 -c "
-import json, sys
-r = [json.loads(l) for l in open(sys.argv[1])]
-print(next(x['sdpa_by_head_dim'] for x in r if x.get('event') == 'sdpa_recommendation'))" "$OUT/results.jsonl" 2>/dev/null)
-  fi
-  [ -n "$SDPA" ] && step sdpa_b32 200 bench lever_sdpa -c configs/sd15_gpu.yaml --baseline --batch "$B" \
-    perf.sdpa_by_head_dim="$SDPA"
-  step speed_b64 200 bench speed_b64 -c configs/sd15_gpu.yaml --batch 64 --warmup 3 --steps 8
-  step nhwc_off_b32 200 bench lever_no_channels_last -c configs/sd15_gpu.yaml --baseline --batch 32 perf.channels_last=false
-  step inductor_b32 240 bench lever_inductor -c configs/sd15_gpu.yaml --baseline --batch 32 perf.conv_1x1_as_mm=true \
-    perf.coordinate_descent_tuning=true
-  step cudagraphs_b32 240 bench lever_cudagraphs -c configs/sd15_gpu.yaml --baseline --batch 32 perf.compile_mode=reduce-overhead
-  step fp8_b32 240 bench lever_fp8 -c configs/sd15_gpu.yaml --baseline --batch 32 perf.fp8=true
-  step compile_check 200 python3 bench/compile_check.py --preset sd15 --batch 32 --backend inductor --variant fast \
-    --out "$OUT/results.jsonl"
+lever() {  # lever NAME: the recipe with one lever, on this call's compile cache, no baseline
+  local batch=$BATCH needs=core limit=110 over=()
+  case $1 in
+    b64) batch=$((BATCH * 2)) limit=150 ;;  # batch 64 compiles its own shapes
+    cudagraphs) over=(perf.compile_mode=reduce-overhead) ;;
+    inductor) over=(perf.conv_1x1_as_mm=true perf.coordinate_descent_tuning=true) ;;
+    nhwc_off) over=(perf.channels_last=false) ;;
+    fp8) over=(perf.fp8=true) needs="core torchao" ;;
+    sdpa)
+      if [[ -z $SDPA ]] && ((!DRY_RUN)); then
+        want lever_sdpa && skip lever_sdpa "SDPA is unset: give the sdpa step's sdpa_by_head_dim (summary.txt)"
+        return 0
+      fi
+      over=(perf.sdpa_by_head_dim="${SDPA:-40:flash,80:flash,160:flash}") ;;
+  esac
+  step "lever_$1" "$limit" "$needs" python3 bench/train_step.py --tag "lever_$1" --out "$R" -c configs/sd15_gpu.yaml \
+    --batch "$batch" --warmup 3 --steps 12 perf.compile_cache="$BENCH_CACHE" "${XS[@]}" "${over[@]}"
+}
+
+# -- the steps, by value ------------------------------------------------------------------------------
+if in_part 0; then
+  bench_step speed_b32 220 -c configs/sd15_gpu.yaml --baseline --batch "$BATCH" --warmup 3 --steps 12 \
+    perf.compile_cache="$BENCH_CACHE"
+  bench_step loss_match 130 -c configs/sd15_gpu.yaml --batch "$BATCH" --loss-match "$LOSS_STEPS" \
+    perf.compile_cache="$BENCH_CACHE"
+  bench_step memory 90 -c configs/sd15_memory.yaml --memory --warmup 2 --steps 4
+  step sdpa 40 core python3 bench/sdpa_shapes.py --preset "$PRESET" --batch "$BATCH" --out "$R"
 fi
-python3 bench/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
+if in_part 1; then
+  recipe_b32
+  step trainer 130 core bash -c 'trainer "$@"' trainer "${XS[@]}"
+  step offload 60 core python3 bench/offload_step.py --params "$OFFLOAD_PARAMS" --out "$R"
+fi
+if in_part 2; then
+  recipe_b32
+  for lever in $LEVERS; do lever "$lever"; done
+fi
+steps_end
+
+if ((DRY_RUN)); then
+  python3 - "$PLAN_ARGS" << 'EOF'
+import shlex, sys
+from colodiffusion.bench_args import build_parser
+from colodiffusion.config import load_config
+lines = [line for line in open(sys.argv[1]).read().splitlines() if line.strip()]
+for line in lines:  # what the bench does with its arguments, short of running
+    args = build_parser().parse_args(shlex.split(line))
+    load_config(args.config, ["data.source=shapes", *args.overrides])
+print(f"{len(lines)} bench command lines parse and load")
+EOF
+  rc=$?
+  rm -f "$PLAN_ARGS"
+  exit $rc
+fi
+after_step
+cat "$OUT/summary.txt"
+echo "results: $OUT (${SECONDS}s)"

@@ -353,13 +353,25 @@ def reference_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, perf=PerfConfig())
 
 
-def run_losses(step: StepFn, steps: int) -> torch.Tensor:
-    losses = [step() for _ in range(steps)]  # device tensors: one host sync at the end
+def run_losses(step: StepFn, steps: int, timing: Optional[dict] = None, device: Optional[torch.device] = None) -> torch.Tensor:
+    """`steps` losses, as device tensors (one host sync at the end); `timing`, if given, gets the first
+    step's seconds (its compile included) as first_step_s."""
+    t0 = now()
+    losses = [step()]
+    if timing is not None:
+        if device is not None:
+            synchronize(device)
+        timing["first_step_s"] = round(now() - t0, 2)
+    losses += [step() for _ in range(steps - 1)]
     return torch.stack(losses).float().cpu()
 
 
 def loss_match(cfg: Config, steps: int, batch: int, resolution: Optional[int], device: torch.device) -> dict:
-    fast = run_losses(trainer_step(cfg, batch, resolution, device, steps=steps), steps)
+    """The fast path's losses against the eager fp32-master path's; the fast path's first step, timed
+    with the compile cache's state, is the warm-compile figure when a run before this one filled the cache."""
+    cache = compile_cache_state(cfg)  # read before this process compiles anything
+    timing: dict = {}
+    fast = run_losses(trainer_step(cfg, batch, resolution, device, steps=steps), steps, timing, device)
     torch._dynamo.reset()  # compiled code keeps the fast path's model alive: free it before the reference
     free(device)
     ref = run_losses(trainer_step(reference_config(cfg), batch, resolution, device, steps=steps), steps)
@@ -369,7 +381,8 @@ def loss_match(cfg: Config, steps: int, batch: int, resolution: Optional[int], d
     return {"event": "loss_match", "steps": steps, "batch": batch, "max_rel_diff": round(float(rel.max()), 5),
             "mean_rel_diff": round(float(rel.mean()), 5), "rtol": LOSS_MATCH_RTOL, "ok": ok,
             "fast_first_last": [round(float(fast[0]), 5), round(float(fast[-1]), 5)],
-            "reference_first_last": [round(float(ref[0]), 5), round(float(ref[-1]), 5)]}
+            "reference_first_last": [round(float(ref[0]), 5), round(float(ref[-1]), 5)],
+            "first_step_s": timing["first_step_s"], "compile_cache": cache}
 
 
 def describe(cfg: Config, resolution: Optional[int], device: torch.device) -> dict:
