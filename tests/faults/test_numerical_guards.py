@@ -71,6 +71,16 @@ def test_non_finite_gradient_skips_the_update_exactly(path, poison, tmp_path):
     assert guard.check(4)["bad_steps"] == 2
 
 
+def test_an_empty_gradient_shard_is_no_error_and_a_nan_beside_it_still_counts(tmp_path):
+    """Under FSDP2 a rank's shard of a (1, d) parameter (the tiny preset's pooled-caption position) is
+    empty: it has no infinity norm, and torch._foreach_norm refuses it."""
+    guard = NumericalGuard(load_config(None, [f"run.dir={tmp_path}"]), _backend())
+    empty, full = torch.zeros(0, 8), torch.ones(3)
+    assert not bool(guard._flag([empty, full]))
+    full[1] = float("nan")
+    assert bool(guard._flag([empty, full]))
+
+
 @pytest.mark.slow
 def test_nan_steps_are_skipped_counted_and_logged(new_run, report):
     from colodiffusion.train.loop import train

@@ -100,7 +100,9 @@ class NumericalGuard:
 
     def _flag(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """True (a device bool) if the loss or any gradient is non-finite on any rank."""
-        grads = [_local(g) for g in grads]
+        # An FSDP2 shard can be empty (a parameter whose first dimension is smaller than the rank count,
+        # e.g. a (1, d) positional embedding): it has no infinity norm, and nothing to flag.
+        grads = [t for t in map(_local, grads) if t.numel()]
         worst = torch.zeros((), device=self.backend.device)
         if grads and not self.fp16:  # fp16: the scaler judges the gradients
             worst = torch.stack([n.to(worst.device) for n in torch._foreach_norm(grads, math.inf)]).max()
