@@ -136,8 +136,10 @@ def test_render_applies_each_prompts_settings_and_batching_changes_nothing(pipe)
     specs = [spec(seed=0), spec(seed=0, steps=3), spec(seed=1), spec(seed=0, sampler="euler", karras=True)]
     together = arrays(render(pipe, specs))
     alone = [arrays(render(pipe, [s]))[0] for s in specs]
-    assert all(np.array_equal(x, y) for x, y in zip(together, alone))
-    assert np.abs(together[0] - together[1]).max() > 0 and np.abs(together[0] - together[3]).max() > 0
+    # At most one 8-bit level apart: the tiny preset's pooled caption is a batched matmul whose float
+    # rounding depends on the batch (measured: 1 level in one pixel); different settings move far more.
+    assert all(np.abs(x - y).max() <= 1 for x, y in zip(together, alone))
+    assert np.abs(together[0] - together[1]).max() > 1 and np.abs(together[0] - together[3]).max() > 1
 
 
 # -- exported files ------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_exported_single_file_says_how_it_was_made(own_run, folder, tmp_path):
     out = export(run_dir, "single-file", tmp_path / "my_model.safetensors")
     meta = header(out)
     assert meta["ss_output_name"] == "my_model" and meta["ss_sd_model_name"] == "colodiffusion-tiny"
-    assert meta["ss_base_model_version"] == "colodiffusion_tiny" and meta["ss_v2"] == "False"
+    assert meta["ss_base_model_version"] == "colodiffusion_tiny_v" and meta["ss_v2"] == "False"
     assert (meta["ss_num_train_images"], meta["ss_total_batch_size"], meta["ss_max_train_steps"]) == ("20", "20", "2")
     assert (meta["ss_steps"], meta["ss_learning_rate"], meta["ss_resolution"]) == ("2", "0.001", "(32, 32)")
     assert meta["ss_mixed_precision"] == "no" and meta["ss_seed"] == "0"

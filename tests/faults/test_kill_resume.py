@@ -165,7 +165,9 @@ def test_sigkill_in_every_component_phase_and_final_export(tmp_path, report):
     diff = differences(run_dir / "checkpoints" / "step_00000004", reference / "checkpoints" / "step_00000004")
     for part in ("components", "final"):
         a, b = _files(run_dir / part), _files(reference / part)
-        diff += [f"{part}/{k}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        # final/README.md, the model card, names its run folder and training times: present in both, not equal.
+        diff += [f"{part}/{k}" for k in sorted(a.keys() | b.keys())
+                 if a.get(k) != b.get(k) and not (part == "final" and k == "README.md" and k in a and k in b)]
     report["lost"] += [f"phase kill test: {d}" for d in diff[:10]]
     assert not diff, f"resumed run differs from the uninterrupted one in {diff[:5]}"
     assert not (run_dir / ".tmp-final").exists()

@@ -40,6 +40,10 @@ def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None =
         unet.set_attn_processor(FastAttnProcessor(p.fuse_qkv, p.sdpa_backend, by_head_dim))
     if p.param_dtype == "bf16":
         unet.to(torch.bfloat16)
+        if getattr(unet.config, "addition_embed_type", None) == "text":
+            # The pooled-caption embedding (tiny preset) layer-norms the fp32 context itself, and a bf16
+            # LayerNorm refuses fp32 input even under autocast: hand it the context in its own dtype.
+            unet.add_embedding.register_forward_pre_hook(lambda _, args: tuple(a.to(torch.bfloat16) for a in args))
     if p.channels_last:
         unet.to(memory_format=torch.channels_last)
     select_checkpointing(unet, p.activation_checkpointing)
