@@ -154,20 +154,19 @@ def cmd_eval(args) -> int:
     for flag in ("data", "clip_model", "fid_model"):
         if getattr(args, flag):
             _exists(getattr(args, flag), "--" + flag.replace("_", "-"))
-    from colodiffusion.evaluate import JUDGE_GUIDANCE, choose_scorer, evaluate_model, evaluate_own_data
+    from colodiffusion.evaluate import choose_scorer, evaluate_model, evaluate_own_data
 
     _threads()
     pipe = _load(args.model)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     plan = choose_scorer(args.model, args.data, native)
     print(plan.sentence, file=sys.stderr)
+    guidance = {} if args.guidance is None else {"guidance": args.guidance}  # else each scorer's own default
     if plan.scorer == "shapes":
-        guidance = JUDGE_GUIDANCE if args.guidance is None else args.guidance
         result = {"scorer": "shapes", **evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps,
-                                                       guidance=guidance, sampler=args.sampler, out_dir=args.out)}
+                                                       sampler=args.sampler, out_dir=args.out, **guidance)}
     else:
-        guidance = 4.0 if args.guidance is None else args.guidance
-        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, guidance=guidance,
+        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, **guidance,
                                    sampler=args.sampler, clip_model=args.clip_model, fid_model=args.fid_model,
                                    out_dir=args.out)
         if "note" in result:
