@@ -1,0 +1,136 @@
+"""Loading a `Config`: the schema's defaults, then YAML file(s), then `key=value` overrides; validated.
+
+`load_config` fails with one `ConfigError` sentence that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from colodiffusion.config.compat import SEED_KEYS, SEED_OVERRIDES, _flat_keys, _refuse_seed_layout
+from colodiffusion.config.errors import ConfigError
+from colodiffusion.config.schema import Config, _walk
+from colodiffusion.config.validation import validate
+
+def _allowed_keys(node: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
+
+
+def _node_at(path: str) -> Any:
+    node: Any = Config()
+    for part in path.split(".")[:-1]:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _friendly(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
+        if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
+            return ConfigError(f"config key '{key}' in {where} is the seed's; use {ours} here.")
+        parent = _node_at(key)
+        allowed = _allowed_keys(parent) if parent is not None else _allowed_keys(Config())
+        return ConfigError(f"unknown config key '{key}' in {where}; allowed keys here are: {allowed}.")
+    if "Value '" in msg or "could not be converted" in msg or "Invalid type" in msg:
+        return ConfigError(f"config key '{key}' in {where} has the wrong type ({msg}).")
+    return ConfigError(f"config key '{key}' in {where} is invalid: {msg}")
+
+
+
+def _yaml_where(exc: Exception, path: Path) -> str:
+    """' at line L, column C: what was wrong' from a YAML error (1-based, as editors count)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None:
+        return f": {(str(exc).splitlines() or [''])[0]}"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    try:
+        line = path.read_text(errors="replace").splitlines()[mark.line]
+    except (OSError, IndexError):
+        line = ""
+    if "\t" in line[:mark.column + 1]:
+        where += "; YAML cannot indent with tabs, use spaces"
+    return where + "."
+
+
+def refuse_interpolations(node: Any, where: str, prefix: str = "") -> None:
+    """ConfigError for any `${...}` in a config's raw values: values are taken as written and never
+    resolved, so an environment variable (a token) cannot be copied into config.yaml, sample prompts,
+    tracker names or an exported model's metadata."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            refuse_interpolations(value, where, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            refuse_interpolations(value, where, f"{prefix}{i}.")
+    elif isinstance(node, str) and "${" in node:
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' in {where} is an interpolation ({node[:80]!r}); values are "
+                          "taken as written and ${...} is never resolved, so that no environment variable or secret "
+                          "lands in config.yaml, prompts or tracker names: write the value itself.")
+
+
+def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file(s) at `path` (a list is merged left to right, as the seed's `-b a b`),
+    then `key=value` overrides; validated."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    required: set[str] = set()  # keys a recipe marks '???' (and no later file sets): the user must give them
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist.")
+        try:
+            data = OmegaConf.load(p)
+        except Exception as exc:  # YAML syntax errors come in many types
+            raise ConfigError(f"config file '{p}' is not valid YAML{_yaml_where(exc, p)}") from None
+        _refuse_seed_layout(data, p)
+        refuse_interpolations(OmegaConf.to_container(data, resolve=False), f"'{p}'")
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as exc:
+            raise _friendly(exc, f"'{p}'") from None
+        missing = set(OmegaConf.missing_keys(data))  # (merge keeps a value over '???', so read them from the file)
+        given = set(_flat_keys(OmegaConf.to_container(data, resolve=False))) if OmegaConf.is_dict(data) else set()
+        required = (required - given) | missing
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200).")
+        key = item.split("=", 1)[0]
+        if "${" in item.split("=", 1)[1]:
+            refuse_interpolations({key: item.split("=", 1)[1]}, f"override '{key}=...'")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _friendly(exc, f"override '{item}'") from None
+        except Exception as exc:
+            raise ConfigError(f"override '{item}' for key '{key}' could not be parsed: {exc}.") from None
+        required.discard(key)
+    if required:
+        keys = [k for k, _, _ in _walk(Config()) if k in required] or sorted(required)
+        files = ", ".join(f"'{p}'" for p in paths)
+        raise ConfigError(f"{' and '.join(keys)} must be given: {files} leave{'' if len(paths) > 1 else 's'} {'them' if len(keys) > 1 else 'it'} "
+                          f"to you ('???', see the comment at its top); add {' '.join(k + '=...' for k in keys)} "
+                          "to the command line.")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _friendly(exc, "the config") from None
+    validate(cfg)
+    return cfg
+
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
