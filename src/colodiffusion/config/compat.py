@@ -60,8 +60,8 @@ def _refuse_seed_layout(data: Any, path: Path) -> None:
         return
     flat = _flat_keys(OmegaConf.to_container(data, resolve=False))
     found = [f"{k} -> {v}" for k, v in SEED_KEYS.items() if any(f == k or f.startswith(k + ".") for f in flat)]
-    raise ConfigError(f"config file '{path}' is in the seed's latent-diffusion layout (model.target, lightning:), which "
-                      f"this schema does not read; write its keys as ours: {'; '.join(found) or 'see the table'} "
+    raise ConfigError(f"config file '{path}' is in the seed's latent-diffusion layout (model.target, lightning:), "
+                      f"which this schema does not read; write its keys as ours: {'; '.join(found) or 'see the table'} "
                       "(README: 'Coming from the seed project').")
 
 
@@ -76,7 +76,8 @@ KOHYA_SUBSET_KEYS = {"image_dir": "path", "num_repeats": "repeats", "caption_ext
                      "class_tokens": "class_tokens", "shuffle_caption": "shuffle_caption", "keep_tokens": "keep_tokens",
                      "caption_tag_dropout_rate": "tag_dropout"}
 KOHYA_DATASET_KEYS = {"resolution": "data.resolution", "batch_size": "train.batch_size (the global batch)",
-                      "enable_bucket": "data.bucketing", "flip_aug": "data.random_flip", "random_crop": "data.crop=random",
+                      "enable_bucket": "data.bucketing", "flip_aug": "data.random_flip",
+                      "random_crop": "data.crop=random",
                       "caption_dropout_rate": "diffusion.caption_dropout", "is_reg": "data.class_path"}
 
 
@@ -143,9 +144,11 @@ def _read_dataset_toml(path: str) -> tuple[dict, list[SubsetConfig]]:
             raise ConfigError(f"{where}: {what} must be a table.")
         for key in table:
             if key in KOHYA_DATASET_KEYS:
-                raise ConfigError(f"{where}: '{key}' in {what} is set here with {KOHYA_DATASET_KEYS[key]}, not in the TOML.")
+                raise ConfigError(f"{where}: '{key}' in {what} is set here with {KOHYA_DATASET_KEYS[key]}, "
+                                  "not in the TOML.")
             if key not in KOHYA_SUBSET_KEYS:
-                raise ConfigError(f"{where}: '{key}' in {what} is not read here; the keys are: {', '.join(KOHYA_SUBSET_KEYS)}.")
+                raise ConfigError(f"{where}: '{key}' in {what} is not read here; the keys are: "
+                                  f"{', '.join(KOHYA_SUBSET_KEYS)}.")
         return {KOHYA_SUBSET_KEYS[k]: v for k, v in table.items()}
 
     general = ours(doc.get("general", {}), "[general]")

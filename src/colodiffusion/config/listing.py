@@ -38,7 +38,7 @@ def field_docs() -> dict[str, str]:
 
 def _show(value: Any) -> str:
     """A value as it would be written in a key=value override."""
-    if isinstance(value, str) and value and value.strip() == value and not value[0] in "[{'\"":
+    if isinstance(value, str) and value and value.strip() == value and value[0] not in "[{'\"":
         return value
     return json.dumps(value, default=dataclasses.asdict)  # (data.subsets holds SubsetConfig entries)
 

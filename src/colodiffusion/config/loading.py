@@ -76,9 +76,9 @@ def refuse_interpolations(node: Any, where: str, prefix: str = "") -> None:
         for i, value in enumerate(node):
             refuse_interpolations(value, where, f"{prefix}{i}.")
     elif isinstance(node, str) and "${" in node:
-        raise ConfigError(f"config key '{prefix.rstrip('.')}' in {where} is an interpolation ({node[:80]!r}); values are "
-                          "taken as written and ${...} is never resolved, so that no environment variable or secret "
-                          "lands in config.yaml, prompts or tracker names: write the value itself.")
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' in {where} is an interpolation ({node[:80]!r}); "
+                          "values are taken as written and ${...} is never resolved, so that no environment "
+                          "variable or secret lands in config.yaml, prompts or tracker names: write the value itself.")
 
 
 def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list[str] = ()) -> Config:
@@ -120,7 +120,8 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
     if required:
         keys = [k for k, _, _ in _walk(Config()) if k in required] or sorted(required)
         files = ", ".join(f"'{p}'" for p in paths)
-        raise ConfigError(f"{' and '.join(keys)} must be given: {files} leave{'' if len(paths) > 1 else 's'} {'them' if len(keys) > 1 else 'it'} "
+        leave, them = "leave" if len(paths) > 1 else "leaves", "them" if len(keys) > 1 else "it"
+        raise ConfigError(f"{' and '.join(keys)} must be given: {files} {leave} {them} "
                           f"to you ('???', see the comment at its top); add {' '.join(k + '=...' for k in keys)} "
                           "to the command line.")
     try:

@@ -45,15 +45,18 @@ class ModelConfig:
     none or for model.init=scratch."""
     text_encoder: Optional[str] = None
     """The frozen CLIP text encoder's folder (or diffusers folder with text_encoder/) or Hub id, e.g.
-    openai/clip-vit-large-patch14 as the seed's cond_stage_config (for model.init=scratch); None takes model.pretrained's."""
+    openai/clip-vit-large-patch14 as the seed's cond_stage_config (for model.init=scratch); None takes
+    model.pretrained's."""
     init: str = choice("pretrained", "pretrained", "scratch")
     """pretrained: the UNet starts from model.pretrained's weights; scratch: a freshly initialised UNet of
     model.preset (training from scratch) with the frozen tokenizer, text encoder and VAE still taken from
     model.pretrained (or model.tokenizer / model.text_encoder / model.vae)."""
     revision: Optional[str] = None
-    """Hub ids only: the branch, tag or commit of model.pretrained (and of model.vae / tokenizer / text_encoder) to load."""
+    """Hub ids only: the branch, tag or commit of model.pretrained (and of model.vae / tokenizer / text_encoder) to
+    load."""
     variant: Optional[str] = None
-    """Weights variant to load from diffusers folders and Hub ids, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."""
+    """Weights variant to load from diffusers folders and Hub ids, e.g. fp16
+    (diffusion_pytorch_model.fp16.safetensors)."""
     pretrained_ema: bool = False
     """Start from the EMA weights (model_ema.*) of a single-file `pretrained` instead of its raw weights."""
     train_text_encoder: bool = False
@@ -94,12 +97,11 @@ class DiffusionConfig:
     beta_schedule: str = choice("scaled_linear", "scaled_linear", "linear", "squaredcos_cap_v2")
     """Shape of the beta schedule."""
     min_snr_gamma: Optional[float] = 5.0
-    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value, it converges faster); null trains with plain MSE."""
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value, it converges faster); null trains
+    with plain MSE."""
     high_noise_weight: float = 0.0
-    """Added to every step's weight on the error of the implied clean image x0, on top of min(SNR, gamma): the
-    noisiest steps otherwise weigh ~SNR (0.005 at SD's last step). 1.0 is v-prediction's plain weight (SNR + 1).
-    Measured on the tiny run (bench/NOTES.md): it buys colour at those steps and costs shape (0.93 at 0, 0.78 at
-    0.25, 0.66 at 1.0), so 0 stays the default."""
+    """Added to every step's weight on the error of the implied clean image x0, on top of min(SNR, gamma), so
+    the noisiest steps (otherwise ~SNR) count; 1.0 is v-prediction's plain weight (SNR + 1). Why 0: docs/defaults.md."""
     offset_noise: float = 0.0
     """Strength of per-channel offset noise (0.05-0.1 helps very dark/bright images); 0 disables."""
     caption_dropout: float = 0.1
@@ -146,7 +148,8 @@ class DataConfig:
     caption_extension: str = ".txt"
     """folder: the caption file beside an image is its name with this extension (kohya's caption_extension)."""
     resolution: int = 32
-    """Square training resolution in pixels (latents are resolution / VAE factor): 32 for tiny, 512 for sd15, 768 for sd2."""
+    """Square training resolution in pixels (latents are resolution / VAE factor): 32 for tiny, 512 for sd15, 768 for
+    sd2."""
     num_samples: int = 20000
     """Size of one epoch of the synthetic shapes dataset."""
     num_workers: int = 0
@@ -312,9 +315,11 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters instead of full fine-tuning."""
     max_bad_steps: int = 10
-    """Stop the run after this many consecutive steps with a non-finite loss or gradient (their updates are skipped); 0 never stops."""
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (their updates are skipped);
+    0 never stops."""
     preempt_check_every: int = 10
-    """In distributed runs, agree on a SIGTERM/SIGUSR1 stop every N steps (one tiny all-reduce); single-process runs check every step."""
+    """In distributed runs, agree on a SIGTERM/SIGUSR1 stop every N steps (one tiny all-reduce); single-process runs
+    check every step."""
     max_epochs: int = 0
     """Stop after this many passes over the data (the seed's max_epochs); train.max_steps still caps the
     run (the smaller wins, and the LR schedule spans it). 0: train.max_steps alone decides."""
@@ -381,17 +386,11 @@ class ParallelConfig:
 
 @dataclass
 class PerfConfig:
-    """Speed and memory levers for the UNet training step (applied by `train/perf.py` and
-    `train/optim.py`). The defaults are the plain eager path: a lever is on by default only after it
-    measured faster on a GPU, and none has measured faster by itself (figures: bench/RESULTS.md).
-    `colodiffusion bench --fast` and configs/sd15_gpu.yaml turn on the one measured-faster set
-    (compile=full, param_dtype=bf16, channels_last, fuse_qkv: 1.43x the diffusers-default loop at
-    batch 32 on an H100). `docs/performance.md` says what each lever buys."""
+    """Speed and memory levers for the UNet training step (applied by `train/perf.py` and `train/optim.py`).
+    The defaults are the plain eager path; `colodiffusion bench --fast` and configs/sd15_gpu.yaml turn on
+    the measured-faster set. What each lever buys, with the figures: docs/performance.md."""
     compile: str = choice("none", "none", "full")
-    """torch.compile the whole UNet (static shapes). H100, sd15, batch 32, with the other --fast levers:
-    121.4 img/s (1.43x the diffusers-default loop), first step 120 s; without it 81.3 img/s (0.96x).
-    (Compiling each down/mid/up block separately was dropped: it never finished warming up on the H100
-    and ran 40% slower on the CPU: the SD blocks all differ in shape, so it compiled as much.)"""
+    """torch.compile the whole UNet (static shapes); its figures: docs/performance.md."""
     compile_mode: str = choice(
         "default", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"
     )
@@ -405,12 +404,10 @@ class PerfConfig:
     coordinate_descent_tuning: bool = False
     """Inductor: coordinate-descent tuning of the generated kernels' block sizes (unmeasured; longer compile)."""
     cudnn_benchmark: bool = True
-    """CUDA: let cuDNN time its convolution algorithms at each new shape and keep the fastest (every GPU
-    figure so far ran with it, as the anchor does), with TF32 for fp32 leftovers under bf16/fp16 autocast.
-    Off: no autotuning workspaces in the warm-up's memory peak (the memory recipe)."""
+    """CUDA: let cuDNN time its convolution algorithms at each new shape and keep the fastest, with TF32 for
+    fp32 leftovers under bf16/fp16 autocast; off keeps autotuning workspaces out of the memory peak."""
     channels_last: bool = False
-    """Keep UNet weights and activations in NHWC (channels-last) memory format. Part of the measured
-    1.43x set under compile=full; in eager it is slower (CUDA GroupNorm copies NHWC to NCHW and back)."""
+    """Keep UNet weights and activations in NHWC (channels-last) memory format (faster under compile=full only)."""
     sdpa_backend: str = choice("auto", "auto", "flash", "cudnn", "efficient", "math")
     """Attention kernel for scaled_dot_product_attention; auto lets PyTorch choose per call."""
     sdpa_by_head_dim: str = ""
@@ -453,7 +450,8 @@ class EvalConfig:
     """Image-quality metrics from local weights (nothing is downloaded): `colodiffusion eval` and, with
     eval.every, during training (on the held-out data)."""
     clip_model: Optional[str] = None
-    """Local transformers CLIP folder (e.g. openai/clip-vit-large-patch14 saved with save_pretrained) for the CLIP score."""
+    """Local transformers CLIP folder (e.g. openai/clip-vit-large-patch14 saved with save_pretrained) for the CLIP
+    score."""
     fid_model: Optional[str] = None
     """Local transformers image-encoder folder (CLIP, DINOv2, ViT, ...) whose pooled features FID compares
     (the Frechet distance of generated and held-out images in that feature space)."""

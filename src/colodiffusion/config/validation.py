@@ -125,11 +125,13 @@ def _check_folder(d: DataConfig) -> None:
         raise ConfigError("data.source=folder needs data.path: a folder of images with .txt captions (or data.subsets, "
                           "or a kohya dataset TOML in data.dataset_config).")
     if len(given) > 1:
-        raise ConfigError(f"give one of data.path, data.subsets and data.dataset_config, not {' and '.join('data.' + k for k in given)}.")
+        raise ConfigError("give one of data.path, data.subsets and data.dataset_config, not "
+                          f"{' and '.join('data.' + k for k in given)}.")
     if d.path and not Path(d.path).is_dir():
         raise ConfigError(f"config key 'data.path' points to '{d.path}', which is not a folder.")
     if not d.caption_extension.startswith("."):
-        raise ConfigError(f"config key 'data.caption_extension' is '{d.caption_extension}'; it must start with a dot (.txt, .caption).")
+        raise ConfigError(f"config key 'data.caption_extension' is '{d.caption_extension}'; it must start with a dot "
+                          "(.txt, .caption).")
     folder_subsets(d)  # a subset (or the TOML) that cannot work: one sentence now
 
 
@@ -178,7 +180,8 @@ def _check_model(cfg: Config) -> None:
     if m.init == "scratch" and m.preset != "tiny" and not (m.pretrained or (m.text_encoder and m.vae)):
         raise ConfigError(f"model.init=scratch with model.preset={m.preset} needs its frozen parts: set "
                           "model.pretrained (a folder or Hub id with text_encoder/, tokenizer/ and vae/), or "
-                          "model.text_encoder and model.vae (and model.tokenizer if the text encoder's folder has none).")
+                          "model.text_encoder and model.vae (and model.tokenizer if the text encoder's folder has "
+                          "none).")
     if cfg.train.optimizer != "adamw" and cfg.perf.optimizer != "adamw":
         raise ConfigError(f"perf.optimizer={cfg.perf.optimizer} is AdamW with 8-bit states; it does not combine with "
                           f"train.optimizer={cfg.train.optimizer}.")
@@ -230,11 +233,13 @@ def _check_own_data(cfg: Config) -> None:
         if value and not Path(value).exists():
             raise ConfigError(f"config key '{key}' points to '{value}', which does not exist.")
     if d.val_path and d.val_fraction:
-        raise ConfigError("give data.val_path or data.val_fraction, not both: both say where validation data comes from.")
+        raise ConfigError("give data.val_path or data.val_fraction, not both: both say where validation data comes "
+                          "from.")
     if d.val_path and d.source == "shapes":
         raise ConfigError("data.val_path is for image sources; for shapes data use data.val_fraction.")
     if d.class_path and not Path(d.class_path).is_dir():
-        raise ConfigError(f"config key 'data.class_path' points to '{d.class_path}', which is not a folder of class images.")
+        raise ConfigError(f"config key 'data.class_path' points to '{d.class_path}', which is not a folder of class "
+                          "images.")
     if d.source == "latents" and (d.shuffle_caption or d.tag_dropout or d.class_path):
         raise ConfigError("data.shuffle_caption, data.tag_dropout and data.class_path need captions and images at "
                           "training time; a latent cache stores finished text contexts: train from the images.")
@@ -279,12 +284,15 @@ def _check_perf(cfg: Config) -> None:
 def _check_parallel(cfg: Config) -> None:
     p = cfg.parallel
     if p.zero == 1 and p.strategy == "fsdp":
-        raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: use 2 or 3.")
+        raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: "
+                          "use 2 or 3.")
     if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
-        raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini for ZeRO-3.")
+        raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini "
+                          "for ZeRO-3.")
     if p.strategy in ("ddp", "deepspeed", "colossalai") and (p.tp != 1 or p.dp_replicate != 1):
         raise ConfigError(f"parallel.strategy={p.strategy} replicates or shards over all ranks: parallel.tp ({p.tp}) "
-                          f"and parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine them).")
+                          f"and parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine "
+                          "them).")
     if p.strategy == "deepspeed":
         _check_deepspeed(cfg)
     if p.strategy == "colossalai":
@@ -293,9 +301,11 @@ def _check_parallel(cfg: Config) -> None:
         _check_gemini(cfg)
     if p.deepspeed_config is not None:
         if p.strategy != "deepspeed":
-            raise ConfigError(f"parallel.deepspeed_config is only read by parallel.strategy=deepspeed (strategy is {p.strategy}).")
+            raise ConfigError("parallel.deepspeed_config is only read by parallel.strategy=deepspeed "
+                              f"(strategy is {p.strategy}).")
         if not Path(p.deepspeed_config).is_file():
-            raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', which is not a file.")
+            raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', "
+                              "which is not a file.")
 
 
 def _check_deepspeed(cfg: Config) -> None:
@@ -303,10 +313,12 @@ def _check_deepspeed(cfg: Config) -> None:
     if p.async_checkpoint:
         raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
     if p.offload_params and p.zero != 3:
-        raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 partitions parameters.")
+        raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 "
+                          "partitions parameters.")
     if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
-        raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave perf.param_dtype=fp32, "
-                          "perf.optimizer=adamw and perf.optimizer_offload=false (use precision and parallel.offload).")
+        raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave "
+                          "perf.param_dtype=fp32, perf.optimizer=adamw and perf.optimizer_offload=false (use precision "
+                          "and parallel.offload).")
 
 
 def _check_colossalai(cfg: Config) -> None:
@@ -318,8 +330,8 @@ def _check_colossalai(cfg: Config) -> None:
         raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
                           "(parallel.offload_optim_frac / offload_param_frac) or none.")
     if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
-        raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave perf.param_dtype=fp32 "
-                          "and perf.optimizer_offload=false.")
+        raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave "
+                          "perf.param_dtype=fp32 and perf.optimizer_offload=false.")
 
 
 GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}

@@ -143,7 +143,7 @@ def _write_errors_after(engine):
 class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
 
-    def __init__(self, cfg: Config):  # (its config-only refusals are config.py's, at load)
+    def __init__(self, cfg: Config):  # (its config-only refusals are config/validation.py's, at load)
         self.ds = import_deepspeed()
         super().__init__(cfg)
         for key, value in (("LOCAL_RANK", 0), ("RANK", 0), ("WORLD_SIZE", 1)):

@@ -41,7 +41,7 @@ class ParallelDims:
     def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
         """DDP replicates over every rank; FSDP shards over what dp_replicate and tp leave."""
         p = cfg.parallel
-        if p.strategy == "ddp":  # (tp and dp_replicate are 1: config.py refuses others at load)
+        if p.strategy == "ddp":  # (tp and dp_replicate are 1: config/validation.py refuses others at load)
             return cls(world_size, 1, 1, world_size)
         inner = p.dp_replicate * p.tp
         if world_size % inner:
