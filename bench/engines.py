@@ -244,7 +244,7 @@ def cmd_fixture(args, emit: Emitter) -> int:
     preset = get_preset(args.preset)
     out = Path(args.out)
     cfg = load(None, ["data.num_samples=256"])
-    tok = train_clip_tokenizer(caption_corpus(cfg, build_dataset(cfg)),
+    tok = train_clip_tokenizer(caption_corpus(cfg.data, build_dataset(cfg)),
                                max_length=preset.text_encoder["max_position_embeddings"])
     tok.save_pretrained(out / "tokenizer")
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def test_diffusers_to_train_to_single_file_round_trip(finetuned, tmp_path, suffi
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in sd)
     assert any(k.startswith("first_stage_model.encoder.down.") for k in sd)
     assert any(k.startswith("cond_stage_model.transformer.text_model.encoder.layers.") for k in sd)
-    conv, _ = convert_file(out, Config())
+    conv, _ = convert_file(out, Config().model)
     assert conv.unused == [] and conv.ignored == []  # every key of the file is one model weight
     cfg = Config()
     cfg.model.pretrained = str(out)
@@ -137,7 +137,7 @@ def test_ema_keys_import_with_and_without_ema(tmp_path):
     averaged = load_single_file(path, cfg)
     assert_same(ema, averaged.unet.state_dict(), "EMA weights")
     assert_same(vae.state_dict(), averaged.vae.state_dict(), "vae")
-    assert convert_file(path, cfg)[0].unused == []
+    assert convert_file(path, cfg.model)[0].unused == []
     # A file without EMA keys cannot give EMA weights: one sentence, not a silent fallback.
     plain = save_single_file(tmp_path / "plain.safetensors", unet, vae, text, tok, raw.noise_scheduler)
     with pytest.raises(ConfigError, match="no EMA weights"):
@@ -203,7 +203,7 @@ def test_sd1_shaped_single_file_without_metadata_imports(tmp_path):
     assert_same(text.state_dict(), comps.text_encoder.state_dict(), "text encoder")
     assert list(comps.unet.config.down_block_types) == list(unet.config.down_block_types)
     assert comps.prediction_type == "epsilon"
-    conv, _ = convert_file(path, cfg)
+    conv, _ = convert_file(path, cfg.model)
     assert conv.unused == [] and sorted(conv.ignored) == sorted(["alphas_cumprod", "betas", pos])
     x = torch.randn(1, 4, 8, 8)
     ctx = torch.randn(1, 16, 32)
@@ -256,7 +256,7 @@ def test_sd2_shaped_openclip_file_drops_the_last_block(tmp_path):
     expected = {k: v for k, v in full.state_dict().items() if not k.startswith("encoder.layers.2.")}
     assert_same(expected, comps.text_encoder.state_dict(), "text encoder")
     assert comps.prediction_type == "v_prediction"
-    conv, _ = convert_file(path, cfg)
+    conv, _ = convert_file(path, cfg.model)
     assert conv.unused == [] and any("resblocks.2." in k for k in conv.ignored)
 
 

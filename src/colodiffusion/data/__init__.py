@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-from colodiffusion.config import Config, ConfigError
+from colodiffusion.config import Config, ConfigError, DataConfig
 
 # Optional packages the image sources import, and the extra that installs each.
 EXTRAS = {"braceexpand": "data", "pyarrow": "data", "webdataset": "data", "fsspec": "s3", "s3fs": "s3"}
@@ -44,18 +44,21 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Optional[Dataset]]:
         if d.val_path:
             source = build_dataset(replace(cfg, data=replace(d, path=d.val_path)))
             val = SampleView([Part(source, list(range(len(source))))])
-        return training_view(cfg, dataset, val_indices, _class_images(cfg)), val
+        class_images = None
+        if d.class_path:
+            from colodiffusion.data.folder import FolderDataset
+
+            class_images = FolderDataset(d.class_path, _transform(cfg))
+        return training_view(d, cfg.train.seed, dataset, val_indices, class_images), val
     except ValueError as exc:
         raise ConfigError(str(exc).rstrip(".") + ".") from None
 
 
-def _class_images(cfg: Config) -> Optional[Dataset]:
-    if not cfg.data.class_path:
-        return None
-    from colodiffusion.data.folder import FolderDataset
+def _transform(cfg: Config):
+    """The image transform of data.*, seeded by train.seed; SDXL also reports each image's sizes."""
     from colodiffusion.data.transforms import ImageTransform
 
-    return FolderDataset(cfg.data.class_path, ImageTransform.from_config(cfg))
+    return ImageTransform.of(cfg.data, cfg.train.seed, report_sizes=cfg.model.preset == "sdxl")
 
 
 # The shapes demo's grid prompts: one of each shape, three colours.
@@ -83,14 +86,12 @@ def missing_extra(exc: ImportError, what: str) -> ConfigError:
 
 
 def _build_files_dataset(cfg: Config) -> Dataset:
-    from colodiffusion.data.transforms import ImageTransform
-
     d = cfg.data
     if d.source == "latents":
         from colodiffusion.data.latents import LatentDataset
 
         return LatentDataset(d.path)
-    transform = ImageTransform.from_config(cfg)
+    transform = _transform(cfg)
     if d.source == "folder":
         from colodiffusion.config import folder_subsets
         from colodiffusion.data.folder import FolderDataset, FolderSubsets
@@ -114,9 +115,9 @@ def _build_files_dataset(cfg: Config) -> Dataset:
     raise ConfigError(f"data.source '{d.source}' is not supported.")
 
 
-def caption_corpus(cfg: Config, dataset: Dataset) -> list[str]:
-    """Texts to train the tiny preset's tokenizer on."""
-    if cfg.data.source == "shapes":
+def caption_corpus(d: DataConfig, dataset: Dataset) -> list[str]:
+    """Texts to train the tiny preset's tokenizer on (`d`: data.*)."""
+    if d.source == "shapes":
         from colodiffusion.data.shapes import caption_corpus as shapes_corpus
 
         return shapes_corpus()

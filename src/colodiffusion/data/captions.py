@@ -23,10 +23,6 @@ class CaptionTags:
     dropout: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg) -> Optional["CaptionTags"]:
-        return cls.of(cfg.data)
-
-    @classmethod
     def of(cls, options) -> Optional["CaptionTags"]:
         """From data.* or one of data.subsets (shuffle_caption, keep_tokens, tag_dropout); None: captions as written."""
         o = options

@@ -18,13 +18,16 @@ import math
 from struct import error as struct_error
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from colodiffusion.storage.images import TURNED, orientation, to_rgb, upright
+
+if TYPE_CHECKING:
+    from colodiffusion.config import DataConfig
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The formats training decodes (GIF: its first frame). Pillow knows ~40 more, some with a long record of
@@ -172,11 +175,11 @@ class ImageTransform:
         return 4 * self.max_image_pixels + (1 << 20)
 
     @classmethod
-    def from_config(cls, cfg) -> "ImageTransform":
-        d = cfg.data
+    def of(cls, d: DataConfig, seed: int, report_sizes: bool = False) -> "ImageTransform":
+        """From data.* (a DataConfig), seeded by train.seed; `report_sizes` for SDXL's micro-conditioning."""
         return cls(d.resolution, d.crop, d.random_flip, d.min_size, d.max_aspect, d.max_punsafe, d.max_pwatermark,
                    d.max_image_pixels, buckets(d.resolution, d.bucket_max_aspect) if d.bucketing else None,
-                   cfg.train.seed, report_sizes=cfg.model.preset == "sdxl")
+                   seed, report_sizes=report_sizes)
 
     def check_meta(self, meta: Optional[dict]) -> None:
         """Metadata filters (img2dataset/LAION columns), applied before decoding."""

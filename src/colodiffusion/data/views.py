@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -21,6 +21,9 @@ from torch.utils.data import Dataset
 from colodiffusion.data.captions import CaptionTags
 from colodiffusion.data.source import ImageSource
 from colodiffusion.data.transforms import BadSample, Filtered, decode_caption
+
+if TYPE_CHECKING:
+    from colodiffusion.config import DataConfig
 
 VAL_STREAM = 0x5A17  # the held-out split's own seed stream (independent of the epoch orders)
 
@@ -156,10 +159,10 @@ def subset_parts(dataset: Dataset, indices: list[int], weight: Optional[float]) 
     return parts
 
 
-def training_view(cfg, dataset: Dataset, val_indices: list[int], class_source: Optional[Dataset]) -> Dataset:
-    """The samples a run trains on: `dataset` itself unless a split, repeats, class images or caption
-    controls are configured."""
-    d = cfg.data
+def training_view(d: DataConfig, seed: int, dataset: Dataset, val_indices: list[int],
+                  class_source: Optional[Dataset]) -> Dataset:
+    """The samples a run trains on (`d`: data.*, `seed`: train.seed): `dataset` itself unless a split,
+    repeats, class images or caption controls are configured."""
     held = set(val_indices)
     indices = expand([i for i in range(len(dataset)) if i not in held], repeat_counts(dataset), d.repeats)
     parts = subset_parts(dataset, indices, 1.0 if class_source is not None else None)
@@ -168,12 +171,12 @@ def training_view(cfg, dataset: Dataset, val_indices: list[int], class_source: O
         if not pool:
             raise ValueError(f"data.class_path '{d.class_path}' holds no class images with a repeat count above 0")
         parts.append(Part(class_source, [pool[j % len(pool)] for j in range(len(indices))], d.prior_loss_weight))
-    tags = CaptionTags.from_config(cfg)
+    tags = CaptionTags.of(d)
     if len(parts) == 1 and tags is None and parts[0].tags is False and indices == list(range(len(dataset))):
         return dataset
     if not indices:
         raise ValueError(f"no training samples are left in data.path '{d.path}' (held out, or repeat count 0)")
-    return SampleView(parts, tags, cfg.train.seed)
+    return SampleView(parts, tags, seed)
 
 
 def sample_prompts(dataset: Dataset, n: int = 4, skip: frozenset = frozenset()) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, is_hub_id, load_config
+from colodiffusion.config import Config, ConfigError, ModelConfig, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
@@ -74,8 +74,8 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
             f"model.pretrained '{path}' is not a diffusers model folder: it lacks {', '.join(missing)}/."
         )
     unet = _pretrained(UNet2DConditionModel, root / "unet", m.variant, "UNet")
-    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
-    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+    tokenizer, text_encoder, vae = frozen_parts(m, root)
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(m, root)))
 
 
 def load_sdxl(root: Path, cfg: Config) -> Components:
@@ -94,7 +94,7 @@ def load_sdxl(root: Path, cfg: Config) -> Components:
     vae = _pretrained(AutoencoderKL, vae_dir, v, "VAE")
     tokenizers = [_tokenizer(root / sub) for sub in ("tokenizer", "tokenizer_2")]
     return Components(tokenizers[0], freeze(encoders[0]), freeze(vae), unet,
-                      build_noise_scheduler(cfg, _prediction_type(cfg, root)), tokenizers[1], freeze(encoders[1]))
+                      build_noise_scheduler(cfg, _prediction_type(cfg.model, root)), tokenizers[1], freeze(encoders[1]))
 
 
 def build_scratch(cfg: Config) -> Components:
@@ -102,7 +102,7 @@ def build_scratch(cfg: Config) -> Components:
     tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the seed trains SD."""
     m = cfg.model
     root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
-    tokenizer, text_encoder, vae = frozen_parts(cfg, root)
+    tokenizer, text_encoder, vae = frozen_parts(m, root)
     preset = get_preset(m.preset)
     width = text_encoder.config.hidden_size
     if preset.unet["cross_attention_dim"] != width:
@@ -110,12 +110,11 @@ def build_scratch(cfg: Config) -> Components:
                           f"but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(preset)
-    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(cfg, root)))
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(m, root)))
 
 
-def frozen_parts(cfg: Config, root: Optional[Path]) -> tuple:
+def frozen_parts(m: ModelConfig, root: Optional[Path]) -> tuple:
     """(tokenizer, text encoder, VAE), each from its own key when set, else from the folder `root`."""
-    m = cfg.model
     te_root = hub.resolve(m.text_encoder, "model.text_encoder", m.revision, m.variant) or root
     tok_root = hub.resolve(m.tokenizer, "model.tokenizer", m.revision) or (root if root and _has(root, "tokenizer") else te_root)
     vae_root = hub.resolve(m.vae, "model.vae", m.revision, m.variant) or root
@@ -153,13 +152,13 @@ def _part(folder: Path, sub: str, marker: str, key: str) -> Path:
     raise ConfigError(f"'{folder}' (from {key} or model.pretrained) has no {sub}: neither {sub}/{marker} nor {marker}.")
 
 
-def _prediction_type(cfg: Config, root: Optional[Path]) -> str:
+def _prediction_type(m: ModelConfig, root: Optional[Path]) -> str:
     """model.prediction_type, else the folder's scheduler's, else the preset's."""
-    prediction_type = cfg.model.prediction_type
+    prediction_type = m.prediction_type
     if prediction_type is None and root is not None and _has(root, "scheduler"):
         bounds.check_folder(root / "scheduler", "scheduler")
         prediction_type = DDPMScheduler.load_config(root, subfolder="scheduler").get("prediction_type")
-    return prediction_type or get_preset(cfg.model.preset).prediction_type
+    return prediction_type or get_preset(m.preset).prediction_type
 
 
 @dataclass

@@ -16,6 +16,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from colodiffusion.config import LoRAConfig
 from colodiffusion.storage.files import match_umask
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -26,9 +27,9 @@ def has_lora(module: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def apply_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg) -> None:
-    """Freeze the base weights and add trainable adapters (no-op when train.lora.rank is 0)."""
-    lc = cfg.train.lora
+def apply_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, lc: LoRAConfig, train_text_encoder: bool) -> None:
+    """Freeze the base weights and add trainable adapters (no-op when train.lora.rank is 0); with
+    `train_text_encoder` (model.train_text_encoder) the text encoder's own weights stay trainable."""
     if not lc.rank:
         return
     alpha = lc.alpha if lc.alpha is not None else lc.rank
@@ -37,7 +38,7 @@ def apply_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg) -> Non
     unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                 target_modules=list(lc.target_modules)))
     if lc.text_encoder:
-        if not cfg.model.train_text_encoder:
+        if not train_text_encoder:
             text_encoder.requires_grad_(False)
         # peft directly: transformers' own `add_adapter` insists on a newer peft than diffusers needs.
         inject_adapter_in_model(LoraConfig(r=lc.rank, lora_alpha=alpha, init_lora_weights="gaussian",

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, refuse_interpolations
+from colodiffusion.config import Config, ConfigError, ModelConfig, refuse_interpolations
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, ldm_convert
 from colodiffusion.models.components import Components, freeze
@@ -96,7 +96,7 @@ def read_meta(path: str | Path) -> Optional[dict]:
     return read_checkpoint(path)[1]
 
 
-def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
+def _tokenizer(meta: Optional[dict], m: ModelConfig, path: Path) -> CLIPTokenizer:
     if meta and "tokenizer" in meta:
         files = meta["tokenizer"]
         bad = ([repr(n) for n, t in files.items() if n not in TOKENIZER_FILES or not isinstance(t, str)]
@@ -108,12 +108,12 @@ def _tokenizer(meta: Optional[dict], cfg: Config, path: Path) -> CLIPTokenizer:
             for name, text in files.items():
                 (Path(tmp) / name).write_text(text)
             return CLIPTokenizer.from_pretrained(tmp)
-    if not cfg.model.tokenizer:
+    if not m.tokenizer:
         raise ConfigError(
             f"'{path}' carries no tokenizer: set model.tokenizer to a local CLIP tokenizer folder "
             "(e.g. the tokenizer/ folder of a diffusers Stable Diffusion model)."
         )
-    root = Path(cfg.model.tokenizer)
+    root = Path(m.tokenizer)
     root = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     bounds.check_folder(root, "tokenizer")
     return CLIPTokenizer.from_pretrained(root)
@@ -156,7 +156,7 @@ def _load(build: Callable[[], torch.nn.Module], config: dict, sd: dict, what: st
 def load_single_file(path: str | Path, cfg: Config):
     """Components from a single-file checkpoint; raises ConfigError with one sentence on a bad file."""
     path = Path(path)
-    conv, meta = convert_file(path, cfg)
+    conv, meta = convert_file(path, cfg.model)
     unet = _load(lambda: UNet2DConditionModel.from_config(conv.unet_config), conv.unet_config, conv.unet, "UNet", path)
     if cfg.model.vae:
         bounds.check_folder(Path(cfg.model.vae), "VAE")
@@ -164,23 +164,23 @@ def load_single_file(path: str | Path, cfg: Config):
            else _load(lambda: AutoencoderKL.from_config(conv.vae_config), conv.vae_config, conv.vae, "VAE", path))
     text_encoder = _load(lambda: CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text_config, conv.text,
                          "text encoder", path)
-    tokenizer = _tokenizer(meta, cfg, path)
+    tokenizer = _tokenizer(meta, cfg.model, path)
     guessed = get_preset("sd2" if ldm_convert.is_openclip(conv.text_config) else "sd15").prediction_type
     prediction_type = cfg.model.prediction_type or conv.prediction_type or guessed
     return Components(tokenizer, freeze(text_encoder), freeze(vae), unet, build_noise_scheduler(cfg, prediction_type))
 
 
-def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, Optional[dict]]:
+def convert_file(path: str | Path, m: ModelConfig) -> tuple[ldm_convert.Converted, Optional[dict]]:
     """The file's weights as diffusers state dicts (and our metadata, if it is our export); every key
     must be converted or a known buffer."""
     path = Path(path)
     sd, meta = read_checkpoint(path)
     original = None
-    if cfg.model.original_config:
+    if m.original_config:
         from omegaconf import OmegaConf
 
-        original = OmegaConf.to_container(OmegaConf.load(cfg.model.original_config), resolve=False)
-        refuse_interpolations(original, f"model.original_config '{cfg.model.original_config}'")
+        original = OmegaConf.to_container(OmegaConf.load(m.original_config), resolve=False)
+        refuse_interpolations(original, f"model.original_config '{m.original_config}'")
     if meta is not None:
         bad = [k for k in ("unet", "vae", "text_encoder") if not isinstance(meta.get(k), dict)]
         if bad:
@@ -188,7 +188,7 @@ def convert_file(path: str | Path, cfg: Config) -> tuple[ldm_convert.Converted, 
     if not any(k.startswith(ldm_convert.UNET) for k in sd):
         raise ConfigError(f"'{path}' is not a Stable Diffusion checkpoint in the LDM layout (no model.diffusion_model.* keys).")
     try:
-        conv = ldm_convert.from_ldm(sd, original=original, configs=meta, use_ema=cfg.model.pretrained_ema)
+        conv = ldm_convert.from_ldm(sd, original=original, configs=meta, use_ema=m.pretrained_ema)
     except (KeyError, ValueError, StopIteration) as exc:
         raise ConfigError(f"cannot read '{path}' as an SD 1.x/2.x checkpoint: {exc}.") from None
     if conv.unused:

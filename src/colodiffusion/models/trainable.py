@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from colodiffusion.config import LoRAConfig, ModelConfig
 from colodiffusion.models.components import Components, encode_context
 from colodiffusion.models.lora import apply_lora
 
@@ -25,16 +26,16 @@ class UNetWithTextEncoder(torch.nn.Module):
         return self.unet(x_t, t, self.text_encoder(input_ids)[0])
 
 
-def trains_text_encoder(cfg) -> bool:
-    return cfg.model.train_text_encoder or (cfg.train.lora.rank > 0 and cfg.train.lora.text_encoder)
+def trains_text_encoder(model: ModelConfig, lc: LoRAConfig) -> bool:
+    return model.train_text_encoder or (lc.rank > 0 and lc.text_encoder)
 
 
 def build_trainable(cfg, comps: Components) -> torch.nn.Module:
     """Apply LoRA (if configured) and return the module whose trainable parameters are optimized."""
     if cfg.model.train_text_encoder:
         comps.text_encoder.requires_grad_(True)
-    apply_lora(comps.unet, comps.text_encoder, cfg)
-    if trains_text_encoder(cfg):
+    apply_lora(comps.unet, comps.text_encoder, cfg.train.lora, cfg.model.train_text_encoder)
+    if trains_text_encoder(cfg.model, cfg.train.lora):
         return UNetWithTextEncoder(comps.unet, comps.text_encoder)
     return comps.unet
 
@@ -49,7 +50,7 @@ def text_input(cfg, comps: Components, captions: list[str], device: torch.device
     """The trained model's text input: token ids when it holds the text encoder, else the frozen
     encoder's output (computed without autograd); for SDXL the dict of the UNet's conditioning
     arguments, both encoders' outputs with the batch's (B, 6) size/crop `time_ids`."""
-    if trains_text_encoder(cfg):
+    if trains_text_encoder(cfg.model, cfg.train.lora):
         tok = comps.tokenizer
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(device)

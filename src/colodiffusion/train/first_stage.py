@@ -26,7 +26,7 @@ from colodiffusion.train import signals
 def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True) -> Components:
     """The run's components; for a preset without given frozen parts this trains its tokenizer on the
     captions and its autoencoder on the images (saved to `components_dir`, reused from there)."""
-    return build_components(cfg, components_dir, captions=lambda: caption_corpus(cfg, dataset),
+    return build_components(cfg, components_dir, captions=lambda: caption_corpus(cfg.data, dataset),
                             train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, device, show_progress))
 
 
