@@ -292,18 +292,6 @@ def step_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints whose manifest lists files of the right sizes, oldest first."""
-    out = []
-    for p in step_folders(root):
-        try:
-            verify(p, hashes=False)
-            out.append(p)
-        except CheckpointError:
-            pass
-    return out
-
-
 def find_latest(root: Path, log: Callable[[str], None] = print) -> Optional[Path]:
     """The newest checkpoint that verifies in full; a corrupt newer one is reported and skipped.
     None if `root` holds no checkpoint folder; CheckpointError if it holds some but none is intact."""

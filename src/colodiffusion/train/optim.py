@@ -148,10 +148,3 @@ class EMA:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. '{missing[0]}'")
         for t, n in zip(self.shadow, self.names):
             t.copy_(state[n])
-
-    @torch.no_grad()
-    def copy_to(self, named_params) -> None:
-        lookup = dict(zip(self.names, self.shadow))
-        for n, p in named_params:
-            if n in lookup:
-                p.copy_(lookup[n].to(p.dtype))

@@ -49,10 +49,6 @@ class QualityProbe:
         if self.features is not None and held_out.images is not None:
             self.real = self.features(held_out.images)
 
-    @property
-    def active(self) -> bool:
-        return self.clip is not None or self.real is not None
-
     def measure(self, pipe, steps: int, guidance: float, sampler: str, seed: int = 0) -> tuple[dict, list]:
         captions = self.held_out.captions
         images = generate(pipe, captions, [seed + i for i in range(len(captions))], steps=steps,
