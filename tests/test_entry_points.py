@@ -307,7 +307,7 @@ def test_txt2img_takes_the_seeds_flags_and_its_last_ckpt(tmp_path, tiny_model):
                          capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "is the seed's name for the last checkpoint" in out.stderr and "--config is not used" in out.stdout
+    assert "is the original project's name for the last checkpoint" in out.stderr and "--config is not used" in out.stdout
     a, b = (Image.open(tmp_path / "out" / "samples" / f"{i:05d}.png") for i in range(2))
     assert a.text["parameters"] == b.text["parameters"] and a.tobytes() == b.tobytes()  # --fixed_code: same noise
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--ckpt", str(tiny_model), "--C", "8",

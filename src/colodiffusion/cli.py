@@ -117,12 +117,12 @@ def _exists(path: str, what: str) -> None:
 
 
 def model_path(path: str) -> Path:
-    """The model a user names. The seed's `RUN/checkpoints/last.ckpt` (which a run here does not write)
+    """The model a user names. The original project's `RUN/checkpoints/last.ckpt` (which a run here does not write)
     is that run folder: its final/, or its newest checkpoint while it trains."""
     p = Path(path)
     if not p.exists() and p.name == "last.ckpt" and p.parent.name == "checkpoints" and p.parent.parent.is_dir():
         run = p.parent.parent
-        print(f"note: {p} is the seed's name for the last checkpoint; reading the run {run} (its final/, else its "
+        print(f"note: {p} is the original project's name for the last checkpoint; reading the run {run} (its final/, else its "
               "newest checkpoint)", file=sys.stderr)
         return run
     return p

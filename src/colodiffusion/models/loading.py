@@ -99,7 +99,7 @@ def load_sdxl(root: Path, cfg: Config) -> Components:
 
 def build_scratch(cfg: Config) -> Components:
     """model.init=scratch: a freshly initialised UNet of the preset (seeded by train.seed) with the frozen
-    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the seed trains SD."""
+    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the original project trains SD."""
     m = cfg.model
     root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
     tokenizer, text_encoder, vae = frozen_parts(cfg, root)

@@ -159,9 +159,9 @@ class Backend:
                 v.copy_(src[k])
         else:
             self.warn_no_ema(path.parent)
-            self.seed_ema(model, ema)
+            self.ema_from_model(model, ema)
 
-    def seed_ema(self, model, ema: dict) -> None:
+    def ema_from_model(self, model, ema: dict) -> None:
         """EMA := the current (just loaded) weights, for a checkpoint that holds none."""
         with torch.no_grad():
             for name, p in self.unwrap(model).named_parameters():

@@ -1,8 +1,8 @@
-"""Colossal-AI's Booster behind the backend interface, with the seed's plugins:
+"""Colossal-AI's Booster behind the backend interface, with the original project's plugins:
 
 - `torch_ddp`: PyTorch DDP through the Booster (CPU or GPU); precision by the Booster's torch AMP.
 - `low_level_zero`: ZeRO-1/2 (`parallel.zero`), optimizer offload with `parallel.offload=cpu`.
-- `gemini`: chunked ZeRO-3 with a placement policy: the seed's `cuda`, `cpu`, `auto`, or `static`
+- `gemini`: chunked ZeRO-3 with a placement policy: the original project's `cuda`, `cpu`, `auto`, or `static`
   fractions. Its optimizer must be Colossal-AI's own (GeminiOptimizer accepts only HybridAdam and
   its kin), so the trainer's AdamW settings are handed to HybridAdam, whose kernels Colossal-AI
   compiles on first use (nvcc and ninja needed).
@@ -28,7 +28,7 @@ from colodiffusion.storage import checkpoint, safe_load
 
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")
-# The seed's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
+# The original project's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
 PLACEMENTS = {"cuda": {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0},
               "cpu": {"shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}}
 

@@ -35,11 +35,11 @@ from colodiffusion.train.metadata import kohya_metadata, write_model_card
 from colodiffusion.train.optim import EMA, build_lr_scheduler, build_optimizer
 from colodiffusion.train.perf import apply_perf
 from colodiffusion.train.resume import choose_checkpoint
-from colodiffusion.train.quality import HeldOut, QualityProbe
+from colodiffusion.train.clip_fid_probe import HeldOut, QualityProbe
 from colodiffusion.train.telemetry import Telemetry
 from colodiffusion.train.trackers import Trackers, device_memory
 from colodiffusion.train.trackers import check_available as check_trackers
-from colodiffusion.train.validation import ValidationSet, build_validation, validation_loss
+from colodiffusion.train.val_loss import ValidationSet, build_validation, validation_loss
 
 
 @dataclass
@@ -54,7 +54,7 @@ class State:
     data_gen: torch.Generator  # caption dropout (on the CPU: no device sync to read it)
     step: int = 0
     guard: Optional[guards.NumericalGuard] = None  # skips and counts non-finite steps (train/guards.py)
-    val: Optional[ValidationSet] = None  # held-out samples for the validation loss (train/validation.py)
+    val: Optional[ValidationSet] = None  # held-out samples for the validation loss (train/val_loss.py)
     quality: Optional[QualityProbe] = None  # CLIP score / FID on held-out captions (main rank, eval.every)
 
 
@@ -101,7 +101,7 @@ def train(cfg: Config) -> Path:
 
 
 def apply_max_epochs(cfg: Config, backend: Backend, dataset) -> None:
-    """`train.max_epochs` (the seed's knob) as a step count: the smaller of it and train.max_steps
+    """`train.max_epochs` (the original project's knob) as a step count: the smaller of it and train.max_steps
     becomes train.max_steps, so the LR schedule spans the run that will happen."""
     t = cfg.train
     if not t.max_epochs:
