@@ -473,24 +473,24 @@ def run_bench(capsys, *argv):
 
 
 def test_bench_fast_step_is_the_trainers_train_step(monkeypatch, capsys, tmp_path):
-    """The bench times train.loop.train_step itself, on a state from train.loop.build_state; the baseline
+    """The bench times train.loop.Trainer.train_step itself, on a state from train.loop.build_state; the baseline
     does the same work (clipping, EMA) and both report it."""
     from colodiffusion.train import loop
 
     calls = {"build_state": [], "train_step": []}
-    real_build, real_step = loop.build_state, loop.train_step
+    real_build, real_step = loop.build_state, loop.Trainer.train_step
 
     def build_state(*a, **k):
         state = real_build(*a, **k)
         calls["build_state"].append(state)
         return state
 
-    def train_step(cfg, backend, comps, objective, s):
-        calls["train_step"].append(s)
-        return real_step(cfg, backend, comps, objective, s)
+    def train_step(trainer):
+        calls["train_step"].append(trainer.state)
+        return real_step(trainer)
 
     monkeypatch.setattr(loop, "build_state", build_state)
-    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
     out = tmp_path / "bench.jsonl"
     code, lines, _ = run_bench(capsys, "--baseline", "--steps", "2", "--out", str(out),
                                "perf.param_dtype=bf16", "perf.fuse_qkv=true")
