@@ -356,8 +356,8 @@ def choose_scorer(model: str, data: Optional[str] = None, native_resolution: Opt
                                   "with local weights)")
     if cfg is None:
         return Plan("shapes", None, f"scorer: the shapes judge, because '{model}' has no run config.yaml and no "
-                                    "--data was given; it is meaningful only for a model trained on the built-in shapes "
-                                    "data (give --data FOLDER to score on your own images)")
+                                    "--data was given; it is meaningful only for a model trained on the built-in "
+                                    "shapes data (give --data FOLDER to score on your own images)")
     if cfg.data.source == "shapes":
         return Plan("shapes", cfg, "scorer: the shapes judge on held-out prompts (the run trained on the built-in "
                                    "shapes data)")

@@ -38,7 +38,8 @@ def check_launch(cfg: Config) -> None:
     if devices and devices != world:
         raise ConfigError(
             f"trainer.devices={devices} but {world} process(es) were launched; run `torchrun --nproc_per_node "
-            f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set trainer.devices={world}.")
+            f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set "
+            f"trainer.devices={world}.")
     check_devices(cfg)
     if acc == "cpu" and torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=cpu but CUDA GPUs are visible; hide them with CUDA_VISIBLE_DEVICES= .")

@@ -57,7 +57,9 @@ class Backend:
         return None
 
     # -- model --------------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def prepare(
+        self, model: torch.nn.Module, make_optimizer: Callable
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         return model, make_optimizer(model.parameters())
 
@@ -136,7 +138,8 @@ class Backend:
         if own.exists():
             state = checkpoint.load_state(own)
         elif saved == 0 or self.rank < saved:
-            raise ValueError(f"it lacks {own.name}, the random state (noise, timesteps, caption dropout) of rank {self.rank}")
+            raise ValueError(f"it lacks {own.name}, the random state (noise, timesteps, caption dropout) of rank "
+                             f"{self.rank}")
         else:
             state = {}
         if self.is_main and saved < self.world_size:

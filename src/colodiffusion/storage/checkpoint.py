@@ -112,7 +112,8 @@ def verify(folder: Path, hashes: bool = True, within: Optional[Path] = None) -> 
             raise CheckpointError(f"checkpoint '{folder}' has a truncated or altered '{name}' "
                                   f"({size} bytes, the manifest says {meta['size']})")
         if hashes and sha256(p) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the manifest)")
+            raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the "
+                                  "manifest)")
 
 
 def recover(root: Path) -> None:

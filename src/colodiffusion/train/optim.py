@@ -32,7 +32,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     train = cfg.train
     betas = (train.adam_beta1, train.adam_beta2)
     if train.optimizer == "lion":
-        return _need_package("lion_pytorch", "lion").Lion(params, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
+        return _need_package("lion_pytorch", "lion").Lion(
+            params, lr=train.lr, betas=betas, weight_decay=train.weight_decay
+        )
     if train.optimizer == "prodigy":
         prodigy = _need_package("prodigyopt", "prodigy").Prodigy
         return prodigy(params, lr=train.lr, betas=betas, weight_decay=train.weight_decay,
@@ -41,8 +43,14 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
         from transformers.optimization import Adafactor
 
         # At the schedule's learning rate, as diffusers' scripts use it (not Adafactor's own relative step).
-        return Adafactor(params, lr=train.lr, weight_decay=train.weight_decay, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
+        return Adafactor(
+            params,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     raise ConfigError(f"train.optimizer '{train.optimizer}' is not supported.")
 
 
@@ -50,8 +58,14 @@ def diffusers_scheduler(optimizer, cfg):
     from diffusers.optimization import get_scheduler
 
     train = cfg.train
-    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps,
-                         num_cycles=train.lr_num_cycles, power=train.lr_power)
+    return get_scheduler(
+        train.lr_schedule,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+        num_cycles=train.lr_num_cycles,
+        power=train.lr_power,
+    )
 
 
 def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset(),
@@ -64,8 +78,12 @@ def build_optimizer(params, cfg, device: torch.device, text_encoder_params: froz
     params = [p for p in params if p.requires_grad]
     if adamw is not None:
         train = cfg.train
-        return adamw(param_groups(params, cfg, text_encoder_params), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                     weight_decay=train.weight_decay)
+        return adamw(
+            param_groups(params, cfg, text_encoder_params),
+            lr=train.lr,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.weight_decay,
+        )
     perf = getattr(cfg, "perf", None)
     low_precision = any(p.dtype != torch.float32 for p in params)
     if perf is None or not (low_precision or perf.optimizer_offload):
