@@ -51,8 +51,10 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--name", default="", help="run name (default: the first config file's name)")
     p.add_argument("-r", "--resume", default="",
-                   help="run folder or checkpoint folder: resume it with its saved config.yaml (-b files and key=value apply on top)")
-    p.add_argument("-b", "--base", nargs="*", default=[], help="config files, merged left to right; then key=value overrides")
+                   help="run folder or checkpoint folder: resume it with its saved config.yaml (-b files and key=value "
+                        "apply on top)")
+    p.add_argument("-b", "--base", nargs="*", default=[], help="config files, merged left to right; then key=value "
+                                                               "overrides")
     p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
     p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False,
                    help="skip the test after training (the held-out prompt evaluation; built-in shapes data only)")
@@ -63,7 +65,8 @@ def parse(argv):
     p.add_argument("-f", "--postfix", default="", help="appended to the run folder's name")
     p.add_argument("-l", "--logdir", default="logs", help="parent folder of the run folder")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
-                   help="train.lr is the base lr per image: use train.batch_size (grad_accum x GPUs x batch per GPU) x train.lr")
+                   help="train.lr is the base lr per image: use train.batch_size (grad_accum x GPUs x batch per GPU) x "
+                        "train.lr")
     return p.parse_known_args(normalize(argv))
 
 
@@ -78,7 +81,10 @@ def recipe_path(path: str) -> str:
     if p.exists():
         return path
     parts = p.parts
-    for candidate in (ROOT / p, ROOT / "configs" / Path(*parts[1:]) if len(parts) > 1 and parts[0] == "config" else None):
+    for candidate in (
+        ROOT / p,
+        ROOT / "configs" / Path(*parts[1:]) if len(parts) > 1 and parts[0] == "config" else None,
+    ):
         if candidate is not None and candidate.is_file():
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"note: using {candidate} for {path}")
@@ -125,7 +131,9 @@ def main(argv=None) -> None:
         fail("pass -t to train (the seed's test-only mode is `colodiffusion eval RUN`).")
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        fail(f"unknown argument '{bad[0]}' (flags: see --help; config changes are key=value, e.g. train.max_steps=200).")
+        fail(
+            f"unknown argument '{bad[0]}' (flags: see --help; config changes are key=value, e.g. train.max_steps=200)."
+        )
     configs, extra, run_dir = plan(args, overrides)
     if args.seed is not None:
         extra.append(f"train.seed={args.seed}")
@@ -225,7 +233,14 @@ def relaunch_under_torchrun(cfg, argv: list[str], run_dir: Path) -> None:
         fail(str(exc))
     src = str(ROOT / "src")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)  # the workers'
-    cmd = ["--standalone", "--nproc_per_node", str(cfg.trainer.devices), str(ROOT / "main.py"), *argv, f"run.dir={run_dir}"]
+    cmd = [
+        "--standalone",
+        "--nproc_per_node",
+        str(cfg.trainer.devices),
+        str(ROOT / "main.py"),
+        *argv,
+        f"run.dir={run_dir}",
+    ]
     print("launching: -m torch.distributed.run " + " ".join(cmd), flush=True)
     sys.exit(torchrun(cmd))
 

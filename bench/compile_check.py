@@ -91,7 +91,9 @@ def main() -> int:
     ok = True
     for name in args.variant or list(VARIANTS):
         result = check(name, VARIANTS[name], args)
-        result["ok"] = result["recompiles"] == 0 and result["graph_breaks_in_steps"] == 0 and result["explain_breaks"] == 0
+        result["ok"] = (
+            result["recompiles"] == 0 and result["graph_breaks_in_steps"] == 0 and result["explain_breaks"] == 0
+        )
         ok &= result["ok"]
         line = json.dumps(result)
         print(line, flush=True)

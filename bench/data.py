@@ -61,8 +61,11 @@ def make_latents(root: Path, n: int, per_shard: int = 1024):
     shards = []
     for k in range(0, n, per_shard):
         m = min(per_shard, n - k)
-        t = {"mean": torch.randn(m, 4, 64, 64, generator=g).half(), "logvar": torch.randn(m, 4, 64, 64, generator=g).half(),
-             "context": torch.randn(m, 77, 768, generator=g).half()}
+        t = {
+            "mean": torch.randn(m, 4, 64, 64, generator=g).half(),
+            "logvar": torch.randn(m, 4, 64, 64, generator=g).half(),
+            "context": torch.randn(m, 77, 768, generator=g).half(),
+        }
         name = f"shard-{k // per_shard:05d}.safetensors"
         save_file(t, str(root / name), metadata={"captions": json.dumps([f"c{i}" for i in range(m)]),
                                                   "keys": json.dumps([str(k + i) for i in range(m)])})

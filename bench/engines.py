@@ -204,10 +204,21 @@ def cmd_loss_match(args, emit: Emitter) -> int:
         rel = (got - ref).abs() / ref.abs().clamp_min(1e-8)
         match = bool(torch.isfinite(rel).all() and rel.max() <= LOSS_MATCH_RTOL and rel.mean() <= LOSS_MATCH_RTOL / 5)
         ok = ok and match
-        emit({"event": "loss_match", "engine": name, "reference": "single", "steps": args.steps, "batch": batch,
-              "max_rel_diff": round(float(rel.max()), 6), "mean_rel_diff": round(float(rel.mean()), 6),
-              "rtol": LOSS_MATCH_RTOL, "ok": match, "engine_first_last": [round(float(got[0]), 5), round(float(got[-1]), 5)],
-              "reference_first_last": [round(float(ref[0]), 5), round(float(ref[-1]), 5)]})
+        emit(
+            {
+                "event": "loss_match",
+                "engine": name,
+                "reference": "single",
+                "steps": args.steps,
+                "batch": batch,
+                "max_rel_diff": round(float(rel.max()), 6),
+                "mean_rel_diff": round(float(rel.mean()), 6),
+                "rtol": LOSS_MATCH_RTOL,
+                "ok": match,
+                "engine_first_last": [round(float(got[0]), 5), round(float(got[-1]), 5)],
+                "reference_first_last": [round(float(ref[0]), 5), round(float(ref[-1]), 5)],
+            }
+        )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0 if ok else 1
@@ -250,7 +261,11 @@ def cmd_fixture(args, emit: Emitter) -> int:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = None if preset.needs_pretrained_tokenizer else len(tok)  # tiny: the encoder's vocabulary is the tokenizer's
-    builders = (("text_encoder", lambda p: build_text_encoder(p, vocab_size=vocab)), ("vae", build_vae), ("unet", build_unet))
+    builders = (
+        ("text_encoder", lambda p: build_text_encoder(p, vocab_size=vocab)),
+        ("vae", build_vae),
+        ("unet", build_unet),
+    )
     for name, build in builders:
         with torch.device(device):
             module = build(preset)
@@ -273,8 +288,18 @@ def cmd_check_run(args, emit: Emitter) -> int:
     continued = steps == sorted(set(steps)) and bool(after) and f"step_{args.resumed_from:08d}" in ckpts
     ok = bool(steps and steps[-1] == args.steps and continued and all(v == v and abs(v) < 1e30 for v in losses)
               and (run / "final" / "unet").is_dir() and ckpts and ckpts[-1] == f"step_{args.steps:08d}")
-    emit({"event": "check_run", "name": args.name, "run_dir": str(run), "ok": ok, "last_step": steps[-1] if steps else None,
-          "logged_steps": len(steps), "checkpoints": ckpts, "loss_first_last": [losses[0], losses[-1]] if losses else None})
+    emit(
+        {
+            "event": "check_run",
+            "name": args.name,
+            "run_dir": str(run),
+            "ok": ok,
+            "last_step": steps[-1] if steps else None,
+            "logged_steps": len(steps),
+            "checkpoints": ckpts,
+            "loss_first_last": [losses[0], losses[-1]] if losses else None,
+        }
+    )
     return 0 if ok else 1
 
 
@@ -287,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--engine", required=True, choices=list(ENGINES), nargs="+" if several else None)
         s.add_argument("--preset", default="sd15", help="model preset (tiny for a CPU smoke run)")
         s.add_argument("--resolution", type=int, help="pixels (default: the preset's; latents are 1/8)")
-        s.add_argument("--precision", default="bf16", help="bf16 (default; what the baseline's autocast uses), fp16, fp32")
+        s.add_argument("--precision", default="bf16", help="bf16 (default; what the baseline's autocast uses), fp16, "
+                                                           "fp32")
         s.add_argument("--out", help="append the JSON lines to this file")
         s.add_argument("overrides", nargs="*", help="more config key=value overrides")
 
@@ -302,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=8)
     s = sub.add_parser("kernels", help="build Colossal-AI's HybridAdam kernels (timed)")
     s.add_argument("--out")
-    s = sub.add_parser("fixture", help="random-weight diffusers folder of a preset (model.pretrained for the seed command)")
+    s = sub.add_parser("fixture", help="random-weight diffusers folder of a preset (model.pretrained for the seed "
+                                       "command)")
     s.add_argument("--out", required=True)
     s.add_argument("--preset", default="sd15")
     s.add_argument("--results", help="append the JSON line to this file")
@@ -312,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resumed-from", type=int, default=0, help="the step the second run resumed at")
     s.add_argument("--name", default="run")
     s.add_argument("--out")
-    s = sub.add_parser("check-args", help="parse each line of FILE as an engines.py command line (engines_gpu.sh --dry-run)")
+    s = sub.add_parser("check-args", help="parse each line of FILE as an engines.py command line (engines_gpu.sh "
+                                          "--dry-run)")
     s.add_argument("file")
     return p
 
@@ -349,7 +377,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.mode in ("speed", "loss-match"):
         common = {"precision": args.precision, "preset": args.preset, "device": device_name(
             torch.device("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__}
-        if os.environ.get("STEP_BESIDE"):  # bench/steps.sh: a background job (the kernel build) ran when this step began
+        if os.environ.get(
+            "STEP_BESIDE"
+        ):  # bench/steps.sh: a background job (the kernel build) ran when this step began
             common["note"] = f"{os.environ['STEP_BESIDE']} running in the background when this step started"
     out = args.results if args.mode == "fixture" else getattr(args, "out", None)
     try:

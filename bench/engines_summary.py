@@ -68,14 +68,15 @@ def claim_line(speed: list[dict]) -> list[str]:
 def summary(results: Path, steps_file: Optional[Path] = None) -> str:
     rows = read_lines(results)
     env = next((r for r in rows if r.get("event") == "env"), {})
-    out = [f"# Engines on {env.get('gpu') or 'cpu'} (torch {env.get('torch', '?')}, colossalai {env.get('colossalai', '?')}, "
-           f"deepspeed {env.get('deepspeed', '?')})", ""]
+    out = [f"# Engines on {env.get('gpu') or 'cpu'} (torch {env.get('torch', '?')}, colossalai "
+           f"{env.get('colossalai', '?')}, deepspeed {env.get('deepspeed', '?')})", ""]
     speed = [r for r in rows if r.get("event") == "speed"]
     if speed:
         out += speed_table(speed) + claim_line(speed) + [""]
     for r in rows:
         if r.get("event") == "loss_match":
-            detail = (f"max rel {r['max_rel_diff']}, mean {r['mean_rel_diff']}, bound {r['rtol']} (mean {r['rtol'] / 5})"
+            detail = (f"max rel {r['max_rel_diff']}, mean {r['mean_rel_diff']}, bound {r['rtol']} (mean "
+                      f"{r['rtol'] / 5})"
                       if "max_rel_diff" in r else r.get("error", ""))
             out.append(f"- loss match {r['engine']} vs single, {r['steps']} steps at batch {r['batch']}: "
                        f"ok={r['ok']} ({detail})")

@@ -64,33 +64,81 @@ def rows(out: Path) -> list[dict]:
         return {"check": what, "figure": figure, "target": target, "status": status}
 
     out_rows = [
-        row(f"baseline img/s, batch {g(base, 'batch')} (diffusers-default, same work)", g(base, "img_per_s"), "reference", None),
-        row(f"fast img/s, batch {g(fast, 'batch')} (configs/sd15_gpu.yaml, {g(fast, 'tag')})", g(fast, "img_per_s"),
+        row(
+            f"baseline img/s, batch {g(base, 'batch')} (diffusers-default, same work)",
+            g(base, "img_per_s"),
+            "reference",
+            None,
+        ),
+        row(
+            f"fast img/s, batch {g(fast, 'batch')} (configs/sd15_gpu.yaml, {g(fast, 'tag')})",
+            g(fast, "img_per_s"),
             ">= 150 (aim 180)",
-            (g(fast, "img_per_s") or 0) >= 150),
+            (g(fast, "img_per_s") or 0) >= 150,
+        ),
         row("ratio fast / baseline, same process", g(ratio, "ratio"), ">= 1.6", (g(ratio, "ratio") or 0) >= 1.6),
         row("fast MFU", g(fast, "mfu"), "aim 0.45", (g(fast, "mfu") or 0) >= 0.45),
-        row("fast peak GiB (timed) vs baseline", g(fast, "peak_memory_gib"), f"<= {g(base, 'peak_memory_gib')}",
-            at_most(g(fast, "peak_memory_gib"), g(base, "peak_memory_gib"))),
-        row("fast peak GiB incl. warm-up vs baseline's", g(fast, "peak_memory_incl_warmup_gib"),
+        row(
+            "fast peak GiB (timed) vs baseline",
+            g(fast, "peak_memory_gib"),
+            f"<= {g(base, 'peak_memory_gib')}",
+            at_most(g(fast, "peak_memory_gib"), g(base, "peak_memory_gib")),
+        ),
+        row(
+            "fast peak GiB incl. warm-up vs baseline's",
+            g(fast, "peak_memory_incl_warmup_gib"),
             f"<= {g(base, 'peak_memory_incl_warmup_gib')}",
-            at_most(g(fast, "peak_memory_incl_warmup_gib"), g(base, "peak_memory_incl_warmup_gib"))),
-        row(f"cold first step s ({(g(fast, 'compile_cache') or {}).get('state')})", g(fast, "first_step_s"), "<= 150",
-            (g(fast, "first_step_s") or 1e9) <= 150 and (g(fast, "compile_cache") or {}).get("state") == "cold"),
-        row(f"warm first step s, loss_match's ({(g(warm, 'compile_cache') or {}).get('state')})", g(warm, "first_step_s"),
-            "<= 45", (g(warm, "first_step_s") or 1e9) <= 45 and (g(warm, "compile_cache") or {}).get("state") == "warm"),
-        row("host syncs per step (fast)", g(fast, "host_syncs_per_step"), "<= 1", (g(fast, "host_syncs_per_step") or 0) <= 1),
-        row("memory recipe batch 1: peak GiB incl. warm-up", g(mem1, "peak_memory_incl_warmup_gib"), "<= 6",
-            (g(mem1, "peak_memory_incl_warmup_gib") or 1e9) <= 6),
+            at_most(g(fast, "peak_memory_incl_warmup_gib"), g(base, "peak_memory_incl_warmup_gib")),
+        ),
+        row(
+            f"cold first step s ({(g(fast, 'compile_cache') or {}).get('state')})",
+            g(fast, "first_step_s"),
+            "<= 150",
+            (g(fast, "first_step_s") or 1e9) <= 150 and (g(fast, "compile_cache") or {}).get("state") == "cold",
+        ),
+        row(
+            f"warm first step s, loss_match's ({(g(warm, 'compile_cache') or {}).get('state')})",
+            g(warm, "first_step_s"),
+            "<= 45",
+            (g(warm, "first_step_s") or 1e9) <= 45 and (g(warm, "compile_cache") or {}).get("state") == "warm",
+        ),
+        row(
+            "host syncs per step (fast)",
+            g(fast, "host_syncs_per_step"),
+            "<= 1",
+            (g(fast, "host_syncs_per_step") or 0) <= 1,
+        ),
+        row(
+            "memory recipe batch 1: peak GiB incl. warm-up",
+            g(mem1, "peak_memory_incl_warmup_gib"),
+            "<= 6",
+            (g(mem1, "peak_memory_incl_warmup_gib") or 1e9) <= 6,
+        ),
         row("memory recipe batch 1: img/s", g(mem1, "img_per_s"), "> 0.71", (g(mem1, "img_per_s") or 0) > 0.71),
-        row("memory recipe batch 8: img/s (peak GiB)", g(mem8, "img_per_s"),
-            f"({g(mem8, 'peak_memory_incl_warmup_gib')} GiB)", None),
-        row("trainer samples/s after warm-up / bench img/s (same recipe)", round(rate / fast["img_per_s"], 3) if rate and fast else None,
-            ">= 0.95", rate and fast and rate / fast["img_per_s"] >= 0.95),
-        row(f"loss match, {g(loss, 'steps')} steps, batch {g(loss, 'batch')} (max / mean rel. diff)",
-            f"{loss['max_rel_diff']} / {loss['mean_rel_diff']}" if loss else None, "ok", bool(loss and loss["ok"])),
-        row("SDPA kernel per head dim (to try: EXTRA=2 LEVERS=sdpa SDPA=...)", g(sdpa, "sdpa_by_head_dim"),
-            str(g(sdpa, "attention_ms_per_step_fwd_bwd")), None),
+        row(
+            "memory recipe batch 8: img/s (peak GiB)",
+            g(mem8, "img_per_s"),
+            f"({g(mem8, 'peak_memory_incl_warmup_gib')} GiB)",
+            None,
+        ),
+        row(
+            "trainer samples/s after warm-up / bench img/s (same recipe)",
+            round(rate / fast["img_per_s"], 3) if rate and fast else None,
+            ">= 0.95",
+            rate and fast and rate / fast["img_per_s"] >= 0.95,
+        ),
+        row(
+            f"loss match, {g(loss, 'steps')} steps, batch {g(loss, 'batch')} (max / mean rel. diff)",
+            f"{loss['max_rel_diff']} / {loss['mean_rel_diff']}" if loss else None,
+            "ok",
+            bool(loss and loss["ok"]),
+        ),
+        row(
+            "SDPA kernel per head dim (to try: EXTRA=2 LEVERS=sdpa SDPA=...)",
+            g(sdpa, "sdpa_by_head_dim"),
+            str(g(sdpa, "attention_ms_per_step_fwd_bwd")),
+            None,
+        ),
     ]
     for o in (x for x in r if x.get("event") == "offload_step"):
         out_rows.append(row(f"offload step alone, {o['inner']} AdamW, {o['chunks']} chunks: s", o["step_s"],
@@ -98,8 +146,14 @@ def rows(out: Path) -> list[dict]:
     for lever in dict.fromkeys(x["tag"] for x in r if str(x.get("tag", "")).startswith("lever_")):
         f = find(r, lever, "bench", "colodiffusion")
         vs = round(f["img_per_s"] / recipe["img_per_s"], 3) if f and recipe else None
-        out_rows.append(row(f"{lever} batch {g(f, 'batch')}: img/s (x recipe_b32; first step s; peak GiB)", g(f, "img_per_s"),
-                            f"{vs}x; {g(f, 'first_step_s')} s; {g(f, 'peak_memory_gib')}", None))
+        out_rows.append(
+            row(
+                f"{lever} batch {g(f, 'batch')}: img/s (x recipe_b32; first step s; peak GiB)",
+                g(f, "img_per_s"),
+                f"{vs}x; {g(f, 'first_step_s')} s; {g(f, 'peak_memory_gib')}",
+                None,
+            )
+        )
     return out_rows
 
 
@@ -116,10 +170,13 @@ def main() -> int:
     env = read_jsonl(out / "env.json")
     table = rows(out)
     steps = read_jsonl(out / "steps.jsonl")
-    (out / "summary.json").write_text(json.dumps({"env": env[0] if env else None, "steps": steps, "rows": table}, indent=1))
+    (out / "summary.json").write_text(
+        json.dumps({"env": env[0] if env else None, "steps": steps, "rows": table}, indent=1)
+    )
     print(f"env: {json.dumps(env[0]) if env else 'missing'}")
     if env and not env[0].get("gpu"):
-        print("no GPU: a rehearsal (tiny preset on a CPU); 'met' and 'MISSED' compare its figures with GPU targets and mean nothing")
+        print("no GPU: a rehearsal (tiny preset on a CPU); 'met' and 'MISSED' compare its figures with GPU targets and "
+              "mean nothing")
     print("steps: " + ", ".join(step_cell(s) for s in steps))
     width = max(len(t["check"]) for t in table)
     print(f"{'check':<{width}} | {'figure':>14} | {'target':<22} | status")

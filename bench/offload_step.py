@@ -45,9 +45,18 @@ def run(numel: int, device: torch.device, fused: bool, chunk: int, steps: int) -
             times.append(time.perf_counter() - t0)
         opt.zero_grad()
     step = statistics.median(times)
-    return {"event": "offload_step", "params": numel, "device": str(device), "inner": "fused" if fused else "foreach",
-            "chunk_numel": chunk, "chunks": len(opt.chunks), "step_s": round(step, 4),
-            "params_per_s": float(f"{numel / step:.3g}"), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "event": "offload_step",
+        "params": numel,
+        "device": str(device),
+        "inner": "fused" if fused else "foreach",
+        "chunk_numel": chunk,
+        "chunks": len(opt.chunks),
+        "step_s": round(step, 4),
+        "params_per_s": float(f"{numel / step:.3g}"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> int:

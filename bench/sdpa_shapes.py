@@ -118,17 +118,38 @@ def main() -> int:
     for shape, count in sorted(attention_shapes(args.preset, args.resolution).items()):
         times = {k: time_kernel(k, shape, args.batch, device, args.reps) for k in kernels}
         seq_q, seq_kv, heads, dim = shape
-        emit({"event": "sdpa_shape", "seq_q": seq_q, "seq_kv": seq_kv, "heads": heads, "head_dim": dim,
-              "per_step": count, "batch": args.batch, "ms": {k: (round(t * 1e3, 3) if t else None) for k, t in times.items()}})
+        emit(
+            {
+                "event": "sdpa_shape",
+                "seq_q": seq_q,
+                "seq_kv": seq_kv,
+                "heads": heads,
+                "head_dim": dim,
+                "per_step": count,
+                "batch": args.batch,
+                "ms": {k: (round(t * 1e3, 3) if t else None) for k, t in times.items()},
+            }
+        )
         auto_total += count * (times["auto"] or 0.0)
         totals = per_dim.setdefault(dim, Counter())
         for k, t in times.items():
             totals[k] += count * t if t is not None else float("inf")
     choice = {dim: min((k for k in SDPA_BACKENDS), key=lambda k: totals[k]) for dim, totals in per_dim.items()}
     chosen_total = sum(per_dim[dim][k] for dim, k in choice.items())
-    emit({"event": "sdpa_recommendation", "preset": args.preset, "batch": args.batch, "device": bench.device_name(device),
-          "torch": torch.__version__, "sdpa_by_head_dim": ",".join(f"{d}:{k}" for d, k in sorted(choice.items())),
-          "attention_ms_per_step_fwd_bwd": {"auto": round(auto_total * 1e3, 2), "chosen": round(chosen_total * 1e3, 2)}})
+    emit(
+        {
+            "event": "sdpa_recommendation",
+            "preset": args.preset,
+            "batch": args.batch,
+            "device": bench.device_name(device),
+            "torch": torch.__version__,
+            "sdpa_by_head_dim": ",".join(f"{d}:{k}" for d, k in sorted(choice.items())),
+            "attention_ms_per_step_fwd_bwd": {
+                "auto": round(auto_total * 1e3, 2),
+                "chosen": round(chosen_total * 1e3, 2),
+            },
+        }
+    )
     return 0
 
 

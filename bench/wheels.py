@@ -68,12 +68,26 @@ TARGETS: dict[str, dict[str, Need]] = {
     "engines": {
         "core": CORE,
         # colossalai.booster imports colossalai.nn.optimizer, which imports galore_torch, which imports bitsandbytes
-        "colossalai": Need((Wheel("colossalai==0.5.0", 1_625_191, build=True), Wheel("galore-torch==1.0", 13_309),
-                            Wheel("bitsandbytes==0.50.2", 43_139_553)), ("colossalai.booster", "colossalai.nn.optimizer")),
-        "deepspeed": Need((Wheel("deepspeed==0.19.8", 2_168_857, build=True), Wheel("hjson==3.1.0", 54_018),
-                           Wheel("pydantic==2.13.4", 472_262), Wheel("pydantic_core==2.46.4", 2_094_516),
-                           Wheel("annotated-types==0.7.0", 13_643), Wheel("typing-inspection==0.4.2", 14_611),
-                           Wheel("typing_extensions==4.16.0", 45_571)), ("deepspeed",)),
+        "colossalai": Need(
+            (
+                Wheel("colossalai==0.5.0", 1_625_191, build=True),
+                Wheel("galore-torch==1.0", 13_309),
+                Wheel("bitsandbytes==0.50.2", 43_139_553),
+            ),
+            ("colossalai.booster", "colossalai.nn.optimizer"),
+        ),
+        "deepspeed": Need(
+            (
+                Wheel("deepspeed==0.19.8", 2_168_857, build=True),
+                Wheel("hjson==3.1.0", 54_018),
+                Wheel("pydantic==2.13.4", 472_262),
+                Wheel("pydantic_core==2.46.4", 2_094_516),
+                Wheel("annotated-types==0.7.0", 13_643),
+                Wheel("typing-inspection==0.4.2", 14_611),
+                Wheel("typing_extensions==4.16.0", 45_571),
+            ),
+            ("deepspeed",),
+        ),
     },
 }
 
@@ -123,7 +137,8 @@ def check_folder(directory: Path, target: str) -> list[str]:
         problems.append(f"{directory} holds wheels not in the plan: {', '.join(p.name for p in strays)}")
     size = folder_bytes(directory)
     if size > LIMIT_BYTES:
-        problems.append(f"{directory} holds {size:,} bytes, over the {LIMIT_BYTES:,} a device call can carry beside the tree")
+        problems.append(f"{directory} holds {size:,} bytes, over the {LIMIT_BYTES:,} a device call can carry beside "
+                        "the tree")
     return problems
 
 
@@ -157,8 +172,20 @@ def cmd_prepare(args) -> int:
         fetch = [w.requirement for w in todo if not w.build]
         if fetch:
             platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-            pip("download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", args.python, "--implementation", "cp",
-                *platforms, "-d", str(out), *fetch)
+            pip(
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                args.python,
+                "--implementation",
+                "cp",
+                *platforms,
+                "-d",
+                str(out),
+                *fetch,
+            )
         for w in (w for w in todo if w.build):
             # pure-Python wheels from the sdist; the builds use this machine's torch only to read its version
             pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), w.requirement)
@@ -167,7 +194,8 @@ def cmd_prepare(args) -> int:
             print(f"error: {p}", file=sys.stderr)
         if problems:
             return 1
-        print(f"{out}: {len(wheels)} wheels for Python {args.python}, {folder_bytes(out):,} bytes; carry=[\"{folder(target)}\"]")
+        print(f"{out}: {len(wheels)} wheels for Python {args.python}, {folder_bytes(out):,} bytes; "
+              f"carry=[\"{folder(target)}\"]")
     return 0
 
 
@@ -190,7 +218,9 @@ def prune_stdlib_shadows(site: Path) -> list[str]:
 def import_error(modules, pythonpath: str) -> str:
     """'' if `modules` import in a fresh interpreter with this PYTHONPATH, else the error's last line."""
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import " + ", ".join(modules)], env=env, capture_output=True, text=True
+    )
     if proc.returncode == 0:
         return ""
     sys.stderr.write(proc.stderr)
@@ -206,8 +236,8 @@ def cmd_install(args) -> int:
     if missing:  # no wheels: fine where the need already imports (a machine with the packages installed)
         err = import_error(need.modules, here)
         if err:
-            print(f"no wheels for {', '.join(missing)} in {directory}, and {' '.join(need.modules)} does not import here "
-                  f"({err}): run `bash bench/prepare_wheels.sh {args.target}` and carry {folder(args.target)}")
+            print(f"no wheels for {', '.join(missing)} in {directory}, and {' '.join(need.modules)} does not import "
+                  f"here ({err}): run `bash bench/prepare_wheels.sh {args.target}` and carry {folder(args.target)}")
             return 1
         return 0
     site = Path(args.site) / args.need
@@ -216,7 +246,8 @@ def cmd_install(args) -> int:
                           capture_output=True, text=True)
     sys.stderr.write(proc.stdout + proc.stderr)  # pip's own words: the script's log
     if proc.returncode:
-        print(f"pip could not install the {args.need} wheels from {directory} (exit code {proc.returncode}; see the log)")
+        print(f"pip could not install the {args.need} wheels from {directory} (exit code {proc.returncode}; see the "
+              "log)")
         return 1
     for name in prune_stdlib_shadows(site):
         print(f"removed {site / name}: it would shadow the standard library's {name.split('.')[0]}", file=sys.stderr)
@@ -235,7 +266,8 @@ def main(argv=None) -> int:
     s.add_argument("targets", nargs="+", choices=list(TARGETS))
     s = sub.add_parser("prepare", help="fetch or build the wheels into .whl/TARGET, then check the folder")
     s.add_argument("targets", nargs="+", choices=list(TARGETS))
-    s.add_argument("--python", default=PYTHON, help=f"the Python the wheels are for (default {PYTHON}: the GPU image's; "
+    s.add_argument("--python", default=PYTHON, help=f"the Python the wheels are for (default {PYTHON}: the GPU "
+                                                    "image's; "
                    "a CPU rehearsal on another Python needs its own folder)")
     s.add_argument("--dir", help="write DIR/TARGET instead of .whl/TARGET (e.g. a rehearsal's folder)")
     s = sub.add_parser("install", help="install one need's wheels under --site, then import it")

@@ -2,7 +2,8 @@
 
     python scripts/txt2img.py --prompt "a red circle" --ckpt RUN_OR_MODEL --ddim_steps 50 --scale 7.5 \
         --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver [--karras]] \
-        [--negative_prompt TEXT] [--init-img IMAGE --strength 0.75] [--fixed_code --ddim_eta 0.0 --precision full|autocast]
+        [--negative_prompt TEXT] [--init-img IMAGE --strength 0.75] \
+        [--fixed_code --ddim_eta 0.0 --precision full|autocast]
         --outdir outputs/txt2img-samples
 
 `--ckpt` is a single-file checkpoint (.safetensors/.ckpt, LDM layout; `--config` its original YAML,
@@ -50,7 +51,8 @@ def parse(argv):
                    help="img2img: strength for noising/unnoising; 1.0 destroys the information in the init image")
     p.add_argument("--config", default=None, help="original LDM YAML of a single-file --ckpt (default: inferred)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single file that carries none")
-    p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder, run folder or checkpoints/step_N folder")
+    p.add_argument("--ckpt", required=True, help="single-file checkpoint, diffusers folder, run folder or "
+                                                 "checkpoints/step_N folder")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--fixed_code", action="store_true", help="the same starting noise for every --n_iter round")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling; DDIM only)")

@@ -65,16 +65,16 @@ def crash_at(step: int):
     (a run that dies mid-way, after the checkpoints before it)."""
     from colodiffusion.train import loop
 
-    real = loop.train_step
+    real = loop.Trainer.train_step
 
-    def crashing(cfg, backend, comps, objective, s):
-        if s.step == step:
+    def crashing(trainer):
+        if trainer.state.step == step:
             raise RuntimeError("simulated crash")
-        return real(cfg, backend, comps, objective, s)
+        return real(trainer)
 
-    loop.train_step = crashing
+    loop.Trainer.train_step = crashing
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             yield
     finally:
-        loop.train_step = real
+        loop.Trainer.train_step = real

@@ -102,8 +102,12 @@ def test_crafted_saved_datasets_are_refused_or_counted(tmp_path):
     # An image stored as a path (not embedded) is never opened: a bad sample, counted.
     by_path = tmp_path / "by_path"
     by_path.mkdir()
-    table = pa.table({"image": [{"bytes": None, "path": str(outside)}] + [{"bytes": d, "path": None} for _, d, _ in items],
-                      "caption": ["x"] + [c for _, _, c in items]})
+    table = pa.table(
+        {
+            "image": [{"bytes": None, "path": str(outside)}] + [{"bytes": d, "path": None} for _, d, _ in items],
+            "caption": ["x"] + [c for _, _, c in items],
+        }
+    )
     write_stream(by_path / "data.arrow", table)
     (by_path / "junk.arrow").write_bytes(b"not arrow at all")
     ds = dataset_for(tmp_path, "arrow", by_path)
@@ -120,7 +124,9 @@ def test_training_reads_a_saved_dataset(tmp_path, run_dir):
     items = list(shapes_items(16, resolution=32))
     (tmp_path / "saved").mkdir()
     write_stream(tmp_path / "saved" / "data-00000-of-00001.arrow", image_table(items, "img"))
-    (tmp_path / "saved" / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (tmp_path / "saved" / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
     loop.train(load_config(None, [*TINY, "train.max_steps=2", f"run.dir={run_dir}", "data.source=arrow",
                                   f"data.path={tmp_path / 'saved'}", "data.image_column=img"]))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -104,7 +104,9 @@ def _sequence(loader, n):
 
 @pytest.mark.parametrize("source", ["webdataset", "folder"])
 def test_exact_mid_epoch_resume(tmp_path, source):
-    path = make_webdataset(tmp_path / "w", 24, per_shard=5) if source == "webdataset" else make_folder(tmp_path / "f", 24)
+    path = (
+        make_webdataset(tmp_path / "w", 24, per_shard=5) if source == "webdataset" else make_folder(tmp_path / "f", 24)
+    )
     ds = dataset_for(tmp_path, source, path, "data.crop=random", "data.random_flip=true")
     make = lambda: ResumableLoader(ds, 4, seed=3, rank=1, world_size=2, num_workers=2)  # noqa: E731
     full = _sequence(make(), 7)  # 3 batches per rank-epoch: crosses two epoch boundaries
@@ -271,7 +273,9 @@ def test_oversized_files_are_not_read_into_memory(tmp_path, monkeypatch):
     pattern = make_webdataset(tmp_path / "w", 0, per_shard=8, extra=items)
     reads = []
     read = WebDataset._read
-    monkeypatch.setattr(WebDataset, "_read", lambda self, url, at, size: reads.append(size) or read(self, url, at, size))
+    monkeypatch.setattr(
+        WebDataset, "_read", lambda self, url, at, size: reads.append(size) or read(self, url, at, size)
+    )
     ds = dataset_for(tmp_path, "webdataset", pattern, "data.max_image_pixels=1000")
     reasons = {}
     for i in range(len(ds)):

@@ -36,20 +36,29 @@ def imports_of(*argv, cwd=ROOT):
     return result["code"], result["heavy"], out.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sample", "no-model", "--prompt", "x", "--height", "30"], "--height 30 is not a multiple of 8"),
-    (["sample", "no-model", "--prompt", "x --s zero"], "--s needs a whole number"),
-    (["sample", "no-model", "--prompt", "x"], "the model 'no-model' does not exist"),
-    (["sample", "no-model", "--prompt", "x", "--n", "2"], "--n is the negative prompt inside a --prompt string"),
-    (["sample", "no-model", "--prompt-file", "no-such-prompts.txt"], "prompt file 'no-such-prompts.txt' does not exist"),
-    (["train", "train.max_stepz=10"], "unknown config key 'train.max_stepz'"),
-    (["train", "data.source=folder", "data.path=/no/such/folder"], "'data.path' points to '/no/such/folder'"),
-    (["cache", "--out", "c", "data.file_path=x"], "'data.file_path' in override 'data.file_path=x' is the seed's; use data.path"),
-    (["config", "train.lr=-1"], "'train.lr' is -1.0"),
-    (["eval", "no-model"], "the model 'no-model' does not exist"),
-    (["export", "no-run", "--format", "diffusers", "--out", "o"], "the export source 'no-run' does not exist"),
-    (["bench", "--batch", "0"], "--batch must be a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "no-model", "--prompt", "x", "--height", "30"], "--height 30 is not a multiple of 8"),
+        (["sample", "no-model", "--prompt", "x --s zero"], "--s needs a whole number"),
+        (["sample", "no-model", "--prompt", "x"], "the model 'no-model' does not exist"),
+        (["sample", "no-model", "--prompt", "x", "--n", "2"], "--n is the negative prompt inside a --prompt string"),
+        (
+            ["sample", "no-model", "--prompt-file", "no-such-prompts.txt"],
+            "prompt file 'no-such-prompts.txt' does not exist",
+        ),
+        (["train", "train.max_stepz=10"], "unknown config key 'train.max_stepz'"),
+        (["train", "data.source=folder", "data.path=/no/such/folder"], "'data.path' points to '/no/such/folder'"),
+        (
+            ["cache", "--out", "c", "data.file_path=x"],
+            "'data.file_path' in override 'data.file_path=x' is the seed's; use data.path",
+        ),
+        (["config", "train.lr=-1"], "'train.lr' is -1.0"),
+        (["eval", "no-model"], "the model 'no-model' does not exist"),
+        (["export", "no-run", "--format", "diffusers", "--out", "o"], "the export source 'no-run' does not exist"),
+        (["bench", "--batch", "0"], "--batch must be a whole number >= 1"),
+    ],
+)
 def test_a_mistake_is_said_before_torch_diffusers_or_transformers_are_imported(argv, message):
     code, heavy, err = imports_of("colodiffusion", *argv)
     assert code == 2 and message in err and "Traceback" not in err, err
@@ -250,7 +259,8 @@ def test_a_prompt_file_gives_each_line_its_options_and_n_samples_counts_images(t
 
 # -- the seed's habits (item 6) -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe, overrides", [("train_colossalai", "parallel.plugin=torch_ddp precision=32 trainer.accelerator=cpu"),
+@pytest.mark.parametrize("recipe, overrides", [("train_colossalai", "parallel.plugin=torch_ddp precision=32 "
+                                                                    "trainer.accelerator=cpu"),
                                               ("train_deepspeed", "precision=32 trainer.accelerator=cpu")])
 def test_a_gpu_recipe_on_a_cpu_is_one_sentence_before_any_process_starts(tmp_path, recipe, overrides):
     import torch
@@ -282,9 +292,24 @@ def test_a_refusal_in_main_py_workers_is_their_sentences_without_torchruns_trace
     bad.mkdir()
     for i in range(4):
         (bad / f"{i}.jpg").write_text("not an image")
-    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--logdir", str(tmp_path / "logs"), "-t",
-                          "trainer.devices=2", "parallel.strategy=ddp", "data.source=folder", f"data.path={bad}"],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "--logdir",
+            str(tmp_path / "logs"),
+            "-t",
+            "trainer.devices=2",
+            "parallel.strategy=ddp",
+            "data.source=folder",
+            f"data.path={bad}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 2 and "launching" in out.stdout, out.stderr[-3000:]
     assert "error (rank 0): none of the 4 samples probed" in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-3000:]
@@ -307,7 +332,9 @@ def test_txt2img_takes_the_seeds_flags_and_its_last_ckpt(tmp_path, tiny_model):
                          capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "is the seed's name for the last checkpoint" in out.stderr and "--config is not used" in out.stdout
+    assert (
+        "is the original project's name for the last checkpoint" in out.stderr and "--config is not used" in out.stdout
+    )
     a, b = (Image.open(tmp_path / "out" / "samples" / f"{i:05d}.png") for i in range(2))
     assert a.text["parameters"] == b.text["parameters"] and a.tobytes() == b.tobytes()  # --fixed_code: same noise
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--ckpt", str(tiny_model), "--C", "8",
@@ -358,8 +385,8 @@ def test_a_kohya_dataset_toml_with_two_subsets_trains(tmp_path):
     (b / "000000.caption").unlink()  # class_tokens caption it
     toml = tmp_path / "dataset.toml"
     toml.write_text(f"[general]\nshuffle_caption = true\nkeep_tokens = 1\nnum_repeats = 2\n\n[[datasets]]\n\n"
-                    f"  [[datasets.subsets]]\n  image_dir = '{a}'\n  num_repeats = 3\n\n  [[datasets.subsets]]\n  image_dir = '{b}'\n"
-                    f"  caption_extension = '.caption'\n  class_tokens = 'gamma thing'\n")
+                    f"  [[datasets.subsets]]\n  image_dir = '{a}'\n  num_repeats = 3\n\n  [[datasets.subsets]]\n  "
+                    f"image_dir = '{b}'\n  caption_extension = '.caption'\n  class_tokens = 'gamma thing'\n")
     run = tmp_path / "run"
     out = colodiffusion("train", "data.source=folder", f"data.dataset_config={toml}", *SMALL, f"run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -56,8 +56,16 @@ def test_sd15_from_scratch_over_a_768d_frozen_clip(tmp_path, tiny_components):
     parts = tmp_path / "frozen"
     tokenizer = CLIPTokenizer.from_pretrained(tiny_components / "tokenizer")
     tokenizer.save_pretrained(parts / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=77)).save_pretrained(parts / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    ).save_pretrained(parts / "text_encoder")
     shutil.copytree(tiny_components / "vae", parts / "vae")
     cfg = load_config(None, ["model.preset=sd15", "model.init=scratch", f"model.text_encoder={parts}",
                              f"model.vae={parts}"])

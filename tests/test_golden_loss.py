@@ -59,9 +59,18 @@ def test_first_ten_losses_match_the_golden_file(tmp_path):
     assert len(losses) == STEPS
     if os.environ.get("GOLDEN_LOSSES") == "write":
         assert os.environ.get("CI", "").lower() not in ("1", "true", "yes"), "CI compares, never rewrites"
-        GOLDEN.write_text(json.dumps({"losses": losses, "rtol": GOLDEN_RTOL, "torch": torch.__version__,
-                                      "regenerate": "GOLDEN_LOSSES=write python -m pytest -q tests/test_golden_loss.py"},
-                                     indent=1) + "\n")
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "losses": losses,
+                    "rtol": GOLDEN_RTOL,
+                    "torch": torch.__version__,
+                    "regenerate": "GOLDEN_LOSSES=write python -m pytest -q tests/test_golden_loss.py",
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert losses == pytest.approx(golden, rel=GOLDEN_RTOL), (
         "the first 10 losses changed; if the maths changed on purpose, regenerate tests/golden/tiny_losses.json "

@@ -59,16 +59,24 @@ def assigned_names(source: bytes) -> list[tuple[str, int]]:
             name = node.child_by_field_name("name")
             found.append((name.text.decode().split("[")[0], name.start_point[0] + 1))
         elif kind in ("declaration_command", "unset_command"):
-            found.extend((c.text.decode(), c.start_point[0] + 1) for c in node.named_children if c.type == "variable_name")
+            found.extend(
+                (c.text.decode(), c.start_point[0] + 1) for c in node.named_children if c.type == "variable_name"
+            )
         elif kind == "for_statement":
             var = node.child_by_field_name("variable")
             found.append((var.text.decode(), var.start_point[0] + 1))
         elif kind == "command":
-            words = [c.text.decode() for c in node.named_children if c.type in ("command_name", "word", "raw_string", "string")]
+            words = [
+                c.text.decode()
+                for c in node.named_children
+                if c.type in ("command_name", "word", "raw_string", "string")
+            ]
             if words and words[0] == "read":
                 found.extend((w, node.start_point[0] + 1) for w in words[1:] if re.fullmatch(r"[A-Za-z_]\w*", w))
             elif words and words[0] == "env":
-                found.extend((w.split("=")[0], node.start_point[0] + 1) for w in words[1:] if re.match(r"[A-Za-z_]\w*=", w))
+                found.extend(
+                    (w.split("=")[0], node.start_point[0] + 1) for w in words[1:] if re.match(r"[A-Za-z_]\w*=", w)
+                )
             elif words and words[0] == "printf" and "-v" in words:
                 found.append((words[words.index("-v") + 1], node.start_point[0] + 1))
         for child in node.children:
@@ -107,7 +115,11 @@ def environ_keys_set(source: str) -> list[tuple[str, int]]:
     for node in ast.walk(ast.parse(source)):
         targets = node.targets if isinstance(node, ast.Assign) else []
         for t in targets:
-            if isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith("environ") and isinstance(t.slice, ast.Constant):
+            if (
+                isinstance(t, ast.Subscript)
+                and ast.unparse(t.value).endswith("environ")
+                and isinstance(t.slice, ast.Constant)
+            ):
                 found.append((t.slice.value, node.lineno))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             owner, attr = ast.unparse(node.func.value), node.func.attr
@@ -120,7 +132,8 @@ def environ_keys_set(source: str) -> list[tuple[str, int]]:
 
 
 def test_environ_keys_set_finds_each_form():
-    src = 'import os\nos.environ["CC"] = "x"\nos.environ.setdefault("CXX", "y")\nos.putenv("LDFLAGS", "z")\nos.environ.update(CFLAGS="-g")\n'
+    src = ('import os\nos.environ["CC"] = "x"\nos.environ.setdefault("CXX", "y")\nos.putenv("LDFLAGS", "z")\n'
+           'os.environ.update(CFLAGS="-g")\n')
     assert [k for k, _ in environ_keys_set(src)] == ["CC", "CXX", "LDFLAGS", "CFLAGS"]
 
 
@@ -284,7 +297,11 @@ def needs_of(cmd: str, plugin: str = "gemini") -> set[str]:
 
     need = {"core"}
     words = shlex.split(cmd)
-    args = engines.build_parser().parse_args(words[words.index("bench/engines.py") + 1:]) if "bench/engines.py" in words else None
+    args = (
+        engines.build_parser().parse_args(words[words.index("bench/engines.py") + 1 :])
+        if "bench/engines.py" in words
+        else None
+    )
     if args and args.mode == "kernels":
         return need | {"colossalai"}
     named = getattr(args, "engine", None) or []
@@ -336,7 +353,11 @@ after_step() {{ :; }}
 {body}
 """)
     proc = subprocess.run(["bash", str(script)], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()] if (out / "steps.jsonl").exists() else []
+    steps = (
+        [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+        if (out / "steps.jsonl").exists()
+        else []
+    )
     return proc, steps
 
 
@@ -348,8 +369,8 @@ step base 60 core true
 """)
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "ran").exists()
-    assert steps[0] == {"step": "llz", "skipped": "needs colossalai: the colossalai wheels installed but colossalai.booster "
-                                                  "does not import: No module named 'galore_torch'"}
+    assert steps[0] == {"step": "llz", "skipped": "needs colossalai: the colossalai wheels installed but "
+                                                  "colossalai.booster does not import: No module named 'galore_torch'"}
     assert steps[1]["step"] == "base" and steps[1]["rc"] == 0
 
 
@@ -526,7 +547,9 @@ def test_the_engines_baseline_does_the_engines_work(monkeypatch, tmp_path):
                          "--batches", "1", "--warmup", "1", "--steps", "1", "--out", str(out)])
     assert code == 0
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
-    works = {json.dumps(work_of(engines.engine_config(e, "tiny", "bf16", 8, [])), sort_keys=True) for e in engines.ENGINES}
+    works = {
+        json.dumps(work_of(engines.engine_config(e, "tiny", "bf16", 8, [])), sort_keys=True) for e in engines.ENGINES
+    }
     assert works == {json.dumps(line["work"], sort_keys=True)} and line["work"] == {"grad_clip": 1.0, "ema": False}
     assert calls == {"clip": 2, "lerp": 0}  # the first step and the timed one, each clipped; no EMA
 

@@ -92,9 +92,18 @@ def test_only_safetensors_of_the_asked_variant_are_fetched():
 
     from colodiffusion.models.hub import weight_patterns
 
-    files = ["model_index.json", "unet/config.json", UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors",
-             "unet/diffusion_pytorch_model.bin", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-             "tokenizer/vocab.json", "v1-5-pruned.ckpt", "safety_checker/pytorch_model.bin"]
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        UNET_FILE,
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/vocab.json",
+        "v1-5-pruned.ckpt",
+        "safety_checker/pytorch_model.bin",
+    ]
 
     def fetched(variant):
         allow, ignore = weight_patterns(variant)

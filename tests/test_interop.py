@@ -126,8 +126,9 @@ def test_ema_keys_import_with_and_without_ema(tmp_path):
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
     from colodiffusion.diffusion import build_noise_scheduler
 
-    path = save_single_file(tmp_path / "ema.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"),
-                            ema_unet=ema)
+    path = save_single_file(
+        tmp_path / "ema.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"), ema_unet=ema
+    )
     sd, _ = read_checkpoint(path)
     assert sum(k.startswith("model_ema.") for k in sd) == len(unet.state_dict())
     cfg = Config()
@@ -243,8 +244,17 @@ def test_sd2_shaped_openclip_file_drops_the_last_block(tmp_path):
     unet = UNet2DConditionModel(block_out_channels=(64, 64, 64, 64), cross_attention_dim=64, sample_size=8,
                                 attention_head_dim=(1, 1, 1, 1), use_linear_projection=True)
     vae = _tiny_sd1()[1]
-    full = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
-                                        vocab_size=300, max_position_embeddings=16, hidden_act="gelu"))
+    full = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=1,
+            vocab_size=300,
+            max_position_embeddings=16,
+            hidden_act="gelu",
+        )
+    )
     path = _foreign_file(tmp_path, unet, vae, full, "sd2.safetensors",
                          {"cond_stage_model.model.text_projection": torch.randn(64, 64),
                           "cond_stage_model.model.logit_scale": torch.tensor(1.0)})
@@ -262,7 +272,9 @@ def test_sd2_shaped_openclip_file_drops_the_last_block(tmp_path):
 
 def test_unknown_keys_are_refused(tmp_path):
     unet, vae, text = _tiny_sd1()
-    path = _foreign_file(tmp_path, unet, vae, text, "odd.safetensors", {"model.diffusion_model.extra.weight": torch.ones(2)})
+    path = _foreign_file(
+        tmp_path, unet, vae, text, "odd.safetensors", {"model.diffusion_model.extra.weight": torch.ones(2)}
+    )
     cfg = Config()
     cfg.model.tokenizer = str(_tokenizer_dir(tmp_path))
     with pytest.raises(ConfigError, match="does not understand"):
@@ -290,7 +302,9 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
 
     unet, vae, text = _tiny_sd1()
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
-    good = save_single_file(tmp_path / "good.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"))
+    good = save_single_file(
+        tmp_path / "good.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon")
+    )
     load_single_file(good, Config())  # the untouched file loads
     from safetensors import safe_open
 
@@ -342,7 +356,9 @@ def test_a_single_files_separate_vae_folder_is_bounded_too(tmp_path):
 
     unet, vae, text = _tiny_sd1()
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
-    path = save_single_file(tmp_path / "m.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"))
+    path = save_single_file(
+        tmp_path / "m.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon")
+    )
     vae.save_pretrained(tmp_path / "vae")
     cfg = Config()
     cfg.model.vae = str(tmp_path / "vae")
@@ -504,7 +520,20 @@ def test_sample_and_txt2img_take_a_checkpoint_folder(finetuned, tmp_path):
     assert_same(load_file(finetuned / "final" / "unet" / "diffusion_pytorch_model.safetensors"), pipe.unet.state_dict(),
                 "EMA UNet")
     with pytest.raises(SystemExit) as exit_:
-        main(["sample", str(ckpt), "--prompt", "a red circle", "--n-samples", "1", "--steps", "2", "--out", str(tmp_path / "s")])
+        main(
+            [
+                "sample",
+                str(ckpt),
+                "--prompt",
+                "a red circle",
+                "--n-samples",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
     assert exit_.value.code == 0 and (tmp_path / "s" / "00000.png").exists()
     with pytest.raises(SystemExit):  # the same weights through final/: the same image, sampler included
         main(["sample", str(finetuned / "final"), "--prompt", "a red circle", "--n-samples", "1", "--steps", "2",
@@ -512,9 +541,32 @@ def test_sample_and_txt2img_take_a_checkpoint_folder(finetuned, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "00000.png")),
                           np.asarray(Image.open(tmp_path / "f" / "00000.png")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--prompt", "a red circle",
-                          "--ckpt", str(ckpt), "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--H", "32",
-                          "--W", "32", "--outdir", str(tmp_path / "t")], env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "txt2img.py"),
+            "--prompt",
+            "a red circle",
+            "--ckpt",
+            str(ckpt),
+            "--ddim_steps",
+            "2",
+            "--n_samples",
+            "1",
+            "--n_iter",
+            "1",
+            "--H",
+            "32",
+            "--W",
+            "32",
+            "--outdir",
+            str(tmp_path / "t"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0 and len(list((tmp_path / "t" / "samples").glob("*.png"))) == 1, res.stderr[-2000:]
 
 

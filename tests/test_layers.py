@@ -12,8 +12,16 @@ from pathlib import Path
 
 PKG = "colodiffusion"
 SRC = Path(__file__).resolve().parents[1] / "src" / PKG
-LAYERS = [{"config", "lifeline", "__init__"}, {"diffusion", "storage"}, {"models"}, {"generate"}, {"data"}, {"parallel"},
-          {"train"}, {"cli", "export", "evaluate", "bench", "bench_args", "__main__"}]
+LAYERS = [
+    {"config", "lifeline", "__init__"},
+    {"diffusion", "storage"},
+    {"models"},
+    {"generate"},
+    {"data"},
+    {"parallel"},
+    {"train"},
+    {"cli", "export", "evaluate", "bench", "bench_args", "__main__"},
+]
 COMMANDS = LAYERS[-1]
 
 
@@ -37,7 +45,12 @@ def imports(sources: dict[str, str]) -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.split(".")[0] == PKG}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == PKG:
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.split(".")[0] == PKG
+            ):
                 for a in node.names:
                     sub = f"{node.module}.{a.name}"
                     found.add(sub if sub in sources else node.module)

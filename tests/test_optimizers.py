@@ -50,9 +50,11 @@ def test_a_missing_optimizer_package_is_one_sentence(monkeypatch):
 
 
 # optimizer -> (package, learning rate, test that a saved param group is that optimizer's)
-OPTIMIZERS = {"lion": ("lion_pytorch", "1e-4", lambda g: set(g) - {"params", "lr", "initial_lr"} == {"betas", "weight_decay"}),
-              "adafactor": ("transformers", "1e-3", lambda g: "relative_step" in g),
-              "prodigy": ("prodigyopt", "1.0", lambda g: "d0" in g)}
+OPTIMIZERS = {
+    "lion": ("lion_pytorch", "1e-4", lambda g: set(g) - {"params", "lr", "initial_lr"} == {"betas", "weight_decay"}),
+    "adafactor": ("transformers", "1e-3", lambda g: "relative_step" in g),
+    "prodigy": ("prodigyopt", "1.0", lambda g: "d0" in g),
+}
 
 
 @pytest.mark.slow

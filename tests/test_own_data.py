@@ -153,7 +153,7 @@ def test_sample_prompts_come_from_the_data_unless_set(tmp_path):
 
 def test_frechet_distance_matches_scipy_and_is_zero_for_the_same_set():
     linalg = pytest.importorskip("scipy.linalg")
-    from colodiffusion.models.scoring import frechet_distance
+    from colodiffusion.models.image_metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 6)), rng.normal(0.3, 1.5, size=(150, 6)) @ rng.normal(size=(6, 6))
@@ -167,7 +167,7 @@ def test_frechet_distance_matches_scipy_and_is_zero_for_the_same_set():
 def test_clip_score_and_features_load_from_a_local_folder(tmp_path):
     from PIL import Image
 
-    from colodiffusion.models.scoring import ClipScorer, ImageFeatures
+    from colodiffusion.models.image_metrics import ClipScorer, ImageFeatures
 
     folder = make_tiny_clip(tmp_path / "clip")
     scorer = ClipScorer(folder, torch.device("cpu"))

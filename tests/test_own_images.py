@@ -113,9 +113,16 @@ def test_exported_lora_says_its_rank_and_base(own_run, folder, tmp_path):
     lora_run = tmp_path / "lora"
     train(lora_run, f"model.pretrained={run_dir / 'final'}", "data.source=folder", f"data.path={folder}",
           "train.max_steps=1", "train.sample_every=0", "train.lora.rank=2", "train.lora.alpha=4")
-    for path in (export(lora_run, "lora", tmp_path / "adapter"), lora_run / "lora" / "pytorch_lora_weights.safetensors"):
+    for path in (
+        export(lora_run, "lora", tmp_path / "adapter"),
+        lora_run / "lora" / "pytorch_lora_weights.safetensors",
+    ):
         meta = header(path)  # the exported adapter, and the one the run wrote itself
-        assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("peft.lora", "2", "4.0")
+        assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == (
+            "peft.lora",
+            "2",
+            "4.0",
+        )
         assert meta["ss_sd_model_name"] == "final" and meta["ss_steps"] == "1"
         assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == 2  # diffusers' own header is kept
 

@@ -277,8 +277,9 @@ def adamw(params):
 
 
 def test_offload_staging_path_equals_in_place_path_and_state_round_trips():
-    make = lambda: [torch.nn.Parameter(torch.randn(3, 5, generator=torch.Generator().manual_seed(i))
-                                       .to(torch.bfloat16)) for i in range(3)]
+    def make():
+        return [torch.nn.Parameter(torch.randn(3, 5, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16))
+                for i in range(3)]
     a, b = make(), make()
     opt_a = MasterWeightOptimizer(a, adamw)
     opt_b = MasterWeightOptimizer(b, adamw, offload=True)  # staging buffers, as with masters on the CPU
@@ -299,7 +300,8 @@ def test_offload_staging_path_equals_in_place_path_and_state_round_trips():
 
 
 def test_master_optimizer_works_with_lr_scheduler_and_skips_params_without_grad():
-    p, q = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
     opt = MasterWeightOptimizer([p, q], sgd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(0.5e-4)
@@ -332,7 +334,8 @@ def tensors_held(obj, skip: set) -> dict[int, torch.Tensor]:
         elif isinstance(x, (list, tuple, set)):
             for v in x:
                 walk(v)
-        elif isinstance(x, torch.optim.Optimizer) or hasattr(x, "__dict__") and type(x).__module__.startswith("colodiffusion"):
+        elif isinstance(x, torch.optim.Optimizer) or (hasattr(x, "__dict__")
+                                                      and type(x).__module__.startswith("colodiffusion")):
             walk(vars(x))
 
     walk(obj)
@@ -361,8 +364,9 @@ def test_master_optimizer_keeps_no_fp32_gradient_copy():
 
 def test_chunked_master_step_equals_fp32_adamw_over_the_masters():
     """Chunking is invisible: any chunk size gives bitwise the update plain AdamW makes on fp32 copies."""
-    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16))
-                    for i, s in enumerate([(7, 5), (3,), (2, 2, 3), (40,)])]
+    def make():
+        return [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16))
+                for i, s in enumerate([(7, 5), (3,), (2, 2, 3), (40,)])]
     ref_params = [torch.nn.Parameter(p.detach().float()) for p in make()]
     ref = adamw(ref_params)
     runs = []
@@ -473,24 +477,24 @@ def run_bench(capsys, *argv):
 
 
 def test_bench_fast_step_is_the_trainers_train_step(monkeypatch, capsys, tmp_path):
-    """The bench times train.loop.train_step itself, on a state from train.loop.build_state; the baseline
+    """The bench times train.loop.Trainer.train_step itself, on a state from train.loop.build_state; the baseline
     does the same work (clipping, EMA) and both report it."""
     from colodiffusion.train import loop
 
     calls = {"build_state": [], "train_step": []}
-    real_build, real_step = loop.build_state, loop.train_step
+    real_build, real_step = loop.build_state, loop.Trainer.train_step
 
     def build_state(*a, **k):
         state = real_build(*a, **k)
         calls["build_state"].append(state)
         return state
 
-    def train_step(cfg, backend, comps, objective, s):
-        calls["train_step"].append(s)
-        return real_step(cfg, backend, comps, objective, s)
+    def train_step(trainer):
+        calls["train_step"].append(trainer.state)
+        return real_step(trainer)
 
     monkeypatch.setattr(loop, "build_state", build_state)
-    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
     out = tmp_path / "bench.jsonl"
     code, lines, _ = run_bench(capsys, "--baseline", "--steps", "2", "--out", str(out),
                                "perf.param_dtype=bf16", "perf.fuse_qkv=true")
@@ -528,7 +532,8 @@ def test_bench_img_per_s_mfu_and_ratio_from_a_driven_clock(monkeypatch, capsys):
     code, lines, _ = run_bench(capsys, "--baseline", "--batch", "8", "--steps", "3", "--peak-tflops", "100")
     assert code == 0
     events = {(r["event"], r.get("name")): r for r in lines}
-    base, fast, ratio = events[("bench", "diffusers-default")], events[("bench", "colodiffusion")], events[("ratio", None)]
+    base, fast = events[("bench", "diffusers-default")], events[("bench", "colodiffusion")]
+    ratio = events[("ratio", None)]
     assert (base["img_per_s"], fast["img_per_s"]) == (20.0, 80.0)
     assert (base["mfu"], fast["mfu"]) == (0.1, 0.4)
     assert fast["first_step_s"] == 0.1 and ratio["ratio"] == 4.0
@@ -600,7 +605,8 @@ def test_cli_has_bench(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1"])
     assert exc.value.code == 0
-    assert any(json.loads(l)["event"] == "bench" for l in capsys.readouterr().out.splitlines() if l.startswith("{"))
+    assert any(json.loads(line)["event"] == "bench" for line in capsys.readouterr().out.splitlines()
+               if line.startswith("{"))
 
 
 @pytest.mark.slow

@@ -104,7 +104,9 @@ def test_the_seed_line_verbatim_finds_the_recipe(tmp_path):
     # The recipe leaves the model and the data to the user ('???'): one sentence naming both, exit 2, before
     # anything is launched or written (on any machine, GPU or not).
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert out.stderr.startswith("error: model.pretrained and data.path must be given") and "Traceback" not in out.stderr
+    assert (
+        out.stderr.startswith("error: model.pretrained and data.path must be given") and "Traceback" not in out.stderr
+    )
     assert out.stderr.count("\n") == 1 and not (logs.exists() and any(logs.iterdir()))
 
 

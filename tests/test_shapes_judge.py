@@ -257,7 +257,9 @@ def test_the_held_out_set_is_96_images_and_harder_than_training():
     after = [t for t in EVAL_TEMPLATES if t.index("{color}") > t.index("{shape}")]
     assert len(after) >= 2 and all(t.index("{color}") < t.index("{shape}") for t in TRAIN_TEMPLATES)
     train_words = {w for line in _all_training_captions() for w in line.replace(",", " ").split()}
-    unseen = [t for t in EVAL_TEMPLATES if set(t.format(color="red", shape="circle").replace(",", " ").split()) - train_words]
+    unseen = [
+        t for t in EVAL_TEMPLATES if set(t.format(color="red", shape="circle").replace(",", " ").split()) - train_words
+    ]
     assert len(unseen) >= 4
     for p in prompts:  # no other colour or shape word hides inside a word of the prompt ("centred" holds "red")
         others = [w for w in (*COLORS, *SHAPES) if w not in (p["color"], p["shape"])]

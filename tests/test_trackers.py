@@ -49,7 +49,9 @@ def test_a_missing_tracker_package_is_one_sentence_naming_the_extra(monkeypatch,
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
     cfg = load_config(None, [f"log.report_to=tensorboard,{name}"])
-    with pytest.raises(ConfigError, match=rf"needs the optional package '{name}': pip install 'colodiffusion\[{name}\]'"):
+    with pytest.raises(
+        ConfigError, match=rf"needs the optional package '{name}': pip install 'colodiffusion\[{name}\]'"
+    ):
         trackers.check_available(cfg)
 
 

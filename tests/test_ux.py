@@ -125,7 +125,8 @@ def test_sample_refuses_height_30_with_one_sentence(tmp_path):
 # -- per-prompt options -------------------------------------------------------------------------------
 
 def test_prompt_options_follow_kohyas_prompt_files():
-    spec = parse_prompt("a dog, on grass --n blurry, low quality --s 30 --l 7.5 --d 3 --w 512 --h 256 --ss euler --karras")
+    spec = parse_prompt("a dog, on grass --n blurry, low quality --s 30 --l 7.5 --d 3 --w 512 --h 256 --ss euler "
+                        "--karras")
     assert (spec.prompt, spec.negative_prompt, spec.steps, spec.guidance, spec.seed) == \
         ("a dog, on grass", "blurry, low quality", 30, 7.5, 3)
     assert (spec.width, spec.height, spec.sampler, spec.karras) == (512, 256, "euler", True)
@@ -163,8 +164,25 @@ def test_karras_needs_a_k_sampler():
 def test_sample_flags_fill_what_a_prompt_leaves_out():
     from colodiffusion.cli import build_parser, sample_specs
 
-    args = build_parser().parse_args(["sample", "m", "--prompt", "a", "--prompt", "b --d 42 --n red --s 7", "--n-samples", "2",
-                                      "--negative-prompt", "ugly", "--seed", "5", "--sampler", "euler", "--karras"])
+    args = build_parser().parse_args(
+        [
+            "sample",
+            "m",
+            "--prompt",
+            "a",
+            "--prompt",
+            "b --d 42 --n red --s 7",
+            "--n-samples",
+            "2",
+            "--negative-prompt",
+            "ugly",
+            "--seed",
+            "5",
+            "--sampler",
+            "euler",
+            "--karras",
+        ]
+    )
     specs = sample_specs(args)
     assert [(s.prompt, s.seed, s.negative_prompt, s.steps) for s in specs] == [
         ("a", 5, "ugly", 25), ("a", 6, "ugly", 25), ("b", 42, "red", 7), ("b", 43, "red", 7)]

@@ -1,9 +1,9 @@
 """`colodiffusion bench`: time the UNet training step on synthetic latents and text embeddings.
 
 Random weights and inputs (throughput does not depend on trained values; no tokenizer or VAE). The
-*fast* path IS the trainer's step: `train.loop.build_state` (backend, `build_optimizer` with the
+*fast* path IS the trainer's step: `train.loop.build_state` (backend, `build_optimizer`, the
 numerical guard, LR schedule, EMA, data loader) over an in-memory latent dataset shaped like a
-latent cache, and `train.loop.train_step` for each step (caption dropout, posterior sample,
+latent cache, and `train.loop.Trainer.train_step` for each step (caption dropout, posterior sample,
 objective, backward, guard, clip, step, EMA), after `apply_perf` on the preset's UNet. `--baseline`
 also runs, in the same process, the plain diffusers-style loop of `shared/reference/gpu_anchor.py`
 ("diffusers-default": fp32 weights, bf16 autocast, foreach AdamW, SDPA) doing the same work as the
@@ -27,6 +27,7 @@ import json
 import resource
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -191,7 +192,7 @@ def bench_config(cfg: Config, batch: int, steps: int) -> Config:
 
 def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: torch.device, seed: int = 0,
                  steps: int = 16, keep: Optional[dict] = None) -> StepFn:
-    """The trainer's own step (train.loop.train_step) over a synthetic latent cache of `steps` batches
+    """The trainer's own step (train.loop.Trainer.train_step) over a synthetic latent cache of `steps` batches
     (one epoch covers the run: no loader restart while timing)."""
     from colodiffusion.diffusion import alphas_cumprod, build_noise_scheduler, build_objective
     from colodiffusion.parallel import Backend
@@ -213,8 +214,10 @@ def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: tor
         keep.update(model=state.model, optimizer=state.optimizer, ema=state.ema.shadow if state.ema else None,
                     state=state)
 
+    trainer = loop.Trainer(cfg, backend, comps, state, Path(cfg.run.dir), objective)
+
     def step():
-        loss, _ = loop.train_step(cfg, backend, comps, objective, state)
+        loss, _ = trainer.train_step()
         return loss
 
     return step
@@ -353,7 +356,8 @@ def reference_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, perf=PerfConfig())
 
 
-def run_losses(step: StepFn, steps: int, timing: Optional[dict] = None, device: Optional[torch.device] = None) -> torch.Tensor:
+def run_losses(step: StepFn, steps: int, timing: Optional[dict] = None,
+               device: Optional[torch.device] = None) -> torch.Tensor:
     """`steps` losses, as device tensors (one host sync at the end); `timing`, if given, gets the first
     step's seconds (its compile included) as first_step_s."""
     t0 = now()

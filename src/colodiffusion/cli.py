@@ -77,7 +77,8 @@ def sample_specs(args) -> list:
 
     if args.n_flag is not None:
         raise UsageError("--n is the negative prompt inside a --prompt string ('a dog --n blurry'); on the command "
-                         "line, images per prompt are --n-samples N and a negative prompt for all is --negative-prompt TEXT.")
+                         "line, images per prompt are --n-samples N and a negative prompt for all is --negative-prompt "
+                         "TEXT.")
     if args.n_samples < 1:
         raise UsageError(f"--n-samples must be at least 1, not {args.n_samples}.")
     prompts = list(args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
@@ -117,13 +118,13 @@ def _exists(path: str, what: str) -> None:
 
 
 def model_path(path: str) -> Path:
-    """The model a user names. The seed's `RUN/checkpoints/last.ckpt` (which a run here does not write)
+    """The model a user names. The original project's `RUN/checkpoints/last.ckpt` (which a run here does not write)
     is that run folder: its final/, or its newest checkpoint while it trains."""
     p = Path(path)
     if not p.exists() and p.name == "last.ckpt" and p.parent.name == "checkpoints" and p.parent.parent.is_dir():
         run = p.parent.parent
-        print(f"note: {p} is the seed's name for the last checkpoint; reading the run {run} (its final/, else its "
-              "newest checkpoint)", file=sys.stderr)
+        print(f"note: {p} is the original project's name for the last checkpoint; reading the run {run} (its final/, "
+              "else its newest checkpoint)", file=sys.stderr)
         return run
     return p
 
@@ -281,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("config", help="print the effective config (--all: every key with its default and help)")
     g.add_argument("-c", "--config", help="YAML recipe (only the values that differ from the defaults)")
-    g.add_argument("--all", action="store_true", help="every key: value, default where it differs, allowed values, help")
+    g.add_argument(
+        "--all", action="store_true", help="every key: value, default where it differs, allowed values, help"
+    )
     g.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
     g.set_defaults(func=cmd_config)
 
@@ -302,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="diffusers folder, single file, run folder (its final/, else its newest "
                    "checkpoint) or checkpoints/step_N folder of any backend (its EMA when it has one)")
     e.add_argument("--json", action="store_true", help="print only the JSON result line")
-    e.add_argument("--per-combo", type=int, default=8, help="images per colour x shape combination (8: 96 images, each held-out wording once per combination)")
+    e.add_argument("--per-combo", type=int, default=8, help="images per colour x shape combination (8: 96 images, each "
+                                                            "held-out wording once per combination)")
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 2 for the shapes judge, as measured in bench/NOTES.md; 4 otherwise)")
+                   help="classifier-free guidance scale (default: 2 for the shapes judge, as measured in "
+                        "bench/NOTES.md; 4 otherwise)")
     e.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
     e.add_argument("--out", help="also save the generated images here")
     e.add_argument("--data", help="score on this folder of images + captions (default: the run's own data; "

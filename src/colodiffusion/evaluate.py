@@ -356,8 +356,8 @@ def choose_scorer(model: str, data: Optional[str] = None, native_resolution: Opt
                                   "with local weights)")
     if cfg is None:
         return Plan("shapes", None, f"scorer: the shapes judge, because '{model}' has no run config.yaml and no "
-                                    "--data was given; it is meaningful only for a model trained on the built-in shapes "
-                                    "data (give --data FOLDER to score on your own images)")
+                                    "--data was given; it is meaningful only for a model trained on the built-in "
+                                    "shapes data (give --data FOLDER to score on your own images)")
     if cfg.data.source == "shapes":
         return Plan("shapes", cfg, "scorer: the shapes judge on held-out prompts (the run trained on the built-in "
                                    "shapes data)")
@@ -387,8 +387,8 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
     from colodiffusion.diffusion import build_objective
     from colodiffusion.generate import make_grid
     from colodiffusion.models.components import context_to, encode_context, unet_call
-    from colodiffusion.train.quality import MISSING_WEIGHTS, HeldOut, QualityProbe
-    from colodiffusion.train.validation import build_validation, validation_loss
+    from colodiffusion.train.clip_fid_probe import MISSING_WEIGHTS, HeldOut, QualityProbe
+    from colodiffusion.train.val_loss import build_validation, validation_loss
 
     view, held_out = evaluation_view(cfg)
     device, unet = pipe.device, pipe.unet

@@ -37,7 +37,9 @@ def export(source: str | Path, fmt: str, out: str | Path, ema: bool = False, dty
     m = load_model(source, ema, original_config, tokenizer)
     if fmt == "lora":
         if not m.has_lora:
-            raise ConfigError(f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write.")
+            raise ConfigError(
+                f"'{source}' was not trained with LoRA (train.lora.rank=0): there is no adapter to write."
+            )
         meta = kohya_metadata(source, out, m.unet, m.noise_scheduler.config.prediction_type, lora.lora_shape(m.unet))
         write_sealed(out, lambda folder: lora.save_lora(folder, m.unet, m.text_encoder, DTYPES[dtype], metadata=meta))
         return out / lora.WEIGHT_NAME

@@ -94,7 +94,8 @@ def image_size(pipe: StableDiffusionPipeline, height: Optional[int], width: Opti
     height, width = height or default, width or default
     for name, v in (("height", height), ("width", width)):
         if v < 8 or v % 8:
-            raise ConfigError(f"{name} {v} is not a multiple of 8; use {multiples_of_8(v)} (the model's own is {default}).")
+            raise ConfigError(f"{name} {v} is not a multiple of 8; use {multiples_of_8(v)} (the model's own is "
+                              f"{default}).")
     return height, width
 
 

@@ -38,7 +38,12 @@ def colossalai_missing() -> str:
 
 
 def test_gpu_script_plan_parses(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(ROOT / "src"), "WHEELS": str(tmp_path / "none")}
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "PYTHONPATH": str(ROOT / "src"),
+        "WHEELS": str(tmp_path / "none"),
+    }
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

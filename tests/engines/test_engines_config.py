@@ -49,7 +49,11 @@ def test_built_deepspeed_json():
                              "parallel.offload_params=true", "train.batch_size=32", "train.grad_accum=2",
                              "precision=bf16", "train.grad_clip=0.5"])
     ds = ds_config(cfg, dp_size=4, on_cuda=False)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        32,
+        4,
+        2,
+    )
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -117,7 +121,9 @@ def test_deepspeed_param_offload_needs_zero3():
     from colodiffusion.parallel import build_backend
 
     with pytest.raises(ConfigError, match="offload_params=true needs parallel.zero=3"):
-        build_backend(load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2", "parallel.offload_params=true"]))
+        build_backend(
+            load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2", "parallel.offload_params=true"])
+        )
 
 
 def test_max_epochs_becomes_steps():
@@ -137,11 +143,30 @@ def test_max_epochs_becomes_steps():
 GEMINI = ["parallel.strategy=colossalai", "parallel.plugin=gemini", "precision=bf16", "train.ema.enabled=false"]
 
 
-@pytest.mark.parametrize("policy, want", [
-    ("cuda", {"placement_policy": "static", "shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}),
-    ("cpu", {"placement_policy": "static", "shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}),
-    ("auto", {"placement_policy": "auto"}),
-])
+@pytest.mark.parametrize(
+    "policy, want",
+    [
+        (
+            "cuda",
+            {
+                "placement_policy": "static",
+                "shard_param_frac": 1.0,
+                "offload_optim_frac": 0.0,
+                "offload_param_frac": 0.0,
+            },
+        ),
+        (
+            "cpu",
+            {
+                "placement_policy": "static",
+                "shard_param_frac": 1.0,
+                "offload_optim_frac": 1.0,
+                "offload_param_frac": 1.0,
+            },
+        ),
+        ("auto", {"placement_policy": "auto"}),
+    ],
+)
 def test_gemini_takes_the_seeds_placement_policies(policy, want):
     from colodiffusion.parallel.colossalai import gemini_placement
 
@@ -154,7 +179,8 @@ def test_gemini_static_fractions_and_their_conflicts():
     cfg = load_config(None, GEMINI + ["parallel.placement_policy=static", "parallel.offload_optim_frac=0.5"])
     assert gemini_placement(cfg.parallel) == {"placement_policy": "static", "shard_param_frac": 1.0,
                                               "offload_optim_frac": 0.5, "offload_param_frac": 0.0}
-    with pytest.raises(ConfigError, match="parallel.offload_optim_frac is read only with parallel.placement_policy=static"):
+    with pytest.raises(ConfigError, match="parallel.offload_optim_frac is read only with "
+                                          "parallel.placement_policy=static"):
         load_config(None, GEMINI + ["parallel.placement_policy=cpu", "parallel.offload_optim_frac=0.5"])
     with pytest.raises(ConfigError, match="allowed values are: static, cuda, cpu, auto"):
         load_config(None, GEMINI + ["parallel.placement_policy=gpu"])
@@ -162,9 +188,13 @@ def test_gemini_static_fractions_and_their_conflicts():
 
 @pytest.mark.parametrize("precision", ["32", "fp32", "32-true"])
 def test_gemini_refuses_fp32_in_one_sentence(precision):
-    with pytest.raises(ConfigError, match=r"^parallel.plugin=gemini computes in fp16 or bf16 only \(precision is fp32\)"):
+    with pytest.raises(
+        ConfigError, match=r"^parallel.plugin=gemini computes in fp16 or bf16 only \(precision is fp32\)"
+    ):
         load_config(None, GEMINI + [f"precision={precision}"])
-    load_config(None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=2", "precision=32"])  # takes fp32
+    load_config(
+        None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=2", "precision=32"]
+    )  # takes fp32
 
 
 def test_gemini_fp32_is_refused_before_main_py_launches(tmp_path):

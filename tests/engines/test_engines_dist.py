@@ -18,7 +18,8 @@ import harness  # noqa: E402
 from launch import torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
-deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'colodiffusion[deepspeed]')")
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install "
+                                                    "'colodiffusion[deepspeed]')")
 
 
 def colossalai_missing() -> str:
@@ -44,8 +45,11 @@ def runs(tmp_path_factory):
     first = {"ds_zero2": f"parallel.strategy=deepspeed:parallel.zero=2:save={harness.SAVE_AT}",
              "ds_zero3": f"parallel.strategy=deepspeed:parallel.zero=3:save={harness.SAVE_AT}",
              "ds_user": f"parallel.strategy=deepspeed:parallel.deepspeed_config={user_json}"}
-    second = {f"{n}_resumed": f"parallel.strategy=deepspeed:parallel.zero={z}:load={out / (n + '_ckpt') / f'step_{harness.SAVE_AT:08d}'}"
-              for n, z in (("ds_zero2", 2), ("ds_zero3", 3))}
+    saved = {n: out / (n + "_ckpt") / f"step_{harness.SAVE_AT:08d}" for n in ("ds_zero2", "ds_zero3")}
+    second = {
+        f"{n}_resumed": f"parallel.strategy=deepspeed:parallel.zero={z}:load={saved[n]}"
+        for n, z in (("ds_zero2", 2), ("ds_zero3", 3))
+    }
     if not colossalai_missing():
         first["cai"] = f"parallel.strategy=colossalai:parallel.plugin=torch_ddp:save={harness.SAVE_AT}"
         second["cai_resumed"] = f"parallel.strategy=colossalai:load={out / 'cai_ckpt' / f'step_{harness.SAVE_AT:08d}'}"
@@ -119,7 +123,9 @@ def test_deepspeed_zero3_lora_run_exports_from_its_partitions(tmp_path):
         done = python(["-m", "colodiffusion", "export", str(ckpt), "--format", fmt, "--ema", "--merge-lora",
                        "--out", str(tmp_path / fmt)])
         assert done.returncode == 0, done.stderr[-4000:]
-    for ours, theirs in (("lora/pytorch_lora_weights.safetensors", "lora/pytorch_lora_weights.safetensors"),
-                         ("final/unet/diffusion_pytorch_model.safetensors", "diffusers/unet/diffusion_pytorch_model.safetensors")):
+    for ours, theirs in (
+        ("lora/pytorch_lora_weights.safetensors", "lora/pytorch_lora_weights.safetensors"),
+        ("final/unet/diffusion_pytorch_model.safetensors", "diffusers/unet/diffusion_pytorch_model.safetensors"),
+    ):
         a, b = load_file(str(run / ours)), load_file(str(tmp_path / theirs))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ours

@@ -22,7 +22,12 @@ TINY = ["trainer.accelerator=auto", "precision=32", "first_stage.steps=2", "firs
         "train.batch_size=8", "train.sample_every=0", "train.log_every=1", "train.warmup_steps=1"]
 
 RECIPES = {  # recipe: (strategy, precision, global batch, per-recipe check)
-    "train_colossalai": ("colossalai", "fp16", 64, lambda c: (c.parallel.plugin, c.parallel.placement_policy) == ("gemini", "cuda")),
+    "train_colossalai": (
+        "colossalai",
+        "fp16",
+        64,
+        lambda c: (c.parallel.plugin, c.parallel.placement_policy) == ("gemini", "cuda"),
+    ),
     "train_ddp": ("ddp", "fp16", 64, lambda c: c.model.gradient_checkpointing),
     "train_deepspeed": ("deepspeed", "fp16", 16, lambda c: c.parallel.zero == 2),
 }
@@ -33,8 +38,24 @@ def env() -> dict:
 
 
 def main_py(logdir: Path, recipe: str, *overrides: str) -> Path:
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "-t", "-b", f"configs/{recipe}_tiny.yaml", "-l", str(logdir),
-                           *TINY, *overrides], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "-t",
+            "-b",
+            f"configs/{recipe}_tiny.yaml",
+            "-l",
+            str(logdir),
+            *TINY,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     (run_dir,) = list(logdir.iterdir())
     assert run_dir.name.endswith(recipe + "_tiny")
@@ -64,19 +85,28 @@ def test_recipe_trains_sd15_at_512_on_the_users_data(recipe, tmp_path):
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.train.ema.enabled) == ("gpu", 4, False)
     assert check(cfg)
     # a latent cache is one choice: webdataset shards work by overriding the source
-    shards = load_config(ROOT / "configs" / f"{recipe}.yaml", user[:1] + ["data.source=webdataset", "data.path=s/{0..9}.tar"])
+    shards = load_config(
+        ROOT / "configs" / f"{recipe}.yaml", user[:1] + ["data.source=webdataset", "data.path=s/{0..9}.tar"]
+    )
     assert shards.data.source == "webdataset"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_without_model_or_data_stops_with_one_sentence(recipe, tmp_path):
-    with pytest.raises(ConfigError, match=r"^model.pretrained and data.path must be given: .*model.pretrained=\.\.\. data.path=\.\.\."):
+    with pytest.raises(ConfigError, match=r"^model.pretrained and data.path must be given: .*model.pretrained=\.\.\. "
+                                          r"data.path=\.\.\."):
         load_config(ROOT / "configs" / f"{recipe}.yaml")
     with pytest.raises(ConfigError, match=r"^data.path must be given"):
         load_config(ROOT / "configs" / f"{recipe}.yaml", given(tmp_path)[:1])
     # the seed's command: refused before main.py launches its 4 processes (no torchrun, no traceback)
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "-t", "-b", f"configs/{recipe}.yaml", "-l", str(tmp_path)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-t", "-b", f"configs/{recipe}.yaml", "-l", str(tmp_path)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "model.pretrained and data.path must be given" in proc.stderr
     assert "launching" not in proc.stdout and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0  # one line

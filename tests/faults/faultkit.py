@@ -50,7 +50,11 @@ def overrides(run_dir: Path, *extra: str) -> list[str]:
 
 
 def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("COLODIFFUSION_FAULT", "TORCHELASTIC", "SLURM_RESTART"))}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COLODIFFUSION_FAULT", "TORCHELASTIC", "SLURM_RESTART"))
+    }
     e.update(PYTHONPATH=str(SRC) + os.pathsep + e.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
              TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
     e.update(extra)

@@ -243,7 +243,9 @@ def test_a_real_write_failure_is_one_sentence_and_loses_nothing(limit, fails_in,
     run_dir = new_run()
     proc = _limited_run(run_dir, limit)
     report["faults_injected"]["write_limit"] += 1
-    errors = [line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "error: " in line]  # after a progress bar
+    errors = [
+        line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "error: " in line
+    ]  # after a progress bar
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("could not write checkpoint step 2"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

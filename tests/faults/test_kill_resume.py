@@ -132,7 +132,9 @@ def _files(folder: Path) -> dict[str, object]:
             name = p.relative_to(folder).as_posix()
             out[name] = p.read_bytes()
             if p.suffix == ".json":
-                out[name] = {k: v for k, v in json.loads(out[name]).items() if k not in ("_name_or_path", "name_or_path")}
+                out[name] = {
+                    k: v for k, v in json.loads(out[name]).items() if k not in ("_name_or_path", "name_or_path")
+                }
     return out
 
 

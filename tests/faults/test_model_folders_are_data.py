@@ -184,12 +184,12 @@ def test_a_full_disk_while_writing_final_is_one_sentence_and_leaves_no_temporary
 
 
 def test_a_run_whose_disk_fills_while_writing_final_says_how_to_finish(run_dir, monkeypatch):
-    from colodiffusion.train import loop
+    from colodiffusion.train import loop, outputs
 
     def disk_full(folder, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop, "export_diffusers", disk_full)
+    monkeypatch.setattr(outputs, "export_diffusers", disk_full)
     with pytest.raises(ConfigError) as err:
         loop.train(load_config(None, [*TINY, f"run.dir={run_dir}", "train.max_steps=1"]))
     assert "No space left on device" in str(err.value) and "train.resume=auto" in str(err.value)

@@ -40,18 +40,17 @@ def test_non_finite_gradient_skips_the_update_exactly(path, poison, tmp_path):
     x = torch.randn(16, 8)
     if path.startswith("fp32_masters"):
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-        opt = guard.wrap(_master_adamw(model.parameters(), offload=path.endswith("offload")))
+        opt = _master_adamw(model.parameters(), offload=path.endswith("offload"))
     else:
-        opt = guard.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=path == "fused" or None))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=path == "fused" or None)
 
     def step(bad: bool):
         loss = model(x).float().square().mean() * (float("nan") if bad and poison == "loss" else 1.0)
         loss.backward()
         if bad and poison == "grad":
             model.bias.grad[0] = float("nan")
-        guard.before_step(loss)
-        opt.step()
-        guard.after_step()
+        with guard.checking(opt, loss):
+            opt.step()
         opt.zero_grad()
 
     def snapshot():

@@ -130,15 +130,15 @@ def test_a_second_trainer_in_the_same_folder_gets_one_sentence(tmp_path):
 
 def test_the_lock_is_held_for_the_whole_run_and_released_after(run_dir, monkeypatch):
     seen = []
-    real = loop.train_step
+    real = loop.Trainer.train_step
 
-    def step_and_try_a_second_trainer(cfg, backend, comps, objective, s):
+    def step_and_try_a_second_trainer(trainer):
         with pytest.raises(ConfigError, match="is in use by"):
             run_folder.check(_cfg(run_dir, "train.resume=auto"), ONE, run_dir)
-        seen.append(s.step)
-        return real(cfg, backend, comps, objective, s)
+        seen.append(trainer.state.step)
+        return real(trainer)
 
-    monkeypatch.setattr(loop, "train_step", step_and_try_a_second_trainer)
+    monkeypatch.setattr(loop.Trainer, "train_step", step_and_try_a_second_trainer)
     loop.train(_cfg(run_dir, "train.max_steps=1", "train.checkpoint_every=0"))
     assert seen == [0]
     _free(run_folder.check(_cfg(run_dir, "train.resume=auto"), ONE, run_dir))

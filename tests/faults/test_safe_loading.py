@@ -55,9 +55,9 @@ def test_the_scan_catches_unsafe_code(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "bad.py").write_text(
-        "import torch\nimport pickle\n"
-        "d = pickle.loads(b'')\na = torch.load('x')\nb = torch.load('x', weights_only=False)\nc = torch.load('x', weights_only=True)\n"
-        "m = Model.from_pretrained('x', trust_remote_code=True)\n"
+        "import torch\nimport pickle\nd = pickle.loads(b'')\na = torch.load('x')\nb = torch.load('x', "
+        "weights_only=False)\nc = torch.load('x', "
+        "weights_only=True)\nm = Model.from_pretrained('x', trust_remote_code=True)\n"
     )
     found = scan(pkg)
     assert len([p for p in found if "weights_only" in p]) == 2

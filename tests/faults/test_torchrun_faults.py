@@ -72,8 +72,16 @@ def test_workers_exit_when_their_launcher_is_sigkilled(launcher, new_run):
     of their own): within 30 s no process of the job is left, where before they trained on for ever."""
     run_dir = new_run("orphans")
     extra = ("train.max_steps=100000", "train.checkpoint_every=0")
-    cmd = (_cmd(run_dir, "ddp", *extra) if launcher == "torchrun" else
-           [sys.executable, str(ROOT / "main.py"), "-t", *overrides(run_dir, "parallel.strategy=ddp", "trainer.devices=2", *extra)])
+    cmd = (
+        _cmd(run_dir, "ddp", *extra)
+        if launcher == "torchrun"
+        else [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "-t",
+            *overrides(run_dir, "parallel.strategy=ddp", "trainer.devices=2", *extra),
+        ]
+    )
     proc, launch_id = start_job(cmd, run_dir.parent / "orphans.log")
     try:
         wait_for_step(proc, run_dir)
@@ -123,7 +131,9 @@ def test_a_write_failure_on_one_rank_stops_every_rank_with_one_sentence(strategy
                           timeout=400)
     report["faults_injected"]["write_limit"] += 1
     for rank in (0, 1):
-        lines = [ln for ln in proc.stderr.splitlines() if f"error (rank {rank}): could not write checkpoint step 2" in ln]
+        lines = [
+            ln for ln in proc.stderr.splitlines() if f"error (rank {rank}): could not write checkpoint step 2" in ln
+        ]
         assert len(lines) == 1, proc.stderr[-4000:]
     assert proc.returncode != 0
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(("step_", ".tmp-"))]

@@ -62,7 +62,8 @@ def test_links_out_of_the_dataset_are_never_read(tmp_path):
 
 
 @pytest.mark.parametrize("table, content, words", [
-    ("metadata.jsonl", '{"file_name": "000000.png", "text": "ok"}\n[1, 2]\n', "line 2 of .* is a JSON list, not an object"),
+    ("metadata.jsonl", '{"file_name": "000000.png", "text": "ok"}\n[1, 2]\n', "line 2 of .* is a JSON list, not an "
+                                                                              "object"),
     ("metadata.jsonl", '"just a string"\n', "line 1 of .* is a JSON str, not an object"),
     ("captions.csv", "file,caption\n000000.png," + "x" * (200 << 10) + "\n", "line 2 of .* cannot be read as CSV"),
 ])

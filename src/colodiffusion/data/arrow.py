@@ -53,7 +53,8 @@ def arrow_files(path: str) -> list[Path]:
         files = [(root / n).resolve() for n in names if isinstance(n, str)]
         outside = [n for n, f in zip(names, files) if not f.is_relative_to(root.resolve())]
         if outside or len(files) != len(names):
-            raise ValueError(f"'{root / 'state.json'}' names a data file outside its folder or no file name ({outside[:1]})")
+            raise ValueError(f"'{root / 'state.json'}' names a data file outside its folder or no file name "
+                             f"({outside[:1]})")
         return files
     files = files_inside(root, "*.arrow")  # no link out of the folder
     if not files:
@@ -75,7 +76,9 @@ def _open(path: Path):
 class ArrowDataset(ImageSource):
     name = "arrow"
 
-    def __init__(self, path: str, transform: ImageTransform, image_column: str = "image", caption_column: str = "caption"):
+    def __init__(
+        self, path: str, transform: ImageTransform, image_column: str = "image", caption_column: str = "caption"
+    ):
         super().__init__(transform, str(path))
         self.files = arrow_files(path)
         self.image_column, self.caption_column = image_column, caption_column
@@ -93,7 +96,8 @@ class ArrowDataset(ImageSource):
             missing = [c for c in (image_column, caption_column) if c not in table.column_names]
             if missing:
                 raise ValueError(f"arrow file '{f}' has no column {', '.join(repr(c) for c in missing)} "
-                                 f"(it has {', '.join(table.column_names)}); set data.image_column / data.caption_column")
+                                 f"(it has {', '.join(table.column_names)}); set data.image_column / "
+                                 "data.caption_column")
             self.kept.append(f)
             self.starts.append(n)
             n += table.num_rows

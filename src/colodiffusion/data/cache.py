@@ -81,7 +81,9 @@ def _start_over_if_replanned(out: Path, plan: dict) -> None:
         MANIFEST, "components", "empty_context.safetensors", "bad_samples.jsonl")]
     if old != plan and made:
         changed = sorted(k for k in plan if not isinstance(old, dict) or old.get(k) != plan[k])
-        print(f"latent cache {out} was made from other data or settings ({', '.join(changed)} changed): making it again")
+        print(
+            f"latent cache {out} was made from other data or settings ({', '.join(changed)} changed): making it again"
+        )
         for p in made:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     _atomic_json(out / PLAN, plan)

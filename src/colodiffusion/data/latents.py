@@ -96,7 +96,8 @@ def cached_components(cfg) -> Optional[Path]:
     unsealed = [n for n in ("tokenizer", "text_encoder", "vae") if not is_sealed(folder / n)]
     if unsealed:
         raise ConfigError(f"the latent cache '{cfg.data.path}' has incomplete components ({', '.join(unsealed)} "
-                          "not sealed: cut short, altered or made by an older version); make it again with colodiffusion cache")
+                          "not sealed: cut short, altered or made by an older version); make it again with "
+                          "colodiffusion cache")
     return folder
 
 
@@ -106,7 +107,8 @@ class LatentDataset(Dataset):
     def __init__(self, path: str | Path):
         self.root, self.path = Path(path), str(path)
         if not (self.root / MANIFEST).is_file():
-            raise ValueError(f"data.path '{path}' is not a latent cache (no {MANIFEST}; make one with `colodiffusion cache`)")
+            raise ValueError(f"data.path '{path}' is not a latent cache (no {MANIFEST}; make one with `colodiffusion "
+                             "cache`)")
         self.manifest = read_manifest(self.root)
         self.files = [str(self.root / s["file"]) for s in self.manifest["shards"]]
         bounds.check_links(self.root)  # no shard, component or context file that links out of the cache is read

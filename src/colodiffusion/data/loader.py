@@ -45,7 +45,9 @@ def too_many_bad(bad: int, seen: int, limit: float) -> bool:
     return bad > expected + 3 * math.sqrt(expected * (1 - limit))
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Optional[list[int]] = None) -> torch.Tensor:
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Optional[list[int]] = None
+) -> torch.Tensor:
     """A seeded permutation; with `blocks` (sizes of consecutive runs: shards, row groups) the blocks
     are shuffled and then the samples within each, so reads stay local to one block at a time."""
     if not shuffle:
@@ -56,7 +58,9 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Opt
     starts = [0]
     for size in blocks[:-1]:
         starts.append(starts[-1] + size)
-    parts = [starts[b] + torch.randperm(blocks[b], generator=g) for b in torch.randperm(len(blocks), generator=g).tolist()]
+    parts = [
+        starts[b] + torch.randperm(blocks[b], generator=g) for b in torch.randperm(len(blocks), generator=g).tolist()
+    ]
     return torch.cat(parts)
 
 

@@ -91,7 +91,9 @@ def scan_shard(url: str) -> dict:
         entry["size"] = size = _size(url)
         f = _fs_open(url) if is_url(url) else open(url, "rb")
     except (OSError, BadSample, ValueError) as exc:
-        entry["bad"].append({"source": "webdataset", "key": url, "reason": "unreadable_shard", "detail": str(exc)[:200]})
+        entry["bad"].append(
+            {"source": "webdataset", "key": url, "reason": "unreadable_shard", "detail": str(exc)[:200]}
+        )
         return entry
     samples: dict[str, dict] = {}
     expected, pos = 0, 0  # expected: where the next header should start; a jump means skipped blocks
@@ -101,12 +103,16 @@ def scan_shard(url: str) -> dict:
                 f.seek(pos)
                 for m in tarfile.open(fileobj=f, mode="r:", ignore_zeros=True):
                     if m.offset > expected:
-                        entry["bad"].append(_corrupt(url, expected, f"unreadable tar header(s) at bytes {expected}-{m.offset}"))
+                        entry["bad"].append(_corrupt(url, expected, "unreadable tar header(s) at bytes "
+                                                                    f"{expected}-{m.offset}"))
                     expected = m.offset_data + (m.size + 511) // 512 * 512
                     match = _KEY_EXT.match(m.name)
                     if m.isfile() and match:
                         complete = m.offset_data + m.size <= size
-                        samples.setdefault(match.group(1), {})[match.group(2).lower()] = [m.offset_data, m.size if complete else -1]
+                        samples.setdefault(match.group(1), {})[match.group(2).lower()] = [
+                            m.offset_data,
+                            m.size if complete else -1,
+                        ]
                 pos = None
             except (tarfile.TarError, OSError, EOFError) as exc:
                 if pos == 0 and not samples and expected == 0:

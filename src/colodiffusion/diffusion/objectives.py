@@ -68,7 +68,9 @@ class Objective:
             return None
         a = self.alphas_cumprod_on(t.device)[t]
         snr = a / (1 - a)
-        w_x0 = (snr if self.min_snr_gamma is None else torch.clamp(snr, max=self.min_snr_gamma)) + self.high_noise_weight
+        w_x0 = (
+            snr if self.min_snr_gamma is None else torch.clamp(snr, max=self.min_snr_gamma)
+        ) + self.high_noise_weight
         return w_x0 / (snr + 1) if self.prediction_type == "v_prediction" else w_x0 / snr
 
     def per_sample_loss(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,

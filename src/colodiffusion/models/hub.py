@@ -29,9 +29,14 @@ def has_variant(folder: Path, variant: Optional[str]) -> bool:
 
 
 def weight_patterns(variant: Optional[str]) -> tuple[list[str], list[str]]:
-    """(allow, ignore) patterns: the variant's safetensors, or the plain ones (name.safetensors, not name.fp16.safetensors)."""
+    """(allow, ignore) patterns: the variant's safetensors, or the plain ones (name.safetensors, not
+    name.fp16.safetensors)."""
     if variant:
-        return _META + [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors", f"*.safetensors.index.{variant}.json"], []
+        return _META + [
+            f"*.{variant}.safetensors",
+            f"*.{variant}-*.safetensors",
+            f"*.safetensors.index.{variant}.json",
+        ], []
     return _META + ["*.safetensors"], ["*.*.safetensors"]
 
 
@@ -48,7 +53,9 @@ def _inside_cache(root: Path, source: str, where: str) -> None:
                           "delete that cache entry and download the model again.")
 
 
-def resolve(source: Optional[str], key: str, revision: Optional[str] = None, variant: Optional[str] = None) -> Optional[Path]:
+def resolve(
+    source: Optional[str], key: str, revision: Optional[str] = None, variant: Optional[str] = None
+) -> Optional[Path]:
     """A local path as it is; a Hub id as its snapshot folder in the Hub cache; None stays None."""
     if not source:
         return None
@@ -70,13 +77,24 @@ def resolve(source: Optional[str], key: str, revision: Optional[str] = None, var
         return root
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ConfigError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
-                              "forbids downloading it: run once online, or point the key at a local folder.") from None
-        raise ConfigError(f"{where} could not be downloaded (no connection to the Hub?) and is not in the "
-                          f"Hugging Face cache ({constants.HF_HUB_CACHE}).") from None
+            raise ConfigError(
+                f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                "HF_HUB_OFFLINE=1 "
+                "forbids downloading it: run once online, or point the key at a local folder."
+            ) from None
+        raise ConfigError(
+            f"{where} could not be downloaded (no connection to the Hub?) and is not in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE})."
+        ) from None
     except RevisionNotFoundError:
-        raise ConfigError(f"{where}: the Hub has no such revision (model.revision is a branch, tag or commit).") from None
+        raise ConfigError(
+            f"{where}: the Hub has no such revision (model.revision is a branch, tag or commit)."
+        ) from None
     except GatedRepoError:
-        raise ConfigError(f"{where} is gated: accept its terms on the Hub and log in (hf auth login or HF_TOKEN).") from None
+        raise ConfigError(
+            f"{where} is gated: accept its terms on the Hub and log in (hf auth login or HF_TOKEN)."
+        ) from None
     except RepositoryNotFoundError:
-        raise ConfigError(f"{where} is neither a local path nor a model on the Hub (private models need HF_TOKEN).") from None
+        raise ConfigError(
+            f"{where} is neither a local path nor a model on the Hub (private models need HF_TOKEN)."
+        ) from None

@@ -39,7 +39,8 @@ _IGNORED = re.compile(
 
 
 def ema_key(unet_key: str) -> str:
-    """LDM's EMA names drop the dots after `model.`: model.diffusion_model.out.0.weight -> model_ema.diffusion_modelout0weight."""
+    """LDM's EMA names drop the dots after `model.`:
+    model.diffusion_model.out.0.weight -> model_ema.diffusion_modelout0weight."""
     return EMA + unet_key[len("model."):].replace(".", "")
 
 
@@ -228,9 +229,14 @@ def infer_original_config(sd: dict) -> dict:
     vch = sd[v + "encoder.conv_in.weight"].shape[0]
     v_levels = _levels(sd, re.escape(v) + r"encoder\.down\.(\d+)\.")
     vmult = [sd[f"{v}encoder.down.{i}.block.0.conv2.weight"].shape[0] // vch for i in range(v_levels)]
-    ddconfig = dict(ch=vch, ch_mult=vmult, in_channels=sd[v + "encoder.conv_in.weight"].shape[1],
-                    out_ch=sd[v + "decoder.conv_out.weight"].shape[0], z_channels=sd[v + "decoder.conv_in.weight"].shape[1],
-                    num_res_blocks=_levels(sd, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."))
+    ddconfig = dict(
+        ch=vch,
+        ch_mult=vmult,
+        in_channels=sd[v + "encoder.conv_in.weight"].shape[1],
+        out_ch=sd[v + "decoder.conv_out.weight"].shape[0],
+        z_channels=sd[v + "decoder.conv_in.weight"].shape[1],
+        num_res_blocks=_levels(sd, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."),
+    )
     return {"model": {"params": {"unet_config": {"params": unet},
                                  "first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
 

@@ -65,7 +65,8 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
         return load_single_file(root, cfg)
     bounds.check_model_folder(root)
     if is_sdxl_folder(root) and m.preset != "sdxl":  # (a local folder is checked at config load; a Hub id here)
-        raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set model.preset=sdxl.")
+        raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set "
+                          "model.preset=sdxl.")
     if m.preset == "sdxl":
         return load_sdxl(root, cfg)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
@@ -99,15 +100,15 @@ def load_sdxl(root: Path, cfg: Config) -> Components:
 
 def build_scratch(cfg: Config) -> Components:
     """model.init=scratch: a freshly initialised UNet of the preset (seeded by train.seed) with the frozen
-    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the seed trains SD."""
+    tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the original project trains SD."""
     m = cfg.model
     root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
     tokenizer, text_encoder, vae = frozen_parts(m, root)
     preset = get_preset(m.preset)
     width = text_encoder.config.hidden_size
     if preset.unet["cross_attention_dim"] != width:
-        raise ConfigError(f"model.preset={m.preset} cross-attends to {preset.unet['cross_attention_dim']}-d text features, "
-                          f"but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
+        raise ConfigError(f"model.preset={m.preset} cross-attends to {preset.unet['cross_attention_dim']}-d text "
+                          f"features, but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
     torch.manual_seed(cfg.train.seed)
     unet = build_unet(preset)
     return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(m, root)))
@@ -116,7 +117,9 @@ def build_scratch(cfg: Config) -> Components:
 def frozen_parts(m: ModelConfig, root: Optional[Path]) -> tuple:
     """(tokenizer, text encoder, VAE), each from its own key when set, else from the folder `root`."""
     te_root = hub.resolve(m.text_encoder, "model.text_encoder", m.revision, m.variant) or root
-    tok_root = hub.resolve(m.tokenizer, "model.tokenizer", m.revision) or (root if root and _has(root, "tokenizer") else te_root)
+    tok_root = hub.resolve(m.tokenizer, "model.tokenizer", m.revision) or (
+        root if root and _has(root, "tokenizer") else te_root
+    )
     vae_root = hub.resolve(m.vae, "model.vae", m.revision, m.variant) or root
     if vae_root is None:
         raise ConfigError("model.init=scratch needs a VAE: set model.vae (or model.pretrained with vae/).")

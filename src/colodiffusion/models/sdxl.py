@@ -26,11 +26,6 @@ def is_sdxl_folder(root: Path) -> bool:
     return (Path(root) / "text_encoder_2").is_dir()
 
 
-def is_sdxl_unet(unet: torch.nn.Module) -> bool:
-    """A UNet that takes SDXL's added conditioning (pooled text + time ids)."""
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 @torch.no_grad()
 def encode_prompts_sdxl(parts: Any, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, L, D1 + D2), pooled (B, P)) from `parts.tokenizer/text_encoder` and `parts.tokenizer_2/
@@ -42,11 +37,6 @@ def encode_prompts_sdxl(parts: Any, prompts: list[str], device: torch.device) ->
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     return torch.cat(hidden, dim=-1), out.text_embeds  # (the second encoder's projected pooled output)
-
-
-def default_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
-    """(batch, 6) time ids of uncropped images at their own size: the pipeline's defaults."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
 
 
 def sdxl_context(parts: Any, prompts: list[str], device: torch.device,

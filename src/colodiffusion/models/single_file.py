@@ -65,7 +65,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional
             break
         obj = obj["state_dict"]
     else:
-        raise ConfigError(f"'{path}' nests 'state_dict' more than {MAX_NESTING} levels deep; it is not a checkpoint this loader reads.")
+        raise ConfigError(f"'{path}' nests 'state_dict' more than {MAX_NESTING} levels deep; it is not a checkpoint "
+                          "this loader reads.")
     if not isinstance(obj, dict):
         raise ConfigError(f"'{path}' does not hold a state dict.")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, _parse_meta(path, meta)
@@ -134,7 +135,9 @@ def _load(build: Callable[[], torch.nn.Module], config: dict, sd: dict, what: st
         with torch.device("meta"):
             shape = build()
     except Exception as exc:  # a config diffusers/transformers cannot build
-        raise ConfigError(f"'{path}' carries a {what} config that cannot be built: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"'{path}' carries a {what} config that cannot be built: {str(exc).splitlines()[0]}"
+        ) from None
     own = shape.state_dict()
     missing = sorted(set(own) - set(sd))
     wrong = [k for k in own if k in sd and own[k].numel() != sd[k].numel()]
@@ -186,7 +189,8 @@ def convert_file(path: str | Path, m: ModelConfig) -> tuple[ldm_convert.Converte
         if bad:
             raise ConfigError(f"'{path}' carries '{META_KEY}' metadata without a {bad[0]} config object.")
     if not any(k.startswith(ldm_convert.UNET) for k in sd):
-        raise ConfigError(f"'{path}' is not a Stable Diffusion checkpoint in the LDM layout (no model.diffusion_model.* keys).")
+        raise ConfigError(f"'{path}' is not a Stable Diffusion checkpoint in the LDM layout (no "
+                          "model.diffusion_model.* keys).")
     try:
         conv = ldm_convert.from_ldm(sd, original=original, configs=meta, use_ema=m.pretrained_ema)
     except (KeyError, ValueError, StopIteration) as exc:

@@ -38,7 +38,10 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_lengt
     backend = base.backend_tokenizer
     backend.train_from_iterator(list(texts), trainer=trainer)
     vocab = backend.get_vocab()
-    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" "))
+        for m in json.loads(backend.to_str())["model"]["merges"]
+    ]
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = max_length
     return tok

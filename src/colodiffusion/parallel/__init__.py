@@ -33,12 +33,13 @@ def _register_distributed() -> None:
 
 
 def check_launch(cfg: Config) -> None:
-    """The seed's `trainer.devices` / `trainer.accelerator` against what was actually launched."""
+    """The original project's `trainer.devices` / `trainer.accelerator` against what was actually launched."""
     world, devices, acc = int(os.environ.get("WORLD_SIZE", 1)), cfg.trainer.devices, cfg.trainer.accelerator
     if devices and devices != world:
         raise ConfigError(
             f"trainer.devices={devices} but {world} process(es) were launched; run `torchrun --nproc_per_node "
-            f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set trainer.devices={world}.")
+            f"{devices} -m colodiffusion train ...` (or `python main.py ...`, which launches them), or set "
+            f"trainer.devices={world}.")
     check_devices(cfg)
     if acc == "cpu" and torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=cpu but CUDA GPUs are visible; hide them with CUDA_VISIBLE_DEVICES= .")
@@ -49,7 +50,7 @@ CUDA_ONLY_PLUGINS = ("gemini", "low_level_zero")
 
 def check_devices(cfg: Config) -> None:
     """Without a CUDA GPU, one sentence naming every setting that needs one and the override for each
-    (the seed's recipes ask for three at once: trainer.accelerator=gpu, gemini and fp16)."""
+    (the original project's recipes ask for three at once: trainer.accelerator=gpu, gemini and fp16)."""
     if torch.cuda.is_available():
         return
     p, needs = cfg.parallel, []

@@ -57,7 +57,9 @@ class Backend:
         return None
 
     # -- model --------------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def prepare(
+        self, model: torch.nn.Module, make_optimizer: Callable
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         return model, make_optimizer(model.parameters())
 
@@ -136,7 +138,8 @@ class Backend:
         if own.exists():
             state = checkpoint.load_state(own)
         elif saved == 0 or self.rank < saved:
-            raise ValueError(f"it lacks {own.name}, the random state (noise, timesteps, caption dropout) of rank {self.rank}")
+            raise ValueError(f"it lacks {own.name}, the random state (noise, timesteps, caption dropout) of rank "
+                             f"{self.rank}")
         else:
             state = {}
         if self.is_main and saved < self.world_size:
@@ -159,9 +162,9 @@ class Backend:
                 v.copy_(src[k])
         else:
             self.warn_no_ema(path.parent)
-            self.seed_ema(model, ema)
+            self.ema_from_model(model, ema)
 
-    def seed_ema(self, model, ema: dict) -> None:
+    def ema_from_model(self, model, ema: dict) -> None:
         """EMA := the current (just loaded) weights, for a checkpoint that holds none."""
         with torch.no_grad():
             for name, p in self.unwrap(model).named_parameters():

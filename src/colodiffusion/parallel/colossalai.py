@@ -1,8 +1,8 @@
-"""Colossal-AI's Booster behind the backend interface, with the seed's plugins:
+"""Colossal-AI's Booster behind the backend interface, with the original project's plugins:
 
 - `torch_ddp`: PyTorch DDP through the Booster (CPU or GPU); precision by the Booster's torch AMP.
 - `low_level_zero`: ZeRO-1/2 (`parallel.zero`), optimizer offload with `parallel.offload=cpu`.
-- `gemini`: chunked ZeRO-3 with a placement policy: the seed's `cuda`, `cpu`, `auto`, or `static`
+- `gemini`: chunked ZeRO-3 with a placement policy: the original project's `cuda`, `cpu`, `auto`, or `static`
   fractions. Its optimizer must be Colossal-AI's own (GeminiOptimizer accepts only HybridAdam and
   its kin), so the trainer's AdamW settings are handed to HybridAdam, whose kernels Colossal-AI
   compiles on first use (nvcc and ninja needed).
@@ -28,7 +28,7 @@ from colodiffusion.storage import checkpoint, safe_load
 
 INSTALL = ("pip install 'colodiffusion[colossalai]' && pip install --no-deps colossalai==0.5.0 "
            "(without --no-deps its pins would downgrade torch to 2.5.1)")
-# The seed's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
+# The original project's (pre-0.3 Gemini) placement policies as today's static fractions (GeminiPlugin's docstring).
 PLACEMENTS = {"cuda": {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0},
               "cpu": {"shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}}
 
@@ -63,8 +63,8 @@ def hybrid_adam():
         FusedOptimizerLoader().load()
     except Exception as exc:  # a failed nvcc/ninja build raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"parallel.plugin=gemini needs Colossal-AI's HybridAdam kernels, which did not build ({first}); "
-                          "they compile on first use with nvcc of torch's CUDA major version and ninja "
+        raise ConfigError("parallel.plugin=gemini needs Colossal-AI's HybridAdam kernels, which did not build "
+                          f"({first}); they compile on first use with nvcc of torch's CUDA major version and ninja "
                           "(docs/engines.md), or use parallel.plugin=low_level_zero.") from exc
     return HybridAdam
 
@@ -130,7 +130,9 @@ class ColossalAIBackend(DistributedBackend):
             io.mkdir()
         self.barrier()
         self.booster.save_model(model, str(io / "model.safetensors"), shard=False, use_safetensors=True)
-        self.booster.save_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()), shard=self.sharded_optimizer)
+        self.booster.save_optimizer(
+            self.wrapped_optimizer, str(io / self.optimizer_name()), shard=self.sharded_optimizer
+        )
         if self.is_main:
             if ema is not None:
                 checkpoint.save_tensors(folder / "ema.safetensors", ema)
@@ -152,9 +154,11 @@ class ColossalAIBackend(DistributedBackend):
         shared = checkpoint.load_state(folder / "state.pt")
         saved = shared.pop("saved_by", {})
         if shared.pop("format", None) != "colossalai":
-            raise ValueError("it was not written by parallel.strategy=colossalai; resume it with the strategy that wrote it")
+            raise ValueError("it was not written by parallel.strategy=colossalai; resume it with the strategy that "
+                             "wrote it")
         if saved.get("plugin") != self.cfg.parallel.plugin:
-            raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with parallel.plugin={saved.get('plugin')}")
+            raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with "
+                             f"parallel.plugin={saved.get('plugin')}")
         io = folder / "colossalai"
         try:  # every torch.load inside the Booster's checkpoint I/O runs with weights_only=True
             with safe_load.weights_only():

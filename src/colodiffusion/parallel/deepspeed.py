@@ -84,7 +84,8 @@ def user_ds_config(cfg: Config, ours: dict) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in theirs:
             raise ConfigError(f"parallel.deepspeed_config '{path}' has an '{key}' section; remove it: the trainer "
-                              "builds AdamW and its LR schedule from train.* (lr, adam_beta*, weight_decay, warmup_steps).")
+                              "builds AdamW and its LR schedule from train.* (lr, adam_beta*, weight_decay, "
+                              "warmup_steps).")
     for key in _BATCH_KEYS:
         if key in theirs and theirs[key] != "auto" and theirs[key] != ours[key]:
             raise ConfigError(
@@ -222,8 +223,9 @@ class DeepSpeedBackend(DistributedBackend):
             raise ValueError("it was not written by parallel.strategy=deepspeed (no ds/ folder); resume it with the "
                              "strategy that wrote it, or start from its exported weights via model.pretrained")
         if saved.get("world_size") != self.world_size or saved.get("zero") != self.zero_stage:
-            raise ValueError(f"it was written by {saved.get('world_size')} process(es) with ZeRO stage {saved.get('zero')}; "
-                             f"resume with the same (this run: {self.world_size}, stage {self.zero_stage})")
+            raise ValueError(f"it was written by {saved.get('world_size')} process(es) with ZeRO stage "
+                             f"{saved.get('zero')}; resume with the same (this run: {self.world_size}, stage "
+                             f"{self.zero_stage})")
         try:  # DeepSpeed's own torch.load(weights_only=False), forced to weights_only (storage/safe_load.py)
             with safe_load.weights_only(safe_load.deepspeed_globals()):
                 path, _ = self.engine.load_checkpoint(str(folder / "ds"), tag=TAG, load_optimizer_states=True,

@@ -2,9 +2,10 @@
 ranks (ZeRO-3, or ZeRO-2 with `parallel.zero=2`), optionally hybrid (`dp_replicate` replica groups,
 e.g. one per node) and composed with tensor parallelism on a 2-D mesh.
 
-Order as in torchtitan's `parallelize`: tensor parallel, activation checkpointing (enabled on the
-model before it gets here), compile (none yet), then FSDP: each UNet block is its own unit, so its
-all-gather overlaps the previous block's compute, then the root.
+Order of the calls: the trainer enables activation checkpointing and applies the perf levers, torch.compile
+last, before `prepare` (train/build.py: build_model); `nn.Module.compile` only marks the UNet, which
+compiles at its first forward, after the wrapping. Here: tensor parallel, then FSDP: each UNet block
+is its own unit, so its all-gather overlaps the previous block's compute, then the root.
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ class Heartbeat:
         if world_size < 2 or not host or not port.isdigit():
             return None
         try:
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=min(timeout_s, 60)))
+            store = dist.TCPStore(
+                host, int(port), is_master=False, timeout=datetime.timedelta(seconds=min(timeout_s, 60))
+            )
         except (RuntimeError, OSError):  # DistNetworkError: training goes on, errors just name no rank
             return None
         return cls(store, rank, world_size, timeout_s)
@@ -80,10 +82,16 @@ class Heartbeat:
 def is_collective_failure(exc: BaseException) -> bool:
     """torch.distributed's own errors, and gloo's (plain RuntimeErrors that carry gloo's source path)."""
     msg = str(exc)
-    return isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and ("gloo" in msg or "Timed out waiting" in msg)
+    return (
+        isinstance(exc, dist.DistError)
+        or isinstance(exc, RuntimeError)
+        and ("gloo" in msg or "Timed out waiting" in msg)
+    )
 
 
-def explain(exc: BaseException, heartbeat: Optional[Heartbeat], rank: int, timeout_s: float) -> Optional[CollectiveError]:
+def explain(
+    exc: BaseException, heartbeat: Optional[Heartbeat], rank: int, timeout_s: float
+) -> Optional[CollectiveError]:
     """A one-sentence CollectiveError naming the silent rank(s) for a collective failure, else None."""
     if not is_collective_failure(exc):
         return None
@@ -106,4 +114,6 @@ def _who(heartbeat: Optional[Heartbeat]) -> str:
         return ("every other rank's heartbeat is alive, so one of them is stuck outside the collective "
                 "(its log says where)")
     names = ", ".join(map(str, silent))
-    return f"rank{'s' if len(silent) > 1 else ''} {names} stopped answering (heartbeat stopped: frozen, killed or cut off)"
+    return (
+        f"rank{'s' if len(silent) > 1 else ''} {names} stopped answering (heartbeat stopped: frozen, killed or cut off)"
+    )

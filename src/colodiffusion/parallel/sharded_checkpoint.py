@@ -31,10 +31,6 @@ from colodiffusion.storage import safe_load
 DCP_DIR = "dcp"
 
 
-def is_sharded(folder: Path) -> bool:
-    return (Path(folder) / DCP_DIR / ".metadata").exists()
-
-
 def _state(model, optimizer, ema: Optional[dict]) -> dict:
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if ema is not None:

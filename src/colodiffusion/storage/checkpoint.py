@@ -112,7 +112,8 @@ def verify(folder: Path, hashes: bool = True, within: Optional[Path] = None) -> 
             raise CheckpointError(f"checkpoint '{folder}' has a truncated or altered '{name}' "
                                   f"({size} bytes, the manifest says {meta['size']})")
         if hashes and sha256(p) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the manifest)")
+            raise CheckpointError(f"checkpoint '{folder}' has a corrupt '{name}' (its SHA-256 does not match the "
+                                  "manifest)")
 
 
 def recover(root: Path) -> None:
@@ -290,18 +291,6 @@ def step_folders(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints whose manifest lists files of the right sizes, oldest first."""
-    out = []
-    for p in step_folders(root):
-        try:
-            verify(p, hashes=False)
-            out.append(p)
-        except CheckpointError:
-            pass
-    return out
 
 
 def find_latest(root: Path, log: Callable[[str], None] = print) -> Optional[Path]:

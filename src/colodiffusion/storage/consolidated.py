@@ -1,12 +1,12 @@
 """Full weights from any checkpoint the trainer writes, read on one process without a process group
 (for export, sampling and evaluation).
 
-| written by | weights | EMA |
-|---|---|---|
-| single | `unet.safetensors` | `ema.safetensors` |
-| ddp, fsdp, tp | `dcp/` shards (`model.*`), resharded to full tensors by torch DCP | `dcp/` (`ema.*`) |
-| deepspeed | `ds/state/`: the fp32 ZeRO partitions, merged by DeepSpeed's `zero_to_fp32` | `ema.safetensors` (ZeRO-1/2) or one partition per rank, `ema_rank_<r>.safetensors` (ZeRO-3) |
-| colossalai | `colossalai/model.safetensors` | `ema.safetensors` |
+Written by (weights; EMA):
+- single: `unet.safetensors`; `ema.safetensors`.
+- ddp, fsdp, tp: `dcp/` shards (`model.*`), resharded to full tensors by torch DCP; `dcp/` (`ema.*`).
+- deepspeed: `ds/state/`, the fp32 ZeRO partitions merged by DeepSpeed's `zero_to_fp32`; `ema.safetensors`
+  (ZeRO-1/2) or one partition per rank, `ema_rank_<r>.safetensors` (ZeRO-3).
+- colossalai: `colossalai/model.safetensors`; `ema.safetensors`.
 
 Every pickle is read through `safe_load` (no code runs); the caller verifies the manifest first.
 """

@@ -27,15 +27,15 @@ CAPTION_SAMPLE = 512  # captions read for the report: all of a small dataset, an
 def fit_batch(cfg: Config, backend, dataset) -> None:
     """Lower train.batch_size to what the dataset fills when it holds less than one micro-batch per rank
     (the autoencoder's batch: first_stage.first_stage_batch)."""
-    t = cfg.train
+    train = cfg.train
     micro = len(dataset) // backend.dp_size  # the most samples one rank can take per micro-batch
-    if micro < 1 or micro >= t.batch_size // backend.dp_size // t.grad_accum:
+    if micro < 1 or micro >= train.batch_size // backend.dp_size // train.grad_accum:
         return  # it fits, or nothing can fit (the preflight says so)
-    batch = micro * backend.dp_size * t.grad_accum
+    batch = micro * backend.dp_size * train.grad_accum
     if backend.is_main:
-        print(f"the dataset has {len(dataset)} samples, fewer than train.batch_size={t.batch_size}: training with "
+        print(f"the dataset has {len(dataset)} samples, fewer than train.batch_size={train.batch_size}: training with "
               f"train.batch_size={batch} (every sample once per micro-batch); set train.batch_size to choose another")
-    t.batch_size = batch
+    train.batch_size = batch
 
 
 def sample_captions(dataset, limit: int = CAPTION_SAMPLE, skip: frozenset = frozenset()) -> tuple[list[str], bool]:

@@ -23,14 +23,18 @@ from colodiffusion.storage import faults
 from colodiffusion.train import signals
 
 
-def frozen_components(cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True) -> Components:
+def frozen_components(
+    cfg, dataset, components_dir: Path, device: torch.device, show_progress: bool = True
+) -> Components:
     """The run's components; for a preset without given frozen parts this trains its tokenizer on the
     captions and its autoencoder on the images (saved to `components_dir`, reused from there)."""
     return build_components(cfg, components_dir, captions=lambda: caption_corpus(cfg.data, dataset),
                             train_vae=lambda vae: train_autoencoder(vae, dataset, cfg, device, show_progress))
 
 
-def train_autoencoder(vae: AutoencoderKL, dataset, cfg, device: torch.device, show_progress: bool = True) -> AutoencoderKL:
+def train_autoencoder(
+    vae: AutoencoderKL, dataset, cfg, device: torch.device, show_progress: bool = True
+) -> AutoencoderKL:
     fs = cfg.first_stage
     vae = vae.to(device).train()
     gen = torch.Generator(device).manual_seed(component_seed(cfg.train.seed, "first_stage"))

@@ -4,10 +4,12 @@ too many in a row stop the run with one sentence.
 How a bad step is skipped *exactly* (weights and optimizer moments/step counts bit-for-bit as
 before) without a host sync per step:
 
-- `wrap(optimizer)` puts a check in front of `optimizer.step()`, so it applies to whatever the
-  backend does around it (unscale, clip, DDP/FSDP reductions). The check is the max-abs of every
-  local gradient plus the loss, on the device; in distributed runs it is all-reduced through the
-  backend so every rank skips the same steps (a NaN in one FSDP shard skips all ranks).
+- The train step calls the backend's step inside `with guard.checking(optimizer, loss):`, which
+  puts a check in front of `optimizer.step()` for that call only. The backend's own step, a
+  GradScaler or an engine (DeepSpeed, Colossal-AI) makes that call after its unscale, clip and
+  reductions, so the check sees the gradients the update would apply. The check is the max-abs of
+  every local gradient plus the loss, on the device; in distributed runs it is all-reduced through
+  the backend so every rank skips the same steps (a NaN in one FSDP shard skips all ranks).
 - Fused optimizers (AdamW `fused=True`, what CUDA runs use) take the flag as `found_inf`, the
   GradScaler's contract: the kernel leaves parameters and moments alone and undoes its step
   count increment. No host sync. The fp32-master optimizer (train/master_weights.py) hands the
@@ -32,7 +34,9 @@ from __future__ import annotations
 
 import math
 import types
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -67,22 +71,17 @@ class NumericalGuard:
         self._loss = None
         self._stepped = False
 
-    # -- hooks the loop calls ---------------------------------------------------------------------
+    # -- what the train step calls -----------------------------------------------------------------
     def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """Test hook (`train.debug_nan_steps`): the loss of step `step + 1` becomes NaN."""
         return loss * float("nan") if step + 1 in self.nan_steps else loss
 
-    def before_step(self, loss: torch.Tensor) -> None:
+    @contextmanager
+    def checking(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> Iterator[None]:
+        """Inside, `optimizer.step()` first checks `loss` and the gradients and skips the update if any
+        is non-finite; the optimizer's own step is back in place on leaving."""
         self._loss, self._stepped = loss.detach(), False
-
-    def after_step(self) -> None:
-        """A GradScaler that found inf/NaN does not call the (non-fused) optimizer at all."""
-        if self.fp16 and not self._stepped:
-            self.overflow_total += 1
-            self._record(self._flag([]))  # only a non-finite loss counts toward the limit
-
-    # -- the check in front of optimizer.step() ---------------------------------------------------
-    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        own = vars(optimizer).get("step")  # the LR scheduler's wrapper, if one is installed
         step = optimizer.step
 
         def guarded_step(_opt, *args, **kwargs):
@@ -92,11 +91,21 @@ class NumericalGuard:
                 return self._fused_step(optimizer, step, bad, args, kwargs)
             self._record(bad)
             if bool(bad):  # host sync: only on the non-fused (CPU) path
+                optimizer._opt_called = True  # (a skipped step still counts as one for the LR scheduler)
                 return None
             return step(*args, **kwargs)
 
-        optimizer.step = types.MethodType(guarded_step, optimizer)  # a bound method, as LR schedulers expect
-        return optimizer
+        optimizer.step = types.MethodType(guarded_step, optimizer)  # a bound method, as engines expect
+        try:
+            yield
+        finally:
+            if own is None:
+                del optimizer.step
+            else:
+                optimizer.step = own
+        if self.fp16 and not self._stepped:  # a GradScaler that found inf/NaN did not call the optimizer
+            self.overflow_total += 1
+            self._record(self._flag([]))  # only a non-finite loss counts toward the limit
 
     def _flag(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """True (a device bool) if the loss or any gradient is non-finite on any rank."""
@@ -149,7 +158,8 @@ class NumericalGuard:
         worst = int(self.worst.item())
         if self.max_bad_steps and worst >= self.max_bad_steps:
             folders = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
-            last = f"the last checkpoint {folders[-1]} holds the last good weights" if folders else "no checkpoint was written"
+            last = (f"the last checkpoint {folders[-1]} holds the last good weights" if folders
+                    else "no checkpoint was written")
             raise TrainingDiverged(
                 f"training stopped at step {step}: {worst} consecutive steps had a non-finite loss or gradient "
                 f"(train.max_bad_steps={self.max_bad_steps}) and their updates were skipped, so {last}; "

@@ -1,5 +1,6 @@
 """How a model was made, as the `ss_*` metadata keys kohya's sd-scripts write into a .safetensors
-header (and, for a diffusers folder, as the training settings of its model card README.md) and UIs (AUTOMATIC1111's training-info panel, Civitai, metadata viewers) read.
+header (and, for a diffusers folder, as the training settings of its model card README.md) and UIs
+(AUTOMATIC1111's training-info panel, Civitai, metadata viewers) read.
 
 Built from the run folder an export starts from: its config.yaml, run_info.json (images, effective
 batch, caption tags, start time; written by `dataset_info.report`) and metrics.jsonl (steps and the
@@ -81,7 +82,9 @@ def _from_run(cfg: Config, info: dict, step: Optional[int], finished_at: Optiona
     per_epoch = max(1, images // batch) if images else None
     data_dir = info.get("data_dir", Path(d.path).name if d.path else d.source)
     return {
-        "ss_sd_model_name": Path(cfg.model.pretrained).name if cfg.model.pretrained else f"colodiffusion-{cfg.model.preset}",
+        "ss_sd_model_name": Path(cfg.model.pretrained).name
+        if cfg.model.pretrained
+        else f"colodiffusion-{cfg.model.preset}",
         "ss_vae_name": Path(cfg.model.vae).name if cfg.model.vae else None,
         "ss_training_started_at": info.get("started_at"),
         "ss_training_finished_at": finished_at,
@@ -101,8 +104,10 @@ def _from_run(cfg: Config, info: dict, step: Optional[int], finished_at: Optiona
         "ss_gradient_accumulation_steps": t.grad_accum,
         "ss_gradient_checkpointing": cfg.model.gradient_checkpointing or cfg.perf.activation_checkpointing != "none",
         "ss_mixed_precision": {"fp32": "no"}.get(cfg.precision, cfg.precision),
-        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "AdamW8bit"}.get(cfg.perf.optimizer, cfg.perf.optimizer)
-                        + f"(weight_decay={t.weight_decay},betas=({t.adam_beta1}, {t.adam_beta2}))",
+        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "AdamW8bit"}.get(
+            cfg.perf.optimizer, cfg.perf.optimizer
+        )
+        + f"(weight_decay={t.weight_decay},betas=({t.adam_beta1}, {t.adam_beta2}))",
         "ss_max_grad_norm": t.grad_clip,
         "ss_seed": t.seed,
         "ss_noise_offset": cfg.diffusion.offset_noise,

@@ -1,4 +1,10 @@
-"""Optimizer, learning-rate schedule and EMA (other optimizers and diffusers' schedules: train/optimizers.py)."""
+"""Optimizer, learning-rate schedule and EMA.
+
+AdamW is our own (fused on CUDA, optionally 8-bit, `perf.optimizer`); Lion (lion-pytorch), Adafactor
+(transformers) and Prodigy (prodigyopt) come from the libraries that have them, and the linear,
+cosine_with_restarts, polynomial and constant_with_warmup schedules from
+`diffusers.optimization.get_scheduler` (train.lr_schedule).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,59 @@ from typing import Callable, Optional
 
 import torch
 
-from colodiffusion.train.optimizers import DIFFUSERS_SCHEDULES, diffusers_scheduler, make_optimizer
+from colodiffusion.config import ConfigError
+
+# Schedules taken from diffusers (cosine and constant are this module's own, below).
+DIFFUSERS_SCHEDULES = ("constant_with_warmup", "linear", "cosine_with_restarts", "polynomial")
+
+
+def _need_package(package: str, optimizer: str):
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ConfigError(f"train.optimizer={optimizer} needs the optional package '{package.replace('_', '-')}': "
+                          "pip install 'colodiffusion[optim]'.") from None
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """train.optimizer (lion, adafactor, prodigy) over `params` (tensors or param-group dicts)."""
+    train = cfg.train
+    betas = (train.adam_beta1, train.adam_beta2)
+    if train.optimizer == "lion":
+        return _need_package("lion_pytorch", "lion").Lion(
+            params, lr=train.lr, betas=betas, weight_decay=train.weight_decay
+        )
+    if train.optimizer == "prodigy":
+        prodigy = _need_package("prodigyopt", "prodigy").Prodigy
+        return prodigy(params, lr=train.lr, betas=betas, weight_decay=train.weight_decay,
+                       fsdp_in_use=cfg.parallel.strategy == "fsdp")
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the schedule's learning rate, as diffusers' scripts use it (not Adafactor's own relative step).
+        return Adafactor(
+            params,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    raise ConfigError(f"train.optimizer '{train.optimizer}' is not supported.")
+
+
+def diffusers_scheduler(optimizer, cfg):
+    from diffusers.optimization import get_scheduler
+
+    train = cfg.train
+    return get_scheduler(
+        train.lr_schedule,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+        num_cycles=train.lr_num_cycles,
+        power=train.lr_power,
+    )
 
 
 def build_optimizer(params, cfg, device: torch.device, text_encoder_params: frozenset = frozenset(),
@@ -19,9 +77,13 @@ def build_optimizer(params, cfg, device: torch.device, text_encoder_params: froz
     torch's (Colossal-AI's gemini takes only its HybridAdam), built with the same settings."""
     params = [p for p in params if p.requires_grad]
     if adamw is not None:
-        t = cfg.train
-        return adamw(param_groups(params, cfg, text_encoder_params), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                     weight_decay=t.weight_decay)
+        train = cfg.train
+        return adamw(
+            param_groups(params, cfg, text_encoder_params),
+            lr=train.lr,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.weight_decay,
+        )
     perf = getattr(cfg, "perf", None)
     low_precision = any(p.dtype != torch.float32 for p in params)
     if perf is None or not (low_precision or perf.optimizer_offload):
@@ -48,11 +110,11 @@ def param_groups(params: list, cfg, text_encoder_params: frozenset) -> list[dict
 def make_adamw(params, cfg, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
     """`params`: tensors or param-group dicts. `fused` None: fused on CUDA (one kernel per step), the
     foreach path elsewhere (also for CPU-offloaded FSDP parameters, which step on the host)."""
-    t = cfg.train
+    train = cfg.train
     flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
-    if t.optimizer != "adamw":  # lion, adafactor, prodigy (train/optimizers.py)
+    if train.optimizer != "adamw":  # lion, adafactor, prodigy (make_optimizer above)
         return make_optimizer(params, cfg)
-    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay)
     if getattr(cfg, "perf", None) is not None and cfg.perf.optimizer == "adamw8bit":
         return make_adamw8bit(params, device, kwargs)
     if fused is None:
@@ -74,8 +136,6 @@ def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Op
     try:
         from torchao.optim import AdamW8bit
     except ImportError:
-        from colodiffusion.config import ConfigError
-
         raise ConfigError(
             "perf.optimizer=adamw8bit needs bitsandbytes (CUDA) or torchao: pip install bitsandbytes or torchao."
         ) from None
@@ -83,14 +143,14 @@ def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Op
 
 
 def lr_lambda(cfg):
-    t = cfg.train
+    train = cfg.train
 
     def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "constant":
             return 1.0
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -148,10 +208,3 @@ class EMA:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. '{missing[0]}'")
         for t, n in zip(self.shadow, self.names):
             t.copy_(state[n])
-
-    @torch.no_grad()
-    def copy_to(self, named_params) -> None:
-        lookup = dict(zip(self.names, self.shadow))
-        for n, p in named_params:
-            if n in lookup:
-                p.copy_(lookup[n].to(p.dtype))

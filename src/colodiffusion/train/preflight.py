@@ -141,5 +141,6 @@ def check(cfg: Config, backend, run_dir: Path, dataset) -> set[int]:
     if not signals.all_ranks(backend, problem is None):
         raise ConfigError(problem or "preflight failed on another rank (see its message)")
     if cfg.train.debug_nan_steps and backend.is_main:
-        print(f"warning: train.debug_nan_steps={list(cfg.train.debug_nan_steps)} makes those steps' loss NaN (a test hook)")
+        print(f"warning: train.debug_nan_steps={list(cfg.train.debug_nan_steps)} makes those steps' loss NaN (a test "
+              "hook)")
     return {b["index"] for b in bad}

@@ -39,4 +39,5 @@ def choose_checkpoint(root: Path, mode: str, backend) -> Optional[Path]:
     for p in (base, base / f"step_{step:08d}", base / "checkpoints" / f"step_{step:08d}"):
         if (p / MANIFEST).exists() and manifest_step(p) == step:
             return p
-    raise CheckpointError(f"rank {backend.rank} cannot see checkpoint step {step} under '{base}' (is the run folder on a shared filesystem?)")
+    raise CheckpointError(f"rank {backend.rank} cannot see checkpoint step {step} under '{base}' (is the run folder on "
+                          "a shared filesystem?)")

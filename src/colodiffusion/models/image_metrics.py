@@ -72,7 +72,9 @@ class ClipScorer:
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
-        return torch.nn.functional.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return torch.nn.functional.normalize(
+            _pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1
+        )
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -86,7 +88,9 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         scores = []
         for a in range(0, len(images), batch_size):
-            cos = (self.image_embeddings(images[a:a + batch_size]) * self.text_embeddings(prompts[a:a + batch_size])).sum(-1)
+            cos = (
+                self.image_embeddings(images[a : a + batch_size]) * self.text_embeddings(prompts[a : a + batch_size])
+            ).sum(-1)
             scores.append((100 * cos).clamp(min=0).cpu())
         return float(torch.cat(scores).mean())
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from colodiffusion.generate import generate
-from colodiffusion.models.scoring import ClipScorer, ImageFeatures, frechet_distance
-from colodiffusion.train.validation import read_items
+from colodiffusion.models.image_metrics import ClipScorer, ImageFeatures, frechet_distance
+from colodiffusion.train.val_loss import read_items
 
 MISSING_WEIGHTS = ("CLIP score and FID were not computed: they need local weights, eval.clip_model (or "
                    "--clip-model) a transformers CLIP folder and eval.fid_model (or --fid-model) an image-encoder "
@@ -48,10 +48,6 @@ class QualityProbe:
         self.real = None
         if self.features is not None and held_out.images is not None:
             self.real = self.features(held_out.images)
-
-    @property
-    def active(self) -> bool:
-        return self.clip is not None or self.real is not None
 
     def measure(self, pipe, steps: int, guidance: float, sampler: str, seed: int = 0) -> tuple[dict, list]:
         captions = self.held_out.captions
