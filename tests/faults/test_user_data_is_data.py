@@ -45,7 +45,8 @@ def test_links_out_of_the_dataset_are_never_read(tmp_path):
 
     cfg = _folder_cfg(data)
     dataset, _ = build_datasets(cfg)
-    seen = [*caption_corpus(cfg.data, dataset), *sample_prompts(cfg, dataset), *dataset_info.sample_captions(dataset)[0]]
+    seen = [*caption_corpus(cfg.data, dataset), *sample_prompts(cfg, dataset),
+            *dataset_info.sample_captions(dataset)[0]]
     assert seen and not any(SECRET in c or "PATH=" in c for c in seen)
     source = build_dataset(cfg)
     stems = [Path(source.key(i)).stem for i in range(len(source))]

@@ -72,7 +72,8 @@ def hybrid_adam():
 class ColossalAIBackend(DistributedBackend):
     name = "colossalai"
 
-    def __init__(self, cfg: Config):  # (config-only refusals are config/validation.py's; CUDA-only plugins: check_devices)
+    # Config-only refusals are config/validation.py's; CUDA-only plugins: check_devices.
+    def __init__(self, cfg: Config):
         self.Booster, self.plugins = import_booster()
         super().__init__(cfg)
         self.scaler = None  # the Booster (torch AMP) or the ZeRO plugin scales fp16 losses
