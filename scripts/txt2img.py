@@ -1,4 +1,4 @@
-"""The seed's sampling command, on top of colodiffusion's loading and `generate`:
+"""The original project's sampling command, on top of colodiffusion's loading and `generate`:
 
     python scripts/txt2img.py --prompt "a red circle" --ckpt RUN_OR_MODEL --ddim_steps 50 --scale 7.5 \
         --n_samples 3 --n_iter 2 --H 512 --W 512 --seed 42 [--plms | --dpm_solver [--karras]] \
@@ -8,7 +8,7 @@
 
 `--ckpt` is a single-file checkpoint (.safetensors/.ckpt, LDM layout; `--config` its original YAML,
 inferred when left out), a diffusers folder, a colodiffusion run folder, or one of its
-`checkpoints/step_N` folders (any backend's; its EMA weights when it has them); the seed's
+`checkpoints/step_N` folders (any backend's; its EMA weights when it has them); the original project's
 `LOGDIR/RUN/checkpoints/last.ckpt` is read as that run. Images go to
 OUTDIR/samples/NNNNN.png and one labelled grid per call to OUTDIR/grid-NNNN.png, numbered after what
 is there; each PNG carries its prompt and settings (the `parameters` text chunk UIs read).
@@ -69,15 +69,17 @@ def flag_problem(opt):
     if opt.plms and opt.dpm_solver:
         return "choose one of --plms and --dpm_solver."
     if opt.ddim_eta and (opt.plms or opt.dpm_solver):
-        return "--ddim_eta is DDIM's; leave it at 0 with --plms or --dpm_solver (the seed refuses it with PLMS too)."
+        return ("--ddim_eta is DDIM's; leave it at 0 with --plms or --dpm_solver "
+                "(the original project refuses it with PLMS too).")
     if opt.laion400m:
-        return ("--laion400m picked the seed's LAION-400M model files; give that model (or any other) with --ckpt "
-                "instead (a single file, a diffusers folder or a run folder).")
+        return ("--laion400m picked the original project's LAION-400M model files; give that model (or any other) "
+                "with --ckpt instead (a single file, a diffusers folder or a run folder).")
     return None
 
 
 def check_shape(opt, pipe) -> None:
-    """The seed's --C / --f describe the model; here they come from it, so a different value is a mistake."""
+    """The original project's --C / --f describe the model; here they come from it, so a different value is a
+    mistake."""
     from colodiffusion.config import ConfigError
 
     for flag, given, actual in (("--C", opt.C, pipe.unet.config.in_channels), ("--f", opt.f, pipe.vae_scale_factor)):
