@@ -123,3 +123,54 @@ def test_latent_cache_matches_images_and_resumes(tmp_path):
     # and context, so losses agree to 1e-3 relative (fp32 compute on CPU).
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-3 * abs(x["loss"]), (x["loss"], y["loss"])
+
+
+def _train_in_process(run, *overrides):
+    import torch
+
+    from colodiffusion.config import load_config
+    from colodiffusion.train import loop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loop.train(load_config(None, [f"run.dir={run}", "data.source=shapes", "data.num_samples=16",
+                                      "train.max_steps=4", "train.warmup_steps=1", *TINY, *overrides]))
+    finally:
+        torch.set_num_threads(threads)
+    return [m["loss"] for m in metrics(run) if "loss" in m]
+
+
+@pytest.mark.slow
+def test_shapes_latents_in_memory_train_as_encoding_would(tmp_path, monkeypatch, capsys):
+    """data.cache_latents: each shapes image is encoded once before training, and the steps sample the
+    same latents (same generator draws) as encoding each batch would: the losses agree to float noise."""
+    from colodiffusion.train import loop
+
+    calls = []
+    real = loop.encode_images
+    monkeypatch.setattr(loop, "encode_images", lambda *a: calls.append(1) or real(*a))
+    encoded = _train_in_process(tmp_path / "memory", "data.cache_latents=true")
+    assert calls == [] and "16 images encoded once" in capsys.readouterr().out
+    pixels = _train_in_process(tmp_path / "pixels", "data.cache_latents=false")  # same seed: same autoencoder
+    assert len(calls) == 4 and len(encoded) == len(pixels) == 4
+    for x, y in zip(encoded, pixels):
+        assert abs(x - y) <= 1e-4 * abs(y), (encoded, pixels)
+
+
+def test_latents_in_memory_only_when_images_are_read_again(tmp_path):
+    """null (the default) caches when the run reads each image more than once; never for image data."""
+    from types import SimpleNamespace
+
+    from colodiffusion.config import ConfigError, load_config
+    from colodiffusion.data.shapes import ShapesDataset
+    from colodiffusion.train.build import encode_once
+
+    shapes = ShapesDataset(16, 16)
+    comps = SimpleNamespace(is_sdxl=False, vae=None)  # never touched when nothing is encoded
+    backend = SimpleNamespace(is_main=True)
+    for steps in (1, 2):  # 8 or 16 reads of 16 images
+        cfg = load_config(None, [f"run.dir={tmp_path}", "data.num_samples=16", f"train.max_steps={steps}", *TINY])
+        assert encode_once(cfg, backend, comps, shapes) is shapes
+    with pytest.raises(ConfigError, match="data.cache_latents is for the shapes data"):
+        load_config(None, ["data.source=folder", f"data.path={tmp_path}", "data.cache_latents=true"])

@@ -152,6 +152,11 @@ class DataConfig:
     sd2."""
     num_samples: int = 20000
     """Size of one epoch of the synthetic shapes dataset."""
+    cache_latents: Optional[bool] = None
+    """shapes: encode each training image with the frozen autoencoder once, before the UNet trains, and keep its
+    posterior (mean, log-variance) in memory (kohya's cache_latents); each step samples the latents from it with
+    the run's own generator, as encoding would. null: on when the run reads each image more than once
+    (train.max_steps x train.batch_size > data.num_samples). Image data: `colodiffusion cache` to disk."""
     num_workers: int = 0
     """DataLoader worker processes (0 reads in the training process)."""
     random_flip: bool = False

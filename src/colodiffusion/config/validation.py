@@ -240,6 +240,12 @@ def _check_own_data(cfg: Config) -> None:
     if d.class_path and not Path(d.class_path).is_dir():
         raise ConfigError(f"config key 'data.class_path' points to '{d.class_path}', which is not a folder of class "
                           "images.")
+    if d.cache_latents and cfg.model.preset == "sdxl":
+        raise ConfigError("data.cache_latents is not supported for model.preset=sdxl (its size conditioning reads "
+                          "each image's size).")
+    if d.cache_latents and d.source != "shapes":
+        raise ConfigError(f"data.cache_latents is for the shapes data (data.source is {d.source}); for images, make a "
+                          "latent cache on disk with `colodiffusion cache` and train with data.source=latents.")
     if d.source == "latents" and (d.shuffle_caption or d.tag_dropout or d.class_path):
         raise ConfigError("data.shuffle_caption, data.tag_dropout and data.class_path need captions and images at "
                           "training time; a latent cache stores finished text contexts: train from the images.")

@@ -1,4 +1,5 @@
-"""Training from the latent cache written by `colodiffusion cache` (see data/cache.py).
+"""Training from the latent cache written by `colodiffusion cache` (see data/cache.py), and the
+shapes data's in-memory latents (data.cache_latents, `EncodedShapes`).
 
 A cache folder holds manifest.json, shard-NNNNN.safetensors (per sample: VAE posterior `mean` and
 `logvar` in fp16, the text encoder's `context` in fp16; captions and keys in the metadata),
@@ -170,16 +171,58 @@ class LatentDataset(Dataset):
         return state
 
 
+class EncodedShapes(Dataset):
+    """The shapes data with each image's autoencoder posterior computed once, in memory
+    (data.cache_latents): item i is its caption and the posterior's `latent_mean` and `latent_logvar`
+    (float32, on the CPU), and training samples the latents from them (`sample_latents`) with the same
+    generator draws as encoding the image would. Valid because a shapes item depends only on its index
+    (no random crop or flip) and the autoencoder is frozen once the UNet trains. The images are encoded
+    in order, in fixed batches, so a resumed run computes the same numbers."""
+
+    def __init__(self, shapes, vae, device: torch.device, batch_size: int = 64):
+        self.shapes, self.name = shapes, "shapes"
+        n = len(shapes)
+        mean = logvar = None
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = range(start, min(n, start + batch_size))
+                pixels = torch.stack([shapes[i]["pixel_values"] for i in idx]).to(device, vae.dtype)
+                dist = vae.encode(pixels).latent_dist
+                if mean is None:
+                    mean = torch.empty((n, *dist.mean.shape[1:]), dtype=torch.float32)
+                    logvar = torch.empty_like(mean)
+                mean[start:start + len(idx)] = dist.mean.float().cpu()
+                logvar[start:start + len(idx)] = dist.logvar.float().cpu()
+        self.mean, self.logvar = mean, logvar
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption": self.shapes.caption_at(i)}
+
+    def captions(self):
+        return (self.shapes.caption_at(i) for i in range(len(self.shapes)))
+
+
+def sample_latents(batch: dict, scaling_factor: float, device: torch.device,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents sampled from the stored posterior moments: the numbers and generator draws of
+    `encode_images` on the images they were computed from."""
+    mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
+    std = torch.exp(0.5 * batch["latent_logvar"].to(device, torch.float32, non_blocking=True))
+    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return (mean + std * noise) * scaling_factor
+
+
 def latents_and_context(batch: dict, captions: list[str], scaling_factor: float, device: torch.device,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(scaled latents sampled from the stored posterior, context with dropped captions' context
     replaced by the empty prompt's): the same numbers and RNG draws as encode_images/encode_prompts."""
-    mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
-    std = torch.exp(0.5 * batch["latent_logvar"].to(device, torch.float32, non_blocking=True))
-    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    latents = sample_latents(batch, scaling_factor, device, generator)
     context = batch["context"].to(device, torch.float32, non_blocking=True)
     # Built on the host, then copied without blocking: torch.tensor(..., device=cuda) would sync.
     dropped = torch.tensor([c == "" for c in captions]).to(device, non_blocking=True)
     empty = batch["empty_context"].to(device, torch.float32, non_blocking=True)
     context = torch.where(dropped[:, None, None], empty, context)
-    return (mean + std * noise) * scaling_factor, context
+    return latents, context

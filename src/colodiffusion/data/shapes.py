@@ -292,6 +292,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     def spec(self, i) -> ShapeSpec:
         return sample_spec(self._rng(i), self.resolution)
 
+    def caption_at(self, i) -> str:
+        """Item i's caption without drawing its image (the same draws as __getitem__)."""
+        rng = self._rng(i)
+        return caption(sample_spec(rng, self.resolution), rng, self.resolution)
+
     def __getitem__(self, i) -> dict:
         rng = self._rng(i)
         spec = sample_spec(rng, self.resolution)

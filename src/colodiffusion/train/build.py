@@ -4,6 +4,7 @@ optimizer, LR schedule, EMA, loader, RNG streams, numerical guard) and the held-
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -99,6 +100,35 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
     # the UNet: it compiles at the first forward); tensor parallel and FSDP follow in backend.prepare.
     apply_perf(comps.unet, cfg, backend.device)
     return comps
+
+
+def encode_once(cfg: Config, backend: Backend, comps: Components, dataset):
+    """The shapes data with every image encoded once, in memory (data.cache_latents; null: when the run
+    reads each image more than once), else `dataset` itself. Measured on the default run (2-core CPU,
+    2026-12-04): the autoencoder's encode takes 1.5 ms an image, so 20,000 images read 2.4 times each
+    cost 74 s of encoding during training and 31 s once."""
+    d = cfg.data
+    reads = cfg.train.max_steps * cfg.train.batch_size
+    on = d.cache_latents if d.cache_latents is not None else reads > len(dataset)
+    if not on or d.source != "shapes" or comps.is_sdxl:
+        return dataset
+    from dataclasses import replace
+
+    from colodiffusion.data.latents import EncodedShapes
+    from colodiffusion.data.views import SampleView
+
+    t0 = time.perf_counter()
+    if isinstance(dataset, SampleView):  # a held-out split: encode the source, keep the view
+        source = dataset.parts[0].source
+        encoded = EncodedShapes(source, comps.vae, backend.device)
+        parts = [replace(p, source=encoded) if p.source is source else p for p in dataset.parts]
+        out = SampleView(parts, dataset.caption_tags, dataset.seed)
+    else:
+        encoded = out = EncodedShapes(dataset, comps.vae, backend.device)
+    if backend.is_main:
+        print(f"data.cache_latents: {len(encoded)} images encoded once in {time.perf_counter() - t0:.0f} s "
+              f"(the run reads {reads / len(dataset):.1f} per image)")
+    return out
 
 
 def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> State:

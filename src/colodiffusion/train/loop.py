@@ -17,7 +17,7 @@ import torch
 
 from colodiffusion.config import Config, ConfigError
 from colodiffusion.data import build_datasets
-from colodiffusion.data.latents import latents_and_context
+from colodiffusion.data.latents import latents_and_context, sample_latents
 from colodiffusion.data.transforms import size_conditioning
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
 from colodiffusion.generate import make_pipeline, render, save_grid
@@ -28,7 +28,7 @@ from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
 from colodiffusion.train import dataset_info, preflight, run_folder, signals
 from colodiffusion.train.build import (State, apply_max_epochs, batches_per_epoch, build_evaluation, build_model,
-                                       build_state, choose_sample_prompts)
+                                       build_state, choose_sample_prompts, encode_once)
 from colodiffusion.train.outputs import write_epoch_model, write_final
 from colodiffusion.train.resume import choose_checkpoint
 from colodiffusion.train.telemetry import Telemetry
@@ -54,6 +54,7 @@ def train(cfg: Config) -> Path:
         choose_sample_prompts(cfg, backend, dataset, bad)
         comps = build_model(cfg, backend, run_dir, dataset)
         dataset_info.report(cfg, backend, dataset, comps.tokenizer, run_dir, bad)  # tokenizer coverage; run_info.json
+        dataset = encode_once(cfg, backend, comps, dataset)  # data.cache_latents (shapes)
         state = build_state(cfg, backend, comps, dataset)
         build_evaluation(cfg, backend, comps, state, val_data)
         objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
@@ -122,14 +123,17 @@ class Trainer:
         for _ in range(accum):
             batch = next(state.loader)
             captions = drop_captions(batch["caption"], cfg.diffusion.caption_dropout, state.data_gen)
-            if "latent_mean" in batch:  # from the latent cache: no VAE or text encoder in the step
+            if "context" in batch:  # from the latent cache on disk: no VAE or text encoder in the step
                 latents, context = latents_and_context(batch, captions, comps.scaling_factor, backend.device,
                                                        state.noise_gen)
             else:
                 time_ids = size_conditioning(batch) if comps.is_sdxl else None  # SDXL: sizes and crop of each image
                 context = text_input(cfg, comps, captions, backend.device, time_ids)
-                pixels = batch["pixel_values"].to(backend.device, non_blocking=True)
-                latents = encode_images(comps.vae, pixels, state.noise_gen)
+                if "latent_mean" in batch:  # data.cache_latents: the image's posterior, encoded before training
+                    latents = sample_latents(batch, comps.scaling_factor, backend.device, state.noise_gen)
+                else:
+                    pixels = batch["pixel_values"].to(backend.device, non_blocking=True)
+                    latents = encode_images(comps.vae, pixels, state.noise_gen)
             weights = batch.get("loss_weight")  # prior preservation: class images carry data.prior_loss_weight
             if weights is not None:
                 weights = torch.tensor(weights, dtype=torch.float32).to(backend.device, non_blocking=True)
