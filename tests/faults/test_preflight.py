@@ -163,6 +163,8 @@ def test_signal_sets_the_stop_flag():
     finally:
         signals.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert signals.received() is None  # the stop was the finished run's: a later first stage must not see it
+    signals.check_stopped("a later first stage")
 
 
 SECOND_SIGNAL = """

@@ -47,6 +47,10 @@ def install() -> None:
 
 
 def uninstall() -> None:
+    """Give the signals back and forget a stop asked of the run that is over (a later first stage,
+    e.g. `cache` or a second run in the same process, must not stop for it)."""
+    global _received
+    _received = None
     for s, h in list(_previous.items()):
         signal.signal(s, h)
         del _previous[s]
