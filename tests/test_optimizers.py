@@ -70,3 +70,28 @@ def test_optimizer_trains_and_resumes_the_tiny_model(run_dir, name):
     loop.train(load_config(None, [*common, "train.max_steps=3", "train.resume=auto"]))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_adamw_keeps_its_own_kernel_when_a_checkpoint_of_another_loads():
+    """A checkpoint's param groups name the kernel of the run that saved it (foreach from an FSDP run on
+    the host); a fused AdamW that loads one stays fused, so the numerical guard's found_inf still works
+    (it failed with "Expected grad_scale and found_inf to be None" before)."""
+    from colodiffusion.train.optim import make_adamw
+
+    cfg = load_config(None, [])
+    weights = [torch.nn.Parameter(torch.ones(4))]
+    saved = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], foreach=True)
+    saved.param_groups[0]["params"][0].grad = torch.ones(4)
+    saved.step()
+    fused = make_adamw(weights, cfg, torch.device("cpu"))
+    assert fused.defaults["fused"]
+    fused.load_state_dict(saved.state_dict())
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    weights[0].grad = torch.ones(4)
+    before = weights[0].detach().clone()
+    fused.found_inf = torch.ones(())  # what the guard hands a fused optimizer on a bad step
+    fused.step()
+    assert torch.equal(weights[0], before)  # skipped by the kernel
+    del fused.found_inf
+    fused.step()
+    assert not torch.equal(weights[0], before)

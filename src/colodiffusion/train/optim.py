@@ -125,7 +125,17 @@ def make_adamw(params, cfg, device: torch.device, fused: bool | None = None) -> 
                  and not any(hasattr(p, "to_local") for p in flat))
     if fused:
         kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    optimizer = torch.optim.AdamW(params, **kwargs)
+    kernel = {"fused": optimizer.defaults["fused"], "foreach": optimizer.defaults["foreach"]}
+
+    def keep_kernel(opt: torch.optim.Optimizer) -> None:
+        # A checkpoint's param groups carry the kernel of the run that saved it (foreach from an FSDP run
+        # on the host): this run keeps its own, which its parameters, the guard and a GradScaler rely on.
+        for group in opt.param_groups:
+            group.update(kernel)
+
+    optimizer.register_load_state_dict_post_hook(keep_kernel)
+    return optimizer
 
 
 def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Optimizer:
