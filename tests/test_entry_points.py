@@ -202,14 +202,17 @@ def test_a_corrupt_image_is_said_and_neither_prompted_nor_counted(tmp_path):
 # -- signals in the first stage (item 4) --------------------------------------------------------------
 
 def start_first_stage(tmp_path, name):
-    """`colodiffusion train` with a first stage far longer than the test, once it has begun."""
+    """`colodiffusion train` with a first stage far longer than the test, once it has begun. SIGINT gets
+    its default action back in the child: an xdist worker ignores it, and an ignored signal is inherited
+    (Python then installs no KeyboardInterrupt handler, as for any background job)."""
+    import signal
     import time
 
     err = tmp_path / f"{name}.err"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "colodiffusion", "train", *TINY, "first_stage.steps=1000000",
                              f"run.dir={tmp_path / name}"], stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
-                            env=env, cwd=ROOT)
+                            env=env, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while "first stage (autoencoder)" not in err.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
