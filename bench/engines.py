@@ -94,7 +94,7 @@ class Engine:
         self.model, self.opt = self.backend.prepare(
             unet, lambda params, **kw: build_optimizer(params, cfg, device, **kw))
         prediction_type = cfg.model.prediction_type or self.preset.prediction_type
-        acp = alphas_cumprod(build_noise_scheduler(cfg, prediction_type)).to(device)
+        acp = alphas_cumprod(build_noise_scheduler(cfg.diffusion, prediction_type)).to(device)
         self.objective = build_objective(cfg, acp, prediction_type)
 
     def step_fn(self, batch: int, resolution: Optional[int]) -> Callable[[], torch.Tensor]:
@@ -255,7 +255,7 @@ def cmd_fixture(args, emit: Emitter) -> int:
     preset = get_preset(args.preset)
     out = Path(args.out)
     cfg = load(None, ["data.num_samples=256"])
-    tok = train_clip_tokenizer(caption_corpus(cfg.data, build_dataset(cfg)),
+    tok = train_clip_tokenizer(caption_corpus(cfg.data, build_dataset(cfg.data, cfg.train.seed)),
                                max_length=preset.text_encoder["max_position_embeddings"])
     tok.save_pretrained(out / "tokenizer")
     torch.manual_seed(0)

@@ -20,5 +20,5 @@ def make_diffusers_folder(components: Path, out: Path, seed: int = 0) -> Path:
     export_diffusers(out, CLIPTokenizer.from_pretrained(components / "tokenizer"),
                      CLIPTextModel.from_pretrained(components / "text_encoder"),
                      AutoencoderKL.from_pretrained(components / "vae"), unet,
-                     build_noise_scheduler(load_config(), "epsilon"))
+                     build_noise_scheduler(load_config().diffusion, "epsilon"))
     return out

@@ -14,14 +14,16 @@ from PIL import Image
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.data import build_dataset
+from common import dataset_args
 from colodiffusion.data.loader import probe
 
 from datagen import shapes_items
 
 
 def dataset_for(tmp, source, path, *extra):
-    return build_dataset(load_config(None, [f"data.source={source}", f"data.path={path}", "data.resolution=16",
-                                            f"run.dir={tmp}/run", *extra]))
+    cfg = load_config(None, [f"data.source={source}", f"data.path={path}", "data.resolution=16",
+                             f"run.dir={tmp}/run", *extra])
+    return build_dataset(*dataset_args(cfg))
 
 
 def captions_of(ds):

@@ -17,6 +17,7 @@ from datagen import (bomb_png, good_png_bytes, image_bytes, make_folder, make_la
 
 from colodiffusion.config import ConfigError, load_config  # noqa: E402
 from colodiffusion.data import build_dataset  # noqa: E402
+from common import dataset_args  # noqa: E402
 from colodiffusion.data.latents import mmap_safetensors  # noqa: E402
 from colodiffusion.data.loader import ResumableLoader, too_many_bad  # noqa: E402
 from colodiffusion.data.transforms import BadSample, ImageTransform, decode_image  # noqa: E402
@@ -25,7 +26,7 @@ from colodiffusion.data.transforms import BadSample, ImageTransform, decode_imag
 def dataset_for(tmp, source, path, *extra):
     cfg = load_config(None, [f"data.source={source}", f"data.path={path}", "data.resolution=16",
                              f"run.dir={tmp}/run", *extra])
-    return build_dataset(cfg)
+    return build_dataset(*dataset_args(cfg))
 
 
 def all_captions(ds):

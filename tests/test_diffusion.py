@@ -6,12 +6,12 @@ from colodiffusion.diffusion import Objective, alphas_cumprod, build_noise_sched
 
 
 def make(pred="epsilon", **kw):
-    sched = build_noise_scheduler(load_config(), pred)
+    sched = build_noise_scheduler(load_config().diffusion, pred)
     return Objective(alphas_cumprod(sched), pred, **kw)
 
 
 def test_sd_schedule_values():
-    a = alphas_cumprod(build_noise_scheduler(load_config(), "epsilon"))
+    a = alphas_cumprod(build_noise_scheduler(load_config().diffusion, "epsilon"))
     assert a.shape == (1000,)
     assert abs(a[0].item() - (1 - 0.00085)) < 1e-6
     assert 0.004 < a[-1].item() < 0.005  # SD's scaled-linear schedule ends near 0.0047
@@ -106,7 +106,7 @@ def test_a_sampler_is_the_same_from_a_config_in_memory_and_one_saved_and_reloade
     from colodiffusion.diffusion.samplers import SAMPLERS, make_sampler
     from colodiffusion.generate import make_pipeline
 
-    in_memory = make_pipeline(None, None, None, None, build_noise_scheduler(Config(), "epsilon")).scheduler
+    in_memory = make_pipeline(None, None, None, None, build_noise_scheduler(Config().diffusion, "epsilon")).scheduler
     in_memory.save_pretrained(tmp_path)
     reloaded = DDIMScheduler.from_pretrained(tmp_path)
     for name in SAMPLERS:

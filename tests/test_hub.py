@@ -65,15 +65,15 @@ def assert_same(a: dict, b: dict) -> None:
 
 def test_hub_id_loads_offline_from_the_cache_at_the_asked_revision(offline):
     cfg = load_config(None, [f"model.pretrained={REPO}"])  # accepted although no such local path exists
-    assert_same(unet_weights(load_pretrained(REPO, cfg)), snapshot_unet(offline, COMMIT_A))
+    assert_same(unet_weights(load_pretrained(REPO, cfg.model, cfg.diffusion)), snapshot_unet(offline, COMMIT_A))
     for revision in ("v2", COMMIT_B):
         cfg = load_config(None, [f"model.pretrained={REPO}", f"model.revision={revision}"])
-        assert_same(unet_weights(load_pretrained(REPO, cfg)), snapshot_unet(offline, COMMIT_B))
+        assert_same(unet_weights(load_pretrained(REPO, cfg.model, cfg.diffusion)), snapshot_unet(offline, COMMIT_B))
 
 
 def test_variant_loads_the_variants_weights(offline):
     cfg = load_config(None, [f"model.pretrained={REPO}", "model.variant=fp16"])
-    got = unet_weights(load_pretrained(REPO, cfg))
+    got = unet_weights(load_pretrained(REPO, cfg.model, cfg.diffusion))
     expected = {k: (2 * v).half().float() for k, v in snapshot_unet(offline, COMMIT_A).items()}
     assert_same(got, expected)
 
@@ -81,7 +81,7 @@ def test_variant_loads_the_variants_weights(offline):
 def test_hub_id_missing_from_the_offline_cache_is_one_sentence(offline):
     cfg = load_config(None, ["model.pretrained=test-org/not-cached"])
     with pytest.raises(ConfigError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE=1") as exc:
-        load_pretrained("test-org/not-cached", cfg)
+        load_pretrained("test-org/not-cached", cfg.model, cfg.diffusion)
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(None, ["model.pretrained=no/such/../path"])
@@ -147,7 +147,7 @@ def test_a_revision_or_ref_never_leads_out_of_the_cache(offline, tmp_path, tiny_
                          ("absolute", str(elsewhere))):
         (repo / "refs" / name).write_text(target)
         cfg = load_config(None, [f"model.pretrained={REPO}", f"model.revision={name}"])
-        for reader in (lambda: load_pretrained(REPO, cfg), lambda: preflight.unet_parameters(cfg)):
+        for reader in (lambda: load_pretrained(REPO, cfg.model, cfg.diffusion), lambda: preflight.unet_parameters(cfg)):
             with pytest.raises(ConfigError, match="is not a snapshot inside its Hugging Face cache folder") as err:
                 reader()
             assert "\n" not in str(err.value)

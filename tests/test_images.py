@@ -44,7 +44,7 @@ def pipe(tiny_components):
     p = make_pipeline(CLIPTokenizer.from_pretrained(tiny_components / "tokenizer"),
                       CLIPTextModel.from_pretrained(tiny_components / "text_encoder"),
                       AutoencoderKL.from_pretrained(tiny_components / "vae"), build_unet(get_preset("tiny")),
-                      build_noise_scheduler(cfg, "epsilon"))
+                      build_noise_scheduler(cfg.diffusion, "epsilon"))
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -151,7 +151,7 @@ def test_exported_files_follow_the_umask(pipe, tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         folder = export_diffusers(tmp_path / "d", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                                  build_noise_scheduler(load_config(None, []), "epsilon"))
+                                  build_noise_scheduler(load_config(None, []).diffusion, "epsilon"))
         single = save_single_file(tmp_path / "m.safetensors", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                                   pipe.scheduler)
     finally:
@@ -167,7 +167,7 @@ def test_loading_a_model_warns_about_nothing(pipe, tmp_path):
     from colodiffusion.generate import load_pipeline
 
     folder = export_diffusers(tmp_path / "d", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                              build_noise_scheduler(load_config(None, []), "epsilon"))
+                              build_noise_scheduler(load_config(None, []).diffusion, "epsilon"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every category, each time (diffusers' torch_dtype deprecation was one)
         load_pipeline(folder, device=torch.device("cpu"))

@@ -78,7 +78,7 @@ def test_diffusers_to_train_to_single_file_round_trip(finetuned, tmp_path, suffi
     assert conv.unused == [] and conv.ignored == []  # every key of the file is one model weight
     cfg = Config()
     cfg.model.pretrained = str(out)
-    comps = load_single_file(out, cfg)
+    comps = load_single_file(out, cfg.model, cfg.diffusion)
     # The training checkpoint's UNet went through the file unchanged, and so did the frozen parts.
     assert_same(load_file(ckpt / "unet.safetensors"), comps.unet.state_dict(), "unet")
     assert_same(trained.vae.state_dict(), comps.vae.state_dict(), "vae")
@@ -126,23 +126,22 @@ def test_ema_keys_import_with_and_without_ema(tmp_path):
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
     from colodiffusion.diffusion import build_noise_scheduler
 
-    path = save_single_file(
-        tmp_path / "ema.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon"), ema_unet=ema
-    )
+    schedule = build_noise_scheduler(Config().diffusion, "epsilon")
+    path = save_single_file(tmp_path / "ema.safetensors", unet, vae, text, tok, schedule, ema_unet=ema)
     sd, _ = read_checkpoint(path)
     assert sum(k.startswith("model_ema.") for k in sd) == len(unet.state_dict())
     cfg = Config()
-    raw = load_single_file(path, cfg)
+    raw = load_single_file(path, cfg.model, cfg.diffusion)
     assert_same(unet.state_dict(), raw.unet.state_dict(), "raw weights")
     cfg.model.pretrained_ema = True
-    averaged = load_single_file(path, cfg)
+    averaged = load_single_file(path, cfg.model, cfg.diffusion)
     assert_same(ema, averaged.unet.state_dict(), "EMA weights")
     assert_same(vae.state_dict(), averaged.vae.state_dict(), "vae")
     assert convert_file(path, cfg.model)[0].unused == []
     # A file without EMA keys cannot give EMA weights: one sentence, not a silent fallback.
     plain = save_single_file(tmp_path / "plain.safetensors", unet, vae, text, tok, raw.noise_scheduler)
     with pytest.raises(ConfigError, match="no EMA weights"):
-        load_single_file(plain, cfg)
+        load_single_file(plain, cfg.model, cfg.diffusion)
 
 
 class Payload:
@@ -196,9 +195,9 @@ def test_sd1_shaped_single_file_without_metadata_imports(tmp_path):
     path = _foreign_file(tmp_path, unet, vae, text, "sd1.safetensors", {pos: torch.arange(16)[None]})
     cfg = Config()
     with pytest.raises(ConfigError, match="model.tokenizer"):
-        load_single_file(path, cfg)
+        load_single_file(path, cfg.model, cfg.diffusion)
     cfg.model.tokenizer = str(_tokenizer_dir(tmp_path))
-    comps = load_single_file(path, cfg)
+    comps = load_single_file(path, cfg.model, cfg.diffusion)
     assert_same(unet.state_dict(), comps.unet.state_dict(), "unet")
     assert_same(vae.state_dict(), comps.vae.state_dict(), "vae")
     assert_same(text.state_dict(), comps.text_encoder.state_dict(), "text encoder")
@@ -229,14 +228,14 @@ model:
         ddconfig: {ch: 32, ch_mult: [1, 2], num_res_blocks: 1, in_channels: 3, out_ch: 3, z_channels: 4}
 """)
     cfg = load_config(None, [f"model.original_config={yaml}", f"model.tokenizer={_tokenizer_dir(tmp_path)}"])
-    comps = load_single_file(path, cfg)
+    comps = load_single_file(path, cfg.model, cfg.diffusion)
     assert_same(unet.state_dict(), comps.unet.state_dict(), "unet")
     assert comps.prediction_type == "v_prediction" and comps.scaling_factor == 0.5
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.read_text().replace("model_channels: 32", "model_channels: 64"))
     cfg.model.original_config = str(bad)
     with pytest.raises(ConfigError):
-        load_single_file(path, cfg)
+        load_single_file(path, cfg.model, cfg.diffusion)
 
 
 def test_sd2_shaped_openclip_file_drops_the_last_block(tmp_path):
@@ -260,7 +259,7 @@ def test_sd2_shaped_openclip_file_drops_the_last_block(tmp_path):
                           "cond_stage_model.model.logit_scale": torch.tensor(1.0)})
     assert any(".attn.in_proj_weight" in k for k in load_file(path))
     cfg = load_config(None, [f"model.tokenizer={_tokenizer_dir(tmp_path)}"])
-    comps = load_single_file(path, cfg)
+    comps = load_single_file(path, cfg.model, cfg.diffusion)
     assert_same(unet.state_dict(), comps.unet.state_dict(), "unet")
     # SD 2.x conditions on OpenCLIP's penultimate layer: the text encoder keeps 2 of the 3 blocks.
     expected = {k: v for k, v in full.state_dict().items() if not k.startswith("encoder.layers.2.")}
@@ -278,7 +277,7 @@ def test_unknown_keys_are_refused(tmp_path):
     cfg = Config()
     cfg.model.tokenizer = str(_tokenizer_dir(tmp_path))
     with pytest.raises(ConfigError, match="does not understand"):
-        load_single_file(path, cfg)
+        load_single_file(path, cfg.model, cfg.diffusion)
 
 
 @pytest.mark.parametrize("part, change, words", [
@@ -303,9 +302,9 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
     unet, vae, text = _tiny_sd1()
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
     good = save_single_file(
-        tmp_path / "good.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon")
+        tmp_path / "good.safetensors", unet, vae, text, tok, build_noise_scheduler(Config().diffusion, "epsilon")
     )
-    load_single_file(good, Config())  # the untouched file loads
+    load_single_file(good, Config().model, Config().diffusion)  # the untouched file loads
     from safetensors import safe_open
 
     with safe_open(str(good), framework="pt") as f:
@@ -318,7 +317,7 @@ def test_a_files_own_config_cannot_make_us_build_more_than_its_weights(tmp_path,
     crafted = tmp_path / "crafted.safetensors"
     save_file(load_file(str(good)), str(crafted), metadata={META_KEY: text})
     with pytest.raises(ConfigError, match=words):
-        load_single_file(crafted, Config())
+        load_single_file(crafted, Config().model, Config().diffusion)
 
 
 @pytest.mark.parametrize("part, change, words", [
@@ -339,14 +338,14 @@ def test_a_folders_config_cannot_make_us_build_more_layers_than_its_weights(tiny
 
     folder = make_diffusers_folder(tiny_components, tmp_path / "model")
     cfg = load_config(None, [f"model.pretrained={folder}"])
-    load_pretrained(folder, cfg)  # the untouched folder loads
+    load_pretrained(folder, cfg.model, cfg.diffusion)  # the untouched folder loads
     config = folder / part / "config.json"
     if isinstance(change, str):
         config.write_text(change)
     else:
         config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     with pytest.raises(ConfigError, match=words):
-        load_pretrained(folder, cfg)
+        load_pretrained(folder, cfg.model, cfg.diffusion)
 
 
 def test_a_single_files_separate_vae_folder_is_bounded_too(tmp_path):
@@ -357,16 +356,16 @@ def test_a_single_files_separate_vae_folder_is_bounded_too(tmp_path):
     unet, vae, text = _tiny_sd1()
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
     path = save_single_file(
-        tmp_path / "m.safetensors", unet, vae, text, tok, build_noise_scheduler(Config(), "epsilon")
+        tmp_path / "m.safetensors", unet, vae, text, tok, build_noise_scheduler(Config().diffusion, "epsilon")
     )
     vae.save_pretrained(tmp_path / "vae")
     cfg = Config()
     cfg.model.vae = str(tmp_path / "vae")
-    assert_same(vae.state_dict(), load_single_file(path, cfg).vae.state_dict(), "the separate VAE")
+    assert_same(vae.state_dict(), load_single_file(path, cfg.model, cfg.diffusion).vae.state_dict(), "the separate VAE")
     config = tmp_path / "vae" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 10**6}))
     with pytest.raises(ConfigError, match="layers but carries only"):
-        load_single_file(path, cfg)
+        load_single_file(path, cfg.model, cfg.diffusion)
 
 
 # -- LoRA and text-encoder fine-tuning ----------------------------------------------------------------
@@ -426,7 +425,8 @@ def test_text_encoder_fine_tuning_is_saved_and_exported(base, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     out = export(run_dir, "single-file", tmp_path / "te.safetensors", ema=True)
     cfg = Config()
-    assert_same(after, load_single_file(out, cfg).text_encoder.state_dict(), "fine-tuned text encoder")
+    loaded = load_single_file(out, cfg.model, cfg.diffusion)
+    assert_same(after, loaded.text_encoder.state_dict(), "fine-tuned text encoder")
 
 
 # -- the seed's sampling command ----------------------------------------------------------------------

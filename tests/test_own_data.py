@@ -19,7 +19,7 @@ from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.data.views import SampleView, caption_of
 from colodiffusion.diffusion import Objective
 
-from common import TINY, crash_at
+from common import TINY, crash_at, dataset_args
 from datagen import make_folder, make_kohya_folder, make_tiny_clip, truncated_jpeg
 
 
@@ -70,36 +70,37 @@ def test_caption_tags_keep_leading_tokens_shuffle_and_drop_the_rest():
 
 def test_kohya_folders_repeat_their_images_and_lend_their_name_as_caption(tmp_path):
     root = make_kohya_folder(tmp_path / "data", {"3_sks circle": 2, "1_shapes": 3}, captions=False)
-    train, val = build_datasets(folder_cfg(root))
+    train, val = build_datasets(*dataset_args(folder_cfg(root)))
     assert val is None and len(train) == 2 * 3 + 3
     captions = sorted(caption_of(train, k) for k in range(len(train)))
     assert captions == ["shapes"] * 3 + ["sks circle"] * 6
-    train2, _ = build_datasets(folder_cfg(root, "data.repeats=2"))
+    train2, _ = build_datasets(*dataset_args(folder_cfg(root, "data.repeats=2")))
     assert len(train2) == 2 * len(train)
 
 
 def test_plain_data_without_controls_is_the_source_itself(tmp_path):
     cfg = folder_cfg(make_folder(tmp_path / "data", 12))
-    train, val = build_datasets(cfg)
+    train, val = build_datasets(*dataset_args(cfg))
     assert not isinstance(train, SampleView) and val is None  # the default run reads exactly as before
 
 
 def test_held_out_samples_are_never_trained_on_and_the_split_is_fixed(tmp_path):
     root = make_kohya_folder(tmp_path / "data", {"4_a": 5, "1_b": 15})
     cfg = folder_cfg(root, "data.val_fraction=0.2")
-    train, val = build_datasets(cfg)
+    train, val = build_datasets(*dataset_args(cfg))
     held = {val.key(k) for k in range(len(val))}
     trained = {train.key(k) for k in range(len(train))}
     assert len(held) == 4 and not held & trained and len(held | trained) == 20
-    assert held == {build_datasets(cfg)[1].key(k) for k in range(4)}  # the same split every time
-    other = {build_datasets(folder_cfg(root, "data.val_fraction=0.2", "train.seed=1"))[1].key(k) for k in range(4)}
+    assert held == {build_datasets(*dataset_args(cfg))[1].key(k) for k in range(4)}  # the same split every time
+    reseeded = build_datasets(*dataset_args(folder_cfg(root, "data.val_fraction=0.2", "train.seed=1")))[1]
+    other = {reseeded.key(k) for k in range(4)}
     assert other != held
 
 
 def test_prior_preservation_mixes_class_images_with_their_loss_weight(tmp_path):
     inst = make_kohya_folder(tmp_path / "inst", {"5_sks circle": 2}, captions=False)
     cls = make_kohya_folder(tmp_path / "cls", {"1_circle": 3}, captions=False)
-    train, _ = build_datasets(folder_cfg(inst, f"data.class_path={cls}", "data.prior_loss_weight=0.25"))
+    train, _ = build_datasets(*dataset_args(folder_cfg(inst, f"data.class_path={cls}", "data.prior_loss_weight=0.25")))
     assert len(train) == 2 * 10  # as many class samples as instance samples
     samples = [train[k] for k in range(len(train))]
     weights = {s["caption"]: s["loss_weight"] for s in samples}
@@ -113,7 +114,7 @@ def test_a_bad_file_repeated_by_its_folder_is_listed_once(tmp_path):
     (root / "10_a" / "000000.png").unlink(missing_ok=True)
     (root / "10_a" / "000000.jpg").write_bytes(truncated_jpeg())
     (root / "10_a" / "000000.txt").write_text("a caption")
-    train, _ = build_datasets(folder_cfg(root))
+    train, _ = build_datasets(*dataset_args(folder_cfg(root)))
     log = tmp_path / "bad.jsonl"
     loader = ResumableLoader(train, 10, seed=0, bad_log=log)
     for _ in range(len(train) // 10 * 2):  # two epochs
@@ -132,7 +133,7 @@ def test_own_data_options_fail_with_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="eval.clip_model and/or eval.fid_model"):
         folder_cfg(root, "eval.every=5", "data.val_fraction=0.2")
     with pytest.raises(ConfigError, match="hold out all"):
-        build_datasets(folder_cfg(root, "data.val_fraction=0.99"))
+        build_datasets(*dataset_args(folder_cfg(root, "data.val_fraction=0.99")))
 
 
 # -- sample grid prompts ---------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_own_data_options_fail_with_one_sentence(tmp_path):
 def test_sample_prompts_come_from_the_data_unless_set(tmp_path):
     root = make_folder(tmp_path / "data", 12)
     cfg = folder_cfg(root)
-    train, _ = build_datasets(cfg)
+    train, _ = build_datasets(*dataset_args(cfg))
     prompts = sample_prompts(cfg, train)
     captions = {(root / f"{i:06d}.txt").read_text() for i in range(12)}
     assert len(prompts) == 4 and set(prompts) <= captions and "a red circle" not in prompts

@@ -16,14 +16,14 @@ from colodiffusion.train import loop
 from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.telemetry import Telemetry
 
-from common import TINY
+from common import TINY, dataset_args
 
 FAST = [*TINY, "first_stage.steps=1", "first_stage.scale_samples=8", "data.num_samples=16"]
 
 
 def _build(folder: Path):
     cfg = load_config(None, FAST)
-    return frozen_components(cfg, build_dataset(cfg), folder, torch.device("cpu"), show_progress=False)
+    return frozen_components(cfg, build_dataset(*dataset_args(cfg)), folder, torch.device("cpu"), show_progress=False)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import loop
 
-from common import crash_at
+from common import crash_at, dataset_args
 from datagen import make_folder, make_tiny_clip
 from sdxlfolder import make_sdxl_folder
 
@@ -164,7 +164,7 @@ def test_sdxl_context_is_the_pipelines_and_caption_dropout_drops_both_encoders(x
     dropped = [i for i, c in enumerate(kept) if c == ""]
     assert 0 < len(dropped) < len(kept) and all(kept[i] == captions[i] for i in range(len(kept)) if i not in dropped)
 
-    comps = load_pretrained(cfg.model.pretrained, cfg)
+    comps = load_pretrained(cfg.model.pretrained, cfg.model, cfg.diffusion)
     pipe = make_pipeline(comps.tokenizer, comps.text_encoder, comps.vae, comps.unet, comps.noise_scheduler,
                          comps.tokenizer_2, comps.text_encoder_2)
     embeds, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
@@ -238,7 +238,7 @@ def test_shapes_data_conditions_on_its_own_size(xl, tmp_path):
     from colodiffusion.data.transforms import size_conditioning
 
     cfg = xl_cfg(xl, tmp_path / "run", "data.source=shapes", "data.num_samples=4")
-    batch = collate([build_dataset(cfg)[i] for i in range(4)])
+    batch = collate([build_dataset(*dataset_args(cfg))[i] for i in range(4)])
     assert "original_size" not in batch
     assert size_conditioning(batch).tolist() == [[RES, RES, 0, 0, RES, RES]] * 4
 
@@ -279,7 +279,7 @@ def test_sdxl_preset_and_folder_must_agree(xl, tmp_path):
 
     cfg = load_config(None, ["model.preset=sdxl", f"model.pretrained={partial}"])
     with pytest.raises(ConfigError, match="not a diffusers SDXL folder: it lacks tokenizer_2/"):
-        load_pretrained(partial, cfg)
+        load_pretrained(partial, cfg.model, cfg.diffusion)
 
 
 def test_the_latent_cache_refuses_sdxl(xl, tmp_path):

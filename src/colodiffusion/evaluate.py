@@ -370,10 +370,10 @@ def evaluation_view(cfg: Config):
     from colodiffusion.data import build_dataset, build_datasets
     from colodiffusion.data.views import Part, SampleView
 
-    _, val = build_datasets(cfg)
+    _, val = build_datasets(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
     if val is not None:
         return val, True
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
     return SampleView([Part(dataset, list(range(len(dataset))))]), False
 
 

@@ -60,7 +60,7 @@ class Run:
         self.model, self.opt = b.prepare(unet, lambda p: build_optimizer(p, cfg, b.device))
         self.sched = build_lr_scheduler(self.opt, cfg)
         self.ema = EMA(b.unwrap(self.model).named_parameters(), cfg.train.ema.decay, cfg.train.ema.warmup)
-        self.objective = Objective(alphas_cumprod(build_noise_scheduler(cfg, "epsilon")), "epsilon")
+        self.objective = Objective(alphas_cumprod(build_noise_scheduler(cfg.diffusion, "epsilon")), "epsilon")
         self.step = 0
 
     def train(self, until: int) -> list[float]:

@@ -48,10 +48,15 @@ def _too_many_layers(folder: Path) -> None:
     _edit(folder / "unet" / "config.json", layers_per_block=200_000)  # main builds them all, without end
 
 
+def _load_for_training(folder: Path):
+    cfg = load_config(None, [f"model.pretrained={folder}"])
+    return load_pretrained(folder, cfg.model, cfg.diffusion)
+
+
 READERS = {
     "sample/eval/txt2img": lambda folder: load_pipeline(folder),
     "export": lambda folder: load_model(folder),
-    "train": lambda folder: load_pretrained(folder, load_config(None, [f"model.pretrained={folder}"])),
+    "train": lambda folder: _load_for_training(folder),
 }
 CRAFTS = {
     "layers": (_too_many_layers, "describes a UNet with"),

@@ -12,6 +12,7 @@ from datagen import make_folder
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.data import build_dataset
+from common import dataset_args
 from colodiffusion.data.transforms import BadSample
 from colodiffusion.train import preflight, signals
 
@@ -32,7 +33,7 @@ def _one_sentence(exc) -> str:
 
 def test_a_healthy_run_passes(tmp_path):
     cfg = _cfg(tmp_path)
-    preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(cfg))  # raises on any problem
+    preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(*dataset_args(cfg)))  # raises on any problem
     assert (tmp_path / "run" / "checkpoints").is_dir()  # the write probe ran, and left nothing behind
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
@@ -42,7 +43,7 @@ def test_unwritable_run_folder(tmp_path):
     blocker.write_text("not a folder")
     cfg = _cfg(tmp_path)
     with pytest.raises(ConfigError) as e:
-        preflight.check(cfg, _backend(), blocker / "run", build_dataset(cfg))
+        preflight.check(cfg, _backend(), blocker / "run", build_dataset(*dataset_args(cfg)))
     assert "is not writable" in _one_sentence(e)
 
 
@@ -51,7 +52,7 @@ def test_not_enough_free_space(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(ConfigError) as e:
-        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(cfg))
+        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(*dataset_args(cfg)))
     assert "1 MiB free but one checkpoint needs about" in _one_sentence(e)
 
 
@@ -99,7 +100,7 @@ def _folder_cfg(tmp_path, n, bad):
 
 def test_a_bad_first_sample_does_not_stop_the_run(tmp_path):
     cfg = _folder_cfg(tmp_path, 4, bad=1)
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(*dataset_args(cfg))
     with pytest.raises(BadSample):
         dataset[0]  # the first sample is the bad one
     preflight.check(cfg, _backend(), tmp_path / "run", dataset)
@@ -108,7 +109,7 @@ def test_a_bad_first_sample_does_not_stop_the_run(tmp_path):
 def test_mostly_bad_data_stops_before_training(tmp_path):
     cfg = _folder_cfg(tmp_path, 20, bad=12)
     with pytest.raises(ConfigError) as e:
-        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(cfg))
+        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(*dataset_args(cfg)))
     msg = _one_sentence(e)
     assert "12 of the 20 samples probed of data.path" in msg and "are bad (12 zero_byte, such as '000000" in msg
     assert "data.max_bad_fraction=0.05 allows" in msg
@@ -117,7 +118,7 @@ def test_mostly_bad_data_stops_before_training(tmp_path):
 def test_batch_larger_than_the_data(tmp_path):
     cfg = _cfg(tmp_path, "train.batch_size=32")
     with pytest.raises(ConfigError) as e:
-        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(cfg))
+        preflight.check(cfg, _backend(), tmp_path / "run", build_dataset(*dataset_args(cfg)))
     assert "fewer than one batch" in _one_sentence(e)
 
 

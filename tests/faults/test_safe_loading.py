@@ -271,7 +271,7 @@ def _our_single_file(tmp_path: Path) -> Path:
                                         num_attention_heads=1, vocab_size=300, max_position_embeddings=16))
     tok = train_clip_tokenizer(["a red circle"], vocab_size=300, max_length=16)
     return save_single_file(tmp_path / "ours.safetensors", unet, vae, text, tok,
-                            build_noise_scheduler(Config(), "epsilon"))
+                            build_noise_scheduler(Config().diffusion, "epsilon"))
 
 
 @pytest.mark.parametrize("where", ["absolute", "relative"])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.data import build_dataset, build_datasets, caption_corpus, sample_prompts
+from common import dataset_args
 from colodiffusion.data.transforms import BadSample, ImageTransform, decode_image
 from colodiffusion.train import dataset_info
 
@@ -44,11 +45,11 @@ def test_links_out_of_the_dataset_are_never_read(tmp_path):
     (data / "000004.txt").symlink_to(inner)  # a link inside the folder is fine
 
     cfg = _folder_cfg(data)
-    dataset, _ = build_datasets(cfg)
+    dataset, _ = build_datasets(*dataset_args(cfg))
     seen = [*caption_corpus(cfg.data, dataset), *sample_prompts(cfg, dataset),
             *dataset_info.sample_captions(dataset)[0]]
     assert seen and not any(SECRET in c or "PATH=" in c for c in seen)
-    source = build_dataset(cfg)
+    source = build_dataset(*dataset_args(cfg))
     stems = [Path(source.key(i)).stem for i in range(len(source))]
     for stem in ("000001", "000002", "zz_linked"):
         with pytest.raises(BadSample) as bad:
@@ -58,7 +59,7 @@ def test_links_out_of_the_dataset_are_never_read(tmp_path):
 
     (data / "metadata.jsonl").symlink_to(outside / "token.txt")  # a caption table that links out
     with pytest.raises(ConfigError, match="outside") as err:
-        build_dataset(cfg)
+        build_dataset(*dataset_args(cfg))
     assert SECRET not in str(err.value) and "\n" not in str(err.value)
 
 
@@ -72,7 +73,7 @@ def test_a_malformed_caption_table_is_one_sentence(tmp_path, table, content, wor
     data = make_folder(tmp_path / "data", 4)
     (data / table).write_text(content)
     with pytest.raises(ConfigError, match=words) as err:
-        build_dataset(_folder_cfg(data))
+        build_dataset(*dataset_args(_folder_cfg(data)))
     assert "\n" not in str(err.value)
 
 
@@ -151,6 +152,7 @@ def test_fewer_images_than_a_first_stage_batch_train_the_autoencoder_with_all_of
     cfg = _folder_cfg(data, "train.batch_size=2", "first_stage.steps=1", "first_stage.scale_samples=4")
     assert cfg.first_stage.batch_size > 3
     torch.set_num_threads(2)
-    comps = frozen_components(cfg, build_dataset(cfg), tmp_path / "components", torch.device("cpu"), False)
+    dataset = build_dataset(*dataset_args(cfg))
+    comps = frozen_components(cfg, dataset, tmp_path / "components", torch.device("cpu"), False)
     assert comps.vae.config.scaling_factor > 0
     assert "fewer than first_stage.batch_size=16: training the autoencoder with batches of 3" in capsys.readouterr().out

@@ -15,50 +15,52 @@ from colodiffusion.config import Config, ConfigError, DataConfig
 EXTRAS = {"braceexpand": "data", "pyarrow": "data", "webdataset": "data", "fsspec": "s3", "s3fs": "s3"}
 
 
-def build_dataset(cfg: Config) -> Dataset:
-    d = cfg.data
+def build_dataset(d: DataConfig, seed: int, run_dir: str = ".", sizes: bool = False) -> Dataset:
+    """The source `d` (data.*) names. `seed` (train.seed) draws the shapes and seeds random crops and
+    flips; a webdataset's tar index lives in `run_dir` (run.dir) unless data.index_dir says where;
+    `sizes`: each image also reports its original size and crop (SDXL's size conditioning)."""
     if d.source == "shapes":
         from colodiffusion.data.shapes import ShapesDataset
 
-        return ShapesDataset(d.num_samples, resolution=d.resolution, seed=cfg.train.seed)
+        return ShapesDataset(d.num_samples, resolution=d.resolution, seed=seed)
     try:
-        return _build_files_dataset(cfg)
+        return _build_files_dataset(d, seed, run_dir, sizes)
     except ValueError as exc:
         raise ConfigError(str(exc).rstrip(".") + ".") from None
     except ImportError as exc:
         raise missing_extra(exc, f"data.source={d.source}") from None
 
 
-def build_datasets(cfg: Config) -> tuple[Dataset, Optional[Dataset]]:
+def build_datasets(d: DataConfig, seed: int, run_dir: str = ".", sizes: bool = False
+                   ) -> tuple[Dataset, Optional[Dataset]]:
     """(training data, validation data or None) with the data.* split, repeats, class images and caption
-    controls applied (data/views.py); without them the training data is `build_dataset(cfg)` itself."""
+    controls applied (data/views.py); without them the training data is `build_dataset(...)` itself.
+    The arguments are build_dataset's."""
     from dataclasses import replace
 
     from colodiffusion.data.views import Part, SampleView, held_out, training_view
 
-    d = cfg.data
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(d, seed, run_dir, sizes)
     try:
-        val_indices = held_out(len(dataset), d.val_fraction, cfg.train.seed) if d.val_fraction else []
+        val_indices = held_out(len(dataset), d.val_fraction, seed) if d.val_fraction else []
         val = SampleView([Part(dataset, val_indices)]) if val_indices else None
         if d.val_path:
-            source = build_dataset(replace(cfg, data=replace(d, path=d.val_path)))
+            source = build_dataset(replace(d, path=d.val_path), seed, run_dir, sizes)
             val = SampleView([Part(source, list(range(len(source))))])
         class_images = None
         if d.class_path:
             from colodiffusion.data.folder import FolderDataset
 
-            class_images = FolderDataset(d.class_path, _transform(cfg))
-        return training_view(d, cfg.train.seed, dataset, val_indices, class_images), val
+            class_images = FolderDataset(d.class_path, _transform(d, seed, sizes))
+        return training_view(d, seed, dataset, val_indices, class_images), val
     except ValueError as exc:
         raise ConfigError(str(exc).rstrip(".") + ".") from None
 
 
-def _transform(cfg: Config):
-    """The image transform of data.*, seeded by train.seed; SDXL also reports each image's sizes."""
+def _transform(d: DataConfig, seed: int, sizes: bool):
     from colodiffusion.data.transforms import ImageTransform
 
-    return ImageTransform.of(cfg.data, cfg.train.seed, report_sizes=cfg.model.preset == "sdxl")
+    return ImageTransform.of(d, seed, report_sizes=sizes)
 
 
 # The shapes demo's grid prompts: one of each shape, three colours.
@@ -85,13 +87,12 @@ def missing_extra(exc: ImportError, what: str) -> ConfigError:
     return ConfigError(f"{what} needs the optional package '{name}': pip install 'colodiffusion[{EXTRAS[name]}]'.")
 
 
-def _build_files_dataset(cfg: Config) -> Dataset:
-    d = cfg.data
+def _build_files_dataset(d: DataConfig, seed: int, run_dir: str, sizes: bool) -> Dataset:
     if d.source == "latents":
         from colodiffusion.data.latents import LatentDataset
 
         return LatentDataset(d.path)
-    transform = _transform(cfg)
+    transform = _transform(d, seed, sizes)
     if d.source == "folder":
         from colodiffusion.config import folder_subsets
         from colodiffusion.data.folder import FolderDataset, FolderSubsets
@@ -102,7 +103,7 @@ def _build_files_dataset(cfg: Config) -> Dataset:
     if d.source == "webdataset":
         from colodiffusion.data.webdataset import WebDataset, index_file_for
 
-        index_file = index_file_for(d.index_dir or cfg.run.dir + "/data_index", d.path)
+        index_file = index_file_for(d.index_dir or str(run_dir) + "/data_index", d.path)
         return WebDataset(d.path, transform, index_file)
     if d.source == "parquet":
         from colodiffusion.data.parquet import ParquetDataset

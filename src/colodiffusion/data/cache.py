@@ -190,7 +190,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
     ranks = _Ranks(cfg.parallel.timeout_s)
     lock = None
     try:
-        dataset = build_dataset(cfg)
+        dataset = build_dataset(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
         plan = make_plan(cfg, dataset, shard_size)
         if ranks.is_main:  # ours, locked, and emptied of another plan's shards before anyone reads them
             lock = owned.claim(out, "cache", "--out", legacy=_is_legacy_cache)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from colodiffusion.config import DiffusionConfig
 
-def build_noise_scheduler(cfg, prediction_type: str) -> DDPMScheduler:
-    """The training schedule; also written into exported pipelines so samplers use the same betas."""
-    d = cfg.diffusion
+
+def build_noise_scheduler(d: DiffusionConfig, prediction_type: str) -> DDPMScheduler:
+    """The training schedule (`d`: diffusion.*); also written into exported pipelines so samplers use the
+    same betas."""
     return DDPMScheduler(
         num_train_timesteps=d.num_train_timesteps,
         beta_start=d.beta_start,

@@ -127,7 +127,7 @@ def build_fresh_components(
     faults.point("unet_built")
     prediction_type = cfg.model.prediction_type or preset.prediction_type
     return Components(tokenizer, freeze(text_encoder), freeze(vae), unet,
-                      build_noise_scheduler(cfg, prediction_type))
+                      build_noise_scheduler(cfg.diffusion, prediction_type))
 
 
 @torch.no_grad()

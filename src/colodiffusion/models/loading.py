@@ -13,8 +13,7 @@ are loaded.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -22,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, ModelConfig, is_hub_id, load_config
+from colodiffusion.config import Config, ConfigError, DiffusionConfig, ModelConfig, is_hub_id, load_config
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, hub, lora
 from colodiffusion.models.components import Components, build_fresh_components, freeze
@@ -43,9 +42,9 @@ def build_components(
     `components_dir` when saved there; see `build_fresh_components`)."""
     m = cfg.model
     if m.init == "scratch" and (m.pretrained or m.text_encoder):
-        return build_scratch(cfg)
+        return build_scratch(m, cfg.diffusion, cfg.train.seed)
     if m.pretrained:
-        return load_pretrained(m.pretrained, cfg)
+        return load_pretrained(m.pretrained, m, cfg.diffusion)
     return build_fresh_components(cfg, components_dir, captions, train_vae)
 
 
@@ -53,22 +52,20 @@ def _has(folder: Path, sub: str) -> bool:
     return (folder / sub).is_dir()
 
 
-def load_pretrained(path: str | Path, cfg: Config) -> Components:
+def load_pretrained(path: str | Path, m: ModelConfig, d: DiffusionConfig) -> Components:
     """Load a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/[, scheduler/]) or Hub id, or a
-    single-file LDM checkpoint (`models/single_file.py`)."""
-    m = cfg.model
+    single-file LDM checkpoint (`models/single_file.py`); `m`: model.*, `d`: diffusion.* (the noise schedule)."""
     root = hub.resolve(str(path), "model.pretrained", m.revision, m.variant)
     if root.is_file():
         if m.tokenizer and is_hub_id(m.tokenizer):  # single_file.py reads a local tokenizer folder
-            cfg = copy.deepcopy(cfg)
-            cfg.model.tokenizer = str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision))
-        return load_single_file(root, cfg)
+            m = replace(m, tokenizer=str(hub.resolve(m.tokenizer, "model.tokenizer", m.revision)))
+        return load_single_file(root, m, d)
     bounds.check_model_folder(root)
     if is_sdxl_folder(root) and m.preset != "sdxl":  # (a local folder is checked at config load; a Hub id here)
         raise ConfigError(f"model.pretrained '{path}' is an SDXL folder (it has text_encoder_2/): set "
                           "model.preset=sdxl.")
     if m.preset == "sdxl":
-        return load_sdxl(root, cfg)
+        return load_sdxl(root, m, d)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not _has(root, s)]
     if missing:
         raise ConfigError(
@@ -76,32 +73,31 @@ def load_pretrained(path: str | Path, cfg: Config) -> Components:
         )
     unet = _pretrained(UNet2DConditionModel, root / "unet", m.variant, "UNet")
     tokenizer, text_encoder, vae = frozen_parts(m, root)
-    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(m, root)))
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(d, _prediction_type(m, root)))
 
 
-def load_sdxl(root: Path, cfg: Config) -> Components:
+def load_sdxl(root: Path, m: ModelConfig, d: DiffusionConfig) -> Components:
     """A diffusers SDXL folder: the UNet (trained) and both tokenizers and text encoders and the VAE
     (frozen; model.vae may replace the VAE, e.g. an fp16-safe one)."""
-    missing = [s for s in SDXL_PARTS if not _has(root, s) and not (s == "vae" and cfg.model.vae)]
+    missing = [s for s in SDXL_PARTS if not _has(root, s) and not (s == "vae" and m.vae)]
     if missing:
-        raise ConfigError(f"model.pretrained '{cfg.model.pretrained or root}' is not a diffusers SDXL folder: it lacks "
+        raise ConfigError(f"model.pretrained '{m.pretrained or root}' is not a diffusers SDXL folder: it lacks "
                           f"{', '.join(missing)}/.")
-    v = cfg.model.variant
+    v = m.variant
     unet = _pretrained(UNet2DConditionModel, root / "unet", v, "UNet")
     encoders = [_pretrained(cls, root / sub, v, "text encoder")
                 for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
-    vae_root = hub.resolve(cfg.model.vae, "model.vae", cfg.model.revision, v) or root
+    vae_root = hub.resolve(m.vae, "model.vae", m.revision, v) or root
     vae_dir = _part(vae_root, "vae", "config.json", "model.vae")
     vae = _pretrained(AutoencoderKL, vae_dir, v, "VAE")
     tokenizers = [_tokenizer(root / sub) for sub in ("tokenizer", "tokenizer_2")]
     return Components(tokenizers[0], freeze(encoders[0]), freeze(vae), unet,
-                      build_noise_scheduler(cfg, _prediction_type(cfg.model, root)), tokenizers[1], freeze(encoders[1]))
+                      build_noise_scheduler(d, _prediction_type(m, root)), tokenizers[1], freeze(encoders[1]))
 
 
-def build_scratch(cfg: Config) -> Components:
-    """model.init=scratch: a freshly initialised UNet of the preset (seeded by train.seed) with the frozen
+def build_scratch(m: ModelConfig, d: DiffusionConfig, seed: int) -> Components:
+    """model.init=scratch: a freshly initialised UNet of the preset (seeded by `seed`, train.seed) with the frozen
     tokenizer, text encoder and VAE from model.pretrained (or their own keys), as the original project trains SD."""
-    m = cfg.model
     root = hub.resolve(m.pretrained, "model.pretrained", m.revision, m.variant)
     tokenizer, text_encoder, vae = frozen_parts(m, root)
     preset = get_preset(m.preset)
@@ -109,9 +105,9 @@ def build_scratch(cfg: Config) -> Components:
     if preset.unet["cross_attention_dim"] != width:
         raise ConfigError(f"model.preset={m.preset} cross-attends to {preset.unet['cross_attention_dim']}-d text "
                           f"features, but the text encoder gives {width}-d ones: pick the preset of that text encoder.")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seed)
     unet = build_unet(preset)
-    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(cfg, _prediction_type(m, root)))
+    return Components(tokenizer, text_encoder, vae, unet, build_noise_scheduler(d, _prediction_type(m, root)))
 
 
 def frozen_parts(m: ModelConfig, root: Optional[Path]) -> tuple:
@@ -236,7 +232,7 @@ def load_model(source: str | Path, ema: Optional[bool] = False, original_config:
             raise ConfigError(f"'{src}' is a diffusers folder and holds one set of weights; drop --ema.")
         if is_sdxl_folder(src):
             cfg.model.preset = "sdxl"
-        c = load_pretrained(src, cfg)
+        c = load_pretrained(src, cfg.model, cfg.diffusion)
         return Model(c.tokenizer, c.text_encoder, c.vae, c.unet.eval(), own_scheduler(src) or c.noise_scheduler,
                      c.tokenizer_2, c.text_encoder_2)
     if is_checkpoint(src):  # the manifest first: a damaged or unsealed checkpoint is refused unread

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from colodiffusion.config import Config, ConfigError, ModelConfig, refuse_interpolations
+from colodiffusion.config import ConfigError, DiffusionConfig, ModelConfig, refuse_interpolations
 from colodiffusion.diffusion import build_noise_scheduler
 from colodiffusion.models import bounds, ldm_convert
 from colodiffusion.models.components import Components, freeze
@@ -156,21 +156,22 @@ def _load(build: Callable[[], torch.nn.Module], config: dict, sd: dict, what: st
     return module
 
 
-def load_single_file(path: str | Path, cfg: Config):
-    """Components from a single-file checkpoint; raises ConfigError with one sentence on a bad file."""
+def load_single_file(path: str | Path, m: ModelConfig, d: DiffusionConfig):
+    """Components from a single-file checkpoint (`m`: model.*, `d`: diffusion.*, the noise schedule);
+    raises ConfigError with one sentence on a bad file."""
     path = Path(path)
-    conv, meta = convert_file(path, cfg.model)
+    conv, meta = convert_file(path, m)
     unet = _load(lambda: UNet2DConditionModel.from_config(conv.unet_config), conv.unet_config, conv.unet, "UNet", path)
-    if cfg.model.vae:
-        bounds.check_folder(Path(cfg.model.vae), "VAE")
-    vae = (AutoencoderKL.from_pretrained(cfg.model.vae) if cfg.model.vae
+    if m.vae:
+        bounds.check_folder(Path(m.vae), "VAE")
+    vae = (AutoencoderKL.from_pretrained(m.vae) if m.vae
            else _load(lambda: AutoencoderKL.from_config(conv.vae_config), conv.vae_config, conv.vae, "VAE", path))
     text_encoder = _load(lambda: CLIPTextModel(CLIPTextConfig(**conv.text_config)), conv.text_config, conv.text,
                          "text encoder", path)
-    tokenizer = _tokenizer(meta, cfg.model, path)
+    tokenizer = _tokenizer(meta, m, path)
     guessed = get_preset("sd2" if ldm_convert.is_openclip(conv.text_config) else "sd15").prediction_type
-    prediction_type = cfg.model.prediction_type or conv.prediction_type or guessed
-    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet, build_noise_scheduler(cfg, prediction_type))
+    prediction_type = m.prediction_type or conv.prediction_type or guessed
+    return Components(tokenizer, freeze(text_encoder), freeze(vae), unet, build_noise_scheduler(d, prediction_type))
 
 
 def convert_file(path: str | Path, m: ModelConfig) -> tuple[ldm_convert.Converted, Optional[dict]]:
