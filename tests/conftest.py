@@ -27,7 +27,7 @@ SESSION_GRACE_S = 15
 # import, shows up as a drop). Raise the number when you add tests. Tests marked `cuda` are deselected
 # where no CUDA GPU is visible, and tests marked `no_cuda` where one is (reported as deselected, never
 # as skipped): what a machine cannot run is not a skip.
-CI_MIN_TESTS = 693  # what .ci/run collects: a CPU machine, the test extra, both engines (a GPU one runs 692)
+CI_MIN_TESTS = 703  # what .ci/run collects: a CPU machine, the test extra, both engines (a GPU one runs 702)
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _ran: set[str] = set()
 
@@ -54,8 +54,25 @@ def pytest_make_collect_report(collector):
     _skip_fails_ci(outcome.get_result())  # a module-level importorskip
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject addopts): one worker per core, at most 4 (the torchrun tests start 2 ranks each)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def _heaviest_files_first(items) -> None:
+    """Files in the order a worker should take them (pyproject: --dist loadfile hands out whole files as
+    workers free up): the colour guard (minutes) first, then files with end-to-end `slow` runs, then the
+    rest, so no long file starts last. Order inside a file is kept (module fixtures are built once)."""
+    heavy = {i.path for i in items if i.get_closest_marker("slow")}
+    first = {i.path for i in items if i.path.name == "test_learns.py"}
+    rank = {path: (0 if path in first else 1 if path in heavy else 2) for path in {i.path for i in items}}
+    items.sort(key=lambda i: rank[i.path])  # stable: collection order within each rank and file
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    _heaviest_files_first(items)
 
     other = "no_cuda" if torch.cuda.is_available() else "cuda"  # the marker that cannot run on this machine
     impossible = [i for i in items if i.get_closest_marker(other)]
