@@ -104,9 +104,10 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
 
 def encode_once(cfg: Config, backend: Backend, comps: Components, dataset):
     """The shapes data with every image encoded once, in memory (data.cache_latents; null: when the run
-    reads each image more than once), else `dataset` itself. Measured on the default run (2-core CPU,
-    2026-12-04): the autoencoder's encode takes 1.5 ms an image, so 20,000 images read 2.4 times each
-    cost 74 s of encoding during training and 31 s once."""
+    reads each image more than once), else `dataset` itself. Every rank encodes all of them (its share
+    changes each epoch). Measured on the default run (2-core CPU, 2026-12-04): the autoencoder's encode
+    takes 1.5 ms an image, so 20,000 images read 2.4 times each cost 74 s of encoding during training and
+    27-29 s once."""
     d = cfg.data
     reads = cfg.train.max_steps * cfg.train.batch_size
     on = d.cache_latents if d.cache_latents is not None else reads > len(dataset)
