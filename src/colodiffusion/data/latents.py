@@ -201,9 +201,6 @@ class EncodedShapes(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption": self.shapes.caption_at(i)}
 
-    def captions(self):
-        return (self.shapes.caption_at(i) for i in range(len(self.shapes)))
-
 
 def sample_latents(batch: dict, scaling_factor: float, device: torch.device,
                    generator: torch.Generator) -> torch.Tensor:

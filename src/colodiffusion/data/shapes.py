@@ -292,15 +292,18 @@ class ShapesDataset(torch.utils.data.Dataset):
     def spec(self, i) -> ShapeSpec:
         return sample_spec(self._rng(i), self.resolution)
 
-    def caption_at(self, i) -> str:
-        """Item i's caption without drawing its image (the same draws as __getitem__)."""
-        rng = self._rng(i)
-        return caption(sample_spec(rng, self.resolution), rng, self.resolution)
-
-    def __getitem__(self, i) -> dict:
+    def _drawn(self, i) -> tuple[ShapeSpec, str]:
+        """Item i's shape and caption (its image is rendered from the shape alone)."""
         rng = self._rng(i)
         spec = sample_spec(rng, self.resolution)
-        text = caption(spec, rng, self.resolution)
+        return spec, caption(spec, rng, self.resolution)
+
+    def caption_at(self, i) -> str:
+        """Item i's caption without rendering its image."""
+        return self._drawn(i)[1]
+
+    def __getitem__(self, i) -> dict:
+        spec, text = self._drawn(i)
         arr = np.asarray(render(spec, self.resolution), dtype=np.float32)
         pixels = torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
         return {"pixel_values": pixels, "caption": text}
