@@ -78,8 +78,3 @@ def crash_at(step: int):
             yield
     finally:
         loop.Trainer.train_step = real
-
-
-def dataset_args(cfg) -> tuple:
-    """build_dataset's / build_datasets' arguments as the trainer passes them from a whole config."""
-    return cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl"

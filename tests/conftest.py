@@ -13,7 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402
-from common import TINY, built_once, dataset_args  # noqa: E402
+from common import TINY, built_once  # noqa: E402
 
 # Every process the tests start inherits this id (procs.py), also torchrun's workers after a kill.
 SESSION_ID = os.environ[procs.SESSION] = procs.new_id()
@@ -140,7 +140,7 @@ def tiny_components(pytestconfig, tmp_path_factory) -> Path:
         import torch
 
         from colodiffusion.config import load_config
-        from colodiffusion.data import build_dataset
+        from colodiffusion.data import build_dataset, dataset_args
         from colodiffusion.train.first_stage import frozen_components
 
         cfg = load_config(None, TINY)

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.data import build_dataset
-from common import dataset_args
+from colodiffusion.data import build_dataset, dataset_args
 from colodiffusion.data.loader import probe
 
 from datagen import shapes_items

@@ -16,8 +16,7 @@ from datagen import (bomb_png, good_png_bytes, image_bytes, make_folder, make_la
                      make_parquet, make_webdataset, shapes_items, truncated_jpeg)
 
 from colodiffusion.config import ConfigError, load_config  # noqa: E402
-from colodiffusion.data import build_dataset  # noqa: E402
-from common import dataset_args  # noqa: E402
+from colodiffusion.data import build_dataset, dataset_args  # noqa: E402
 from colodiffusion.data.latents import mmap_safetensors  # noqa: E402
 from colodiffusion.data.loader import ResumableLoader, too_many_bad  # noqa: E402
 from colodiffusion.data.transforms import BadSample, ImageTransform, decode_image  # noqa: E402

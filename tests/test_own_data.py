@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.data import build_datasets, sample_prompts
+from colodiffusion.data import build_datasets, dataset_args, sample_prompts
 from colodiffusion.data.captions import CaptionTags
 from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.data.views import SampleView, caption_of
 from colodiffusion.diffusion import Objective
 
-from common import TINY, crash_at, dataset_args
+from common import TINY, crash_at
 from datagen import make_folder, make_kohya_folder, make_tiny_clip, truncated_jpeg
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.data import build_dataset
+from colodiffusion.data import build_dataset, dataset_args
 from colodiffusion.storage.sealed import is_sealed, write_sealed
 from colodiffusion.train import loop
 from colodiffusion.train.first_stage import frozen_components
 from colodiffusion.train.telemetry import Telemetry
 
-from common import TINY, dataset_args
+from common import TINY
 
 FAST = [*TINY, "first_stage.steps=1", "first_stage.scale_samples=8", "data.num_samples=16"]
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import loop
 
-from common import crash_at, dataset_args
+from common import crash_at
 from datagen import make_folder, make_tiny_clip
 from sdxlfolder import make_sdxl_folder
 
@@ -233,7 +233,7 @@ def test_time_ids_reaching_the_unet_carry_the_crop_the_transform_took(xl, tmp_pa
 
 
 def test_shapes_data_conditions_on_its_own_size(xl, tmp_path):
-    from colodiffusion.data import build_dataset
+    from colodiffusion.data import build_dataset, dataset_args
     from colodiffusion.data.loader import collate
     from colodiffusion.data.transforms import size_conditioning
 

@@ -367,13 +367,13 @@ def choose_scorer(model: str, data: Optional[str] = None, native_resolution: Opt
 
 def evaluation_view(cfg: Config):
     """(held-out samples, whether they were held out from training)."""
-    from colodiffusion.data import build_dataset, build_datasets
+    from colodiffusion.data import build_dataset, build_datasets, dataset_args
     from colodiffusion.data.views import Part, SampleView
 
-    _, val = build_datasets(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
+    _, val = build_datasets(*dataset_args(cfg))
     if val is not None:
         return val, True
-    dataset = build_dataset(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
+    dataset = build_dataset(*dataset_args(cfg))
     return SampleView([Part(dataset, list(range(len(dataset))))]), False
 
 

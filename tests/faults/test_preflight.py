@@ -11,8 +11,7 @@ import torch
 from datagen import make_folder
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.data import build_dataset
-from common import dataset_args
+from colodiffusion.data import build_dataset, dataset_args
 from colodiffusion.data.transforms import BadSample
 from colodiffusion.train import preflight, signals
 

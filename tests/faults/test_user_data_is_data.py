@@ -16,8 +16,7 @@ from datagen import make_folder
 from PIL import Image
 
 from colodiffusion.config import ConfigError, load_config
-from colodiffusion.data import build_dataset, build_datasets, caption_corpus, sample_prompts
-from common import dataset_args
+from colodiffusion.data import build_dataset, build_datasets, caption_corpus, dataset_args, sample_prompts
 from colodiffusion.data.transforms import BadSample, ImageTransform, decode_image
 from colodiffusion.train import dataset_info
 

@@ -57,6 +57,12 @@ def build_datasets(d: DataConfig, seed: int, run_dir: str = ".", sizes: bool = F
         raise ConfigError(str(exc).rstrip(".") + ".") from None
 
 
+def dataset_args(cfg: Config) -> tuple[DataConfig, int, str, bool]:
+    """build_dataset's / build_datasets' arguments from a whole config (what the trainer, `cache` and
+    `eval` pass): data.*, train.seed, run.dir, and whether the preset is SDXL."""
+    return cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl"
+
+
 def _transform(d: DataConfig, seed: int, sizes: bool):
     from colodiffusion.data.transforms import ImageTransform
 

@@ -177,7 +177,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
     """Encode the dataset into `out`. `make_components(dataset, device, is_main)` builds (on the main
     rank, which goes first: the tiny preset trains its first stage there) or loads the frozen parts;
     the caller supplies it, so that data never trains a model."""
-    from colodiffusion.data import build_dataset
+    from colodiffusion.data import build_dataset, dataset_args
 
     if cfg.data.source == "latents":
         raise ConfigError("colodiffusion cache reads images: set data.source to folder, webdataset, parquet or shapes.")
@@ -190,7 +190,7 @@ def build_cache(cfg: Config, out: str | Path, make_components: Callable[[Dataset
     ranks = _Ranks(cfg.parallel.timeout_s)
     lock = None
     try:
-        dataset = build_dataset(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
+        dataset = build_dataset(*dataset_args(cfg))
         plan = make_plan(cfg, dataset, shard_size)
         if ranks.is_main:  # ours, locked, and emptied of another plan's shards before anyone reads them
             lock = owned.claim(out, "cache", "--out", legacy=_is_legacy_cache)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 
 from colodiffusion.config import Config, ConfigError
-from colodiffusion.data import build_datasets
+from colodiffusion.data import build_datasets, dataset_args
 from colodiffusion.data.latents import latents_and_context, sample_latents
 from colodiffusion.data.transforms import size_conditioning
 from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captions
@@ -46,7 +46,7 @@ def train(cfg: Config) -> Path:
         run_dir = Path(cfg.run.dir)
         with run_folder.removed_if_refused(backend, run_dir):  # bad data leaves no run folder behind
             lock = run_folder.check(cfg, backend, run_dir)  # ours and locked; continue, start over or refuse
-            dataset, val_data = build_datasets(cfg.data, cfg.train.seed, cfg.run.dir, cfg.model.preset == "sdxl")
+            dataset, val_data = build_datasets(*dataset_args(cfg))
             dataset_info.fit_batch(cfg, backend, dataset)  # 20 images and batch 32: a batch of 20, said once
             apply_max_epochs(cfg, backend, dataset)
             bad = preflight.check(cfg, backend, run_dir, dataset)  # indices of the bad samples it met
