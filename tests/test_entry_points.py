@@ -220,6 +220,7 @@ def start_first_stage(tmp_path, name):
     return proc, err
 
 
+@pytest.mark.slow  # two or three CLI processes (14-19 s): kept out of the quick tier
 def test_sigterm_in_the_first_stage_stops_it_and_sigint_is_one_line(tmp_path):
     import signal
 
@@ -318,6 +319,7 @@ def test_a_refusal_in_main_py_workers_is_their_sentences_without_torchruns_trace
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-3000:]
 
 
+@pytest.mark.slow  # two or three CLI processes (14-19 s): kept out of the quick tier
 def test_txt2img_takes_the_seeds_flags_and_its_last_ckpt(tmp_path, tiny_model):
     import shutil
 
@@ -382,6 +384,7 @@ def test_captions_in_dot_caption_files(tmp_path):
     assert "sample grids use captions from the data: ['zorblax, " in out.stdout
 
 
+@pytest.mark.slow  # two or three CLI processes (14-19 s): kept out of the quick tier
 def test_a_kohya_dataset_toml_with_two_subsets_trains(tmp_path):
     a = folder_with(tmp_path / "a", 4, ".txt", "alpha")
     b = folder_with(tmp_path / "b", 3, ".caption", "beta")
@@ -418,6 +421,7 @@ def test_a_recipe_with_data_subsets_trains(tmp_path):
     assert "subset 2 of data.subsets: caption_extension 'caption' must start with a dot" in one_sentence(out)
 
 
+@pytest.mark.slow  # two or three CLI processes (14-19 s): kept out of the quick tier
 def test_every_exported_diffusers_folder_has_a_model_card(tmp_path):
     from huggingface_hub import ModelCard
 

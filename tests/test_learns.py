@@ -1,7 +1,9 @@
 """The default job's text conditioning, guarded: a reduced version of the README's first command (same
 preset, objective, data and held-out prompts; fewer steps) must still draw the colour it is told on wordings
 it never trained on. A change that cuts the caption off the UNet scores near chance (1/4) here and fails.
-About 8 CPU-minutes; marked slow, so the quick tier leaves it out."""
+About 4 CPU-minutes; marked slow, so the quick tier leaves it out."""
+
+import os
 
 import pytest
 import torch
@@ -20,9 +22,16 @@ BOUND = 0.40  # n = 48: 0.50 sits 1.4 standard errors above it, the cut-off capt
 
 @pytest.mark.slow
 def test_reduced_default_run_draws_the_colour_it_is_told(tmp_path):
-    torch.set_num_threads(2)  # as the README's command runs it; the figure moves a little with the thread count
-    run = loop.train(load_config(None, [f"run.dir={tmp_path / 'run'}", *REDUCED]))
-    result = evaluate_model(load_pipeline(run / "final", device=torch.device("cpu")), per_combo=4)
+    # Two threads as the README's command runs on a 2-core machine; one under pytest-xdist, where the other core
+    # is another worker's (a second thread buys this small model ~1.4x for twice the CPU, and spins when the
+    # core is busy). The bound holds at both (the figure moves a little with the thread count).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    try:
+        run = loop.train(load_config(None, [f"run.dir={tmp_path / 'run'}", *REDUCED]))
+        result = evaluate_model(load_pipeline(run / "final", device=torch.device("cpu")), per_combo=4)
+    finally:
+        torch.set_num_threads(threads)
     assert result["n"] == 48
     print(result)
     assert result["color_accuracy"] >= BOUND, result
