@@ -65,7 +65,7 @@ def _heaviest_files_first(items) -> None:
     one take the end of another's, so no long test starts last and a file mostly stays on one worker
     (its module fixtures built once). Measured with 2 workers on the idle 2-core machine: 24 min 4 s, and
     24 min 3 s with `--dist loadfile` (which hands out the files with the most tests first, the guard last):
-    the whole suite is bound by its ~48 CPU-minutes, not by the order."""
+    the whole suite is bound by its CPU-minutes (38.7 measured on 2026-12-05: 21 min 43 s), not by the order."""
     heavy = {i.path for i in items if i.get_closest_marker("slow")}
     first = {i.path for i in items if i.path.name == "test_learns.py"}
     rank = {path: (0 if path in first else 1 if path in heavy else 2) for path in {i.path for i in items}}
