@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 from colodiffusion import bench  # noqa: E402
 from colodiffusion.config import load_config  # noqa: E402
-from colodiffusion.train import perf  # noqa: E402
+import colodiffusion.parallel.parallelize as parallelize_module  # noqa: E402
 
 VARIANTS = {
     "fast": [],
@@ -86,8 +86,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
     p.add_argument("--out", help="also append the JSON lines here")
     args = p.parse_args()
-    # compile=full through the trainer's own apply_perf, with the chosen dynamo backend
-    perf.compile_unet = functools.partial(perf.compile_unet, backend=args.backend)
+    # compile=full through the trainer's own parallelize (in backend.prepare), with the chosen dynamo backend
+    parallelize_module.compile_unet = functools.partial(parallelize_module.compile_unet, backend=args.backend)
     ok = True
     for name in args.variant or list(VARIANTS):
         result = check(name, VARIANTS[name], args)

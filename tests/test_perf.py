@@ -19,14 +19,8 @@ from colodiffusion.models.presets import build_unet, get_preset  # noqa: E402
 from colodiffusion.parallel import plain_copy  # noqa: E402
 from colodiffusion.train.master_weights import MasterWeightOptimizer  # noqa: E402
 from colodiffusion.train.optim import EMA, build_optimizer  # noqa: E402
-from colodiffusion.train.perf import (  # noqa: E402
-    FastAttnProcessor,
-    apply_perf,
-    compile_cache_dir,
-    compile_unet,
-    convert_fp8,
-    select_checkpointing,
-)
+from colodiffusion.parallel.parallelize import compile_cache_dir, compile_unet, select_checkpointing  # noqa: E402
+from colodiffusion.train.perf import FastAttnProcessor, apply_perf, convert_fp8  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -160,6 +154,46 @@ def test_selective_checkpointing_recomputes_only_the_chosen_blocks(mode, recompu
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("ac,gradient_checkpointing,applied", [
+    ("none", False, "none"), ("none", True, "full"), ("attention", True, "attention"), ("resnets", False, "resnets"),
+])
+def test_parallelize_applies_tp_checkpointing_compile_fsdp_in_that_order(monkeypatch, ac, gradient_checkpointing,
+                                                                        applied):
+    """One function, one order (torchtitan's), on the UNet inside a model that also trains the text encoder;
+    model.gradient_checkpointing is perf.activation_checkpointing=full unless a finer mode is chosen."""
+    import colodiffusion.parallel.parallelize as par
+    import colodiffusion.parallel.tp as tp
+    from colodiffusion.models.trainable import UNetWithTextEncoder
+
+    calls = []
+    monkeypatch.setattr(tp, "parallelize_tp", lambda model, mesh: calls.append(("tp", model, mesh)))
+    monkeypatch.setattr(par, "select_checkpointing", lambda unet, mode: calls.append(("ac", unet, mode)))
+    monkeypatch.setattr(par, "compile_unet", lambda unet, how, *a, **kw: calls.append(("compile", unet, how)))
+    monkeypatch.setattr(par, "apply_fsdp", lambda model, plan: calls.append(("fsdp", model, plan)))
+    cfg = load_config(None, ["perf.compile=full", "perf.compile_cache=off", f"perf.activation_checkpointing={ac}"])
+    unet = tiny_unet()
+    model = UNetWithTextEncoder(unet, torch.nn.Linear(2, 2))
+    assert par.parallelize(model, cfg.perf, gradient_checkpointing, tp_mesh="tp-mesh", fsdp="plan") is model
+    assert calls == [("tp", model, "tp-mesh"), ("ac", unet, applied), ("compile", unet, "full"),
+                     ("fsdp", model, "plan")]
+    calls.clear()
+    par.parallelize(unet, cfg.perf, gradient_checkpointing)  # one process: no TP, no FSDP
+    assert [c[0] for c in calls] == ["ac", "compile"] and calls[0][1] is unet
+
+
+def test_every_backend_parallelizes_what_it_trains(monkeypatch):
+    """The single-process backend hands its model through parallelize (so does each distributed one:
+    tests/dist), with the run's perf options and model.gradient_checkpointing."""
+    import colodiffusion.parallel.backend as backend_module
+    from colodiffusion.parallel import Backend
+
+    seen = []
+    monkeypatch.setattr(backend_module, "parallelize", lambda m, perf, gc: seen.append((perf.compile, gc)) or m)
+    cfg = load_config(None, ["perf.compile=full", "model.gradient_checkpointing=true"])
+    model, _ = Backend(cfg).prepare(tiny_unet(), lambda params: torch.optim.SGD(params, lr=0.1))
+    assert seen == [("full", True)]
+
+
 # -- compile, memory format, dtype --------------------------------------------------------------------
 def test_compile_wraps_lazily_and_plain_copy_drops_the_wrapper(monkeypatch):
     unet = tiny_unet()
@@ -182,14 +216,14 @@ def test_compile_wraps_lazily_and_plain_copy_drops_the_wrapper(monkeypatch):
 
 
 def test_compile_cache_folder_is_the_users_and_reaches_inductor(monkeypatch, tmp_path):
-    import colodiffusion.train.perf as perf
+    from colodiffusion.parallel.parallelize import use_compile_cache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache_dir("auto") == tmp_path / "xdg" / "colodiffusion" / "torch_compile"
     assert compile_cache_dir("off") is None and compile_cache_dir(str(tmp_path / "c")) == tmp_path / "c"
-    folder = perf.use_compile_cache(str(tmp_path / "run_cache"))
+    folder = use_compile_cache(str(tmp_path / "run_cache"))
     from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
 
     assert cache_dir() == str(folder) and triton_cache_dir(0) == str(folder / "triton")
@@ -231,7 +265,7 @@ def test_compiled_unet_matches_eager():
 
 def test_apply_perf_channels_last_and_bf16_params():
     cfg = load_config(None, ["precision=bf16", "perf.param_dtype=bf16", "perf.channels_last=true",
-                             "perf.fuse_qkv=true", "perf.activation_checkpointing=attention"])
+                             "perf.fuse_qkv=true"])
     unet = apply_perf(tiny_unet(), cfg, CPU)
     assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

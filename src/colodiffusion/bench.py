@@ -4,7 +4,8 @@ Random weights and inputs (throughput does not depend on trained values; no toke
 *fast* path IS the trainer's step: `train.loop.build_state` (backend, `build_optimizer`, the
 numerical guard, LR schedule, EMA, data loader) over an in-memory latent dataset shaped like a
 latent cache, and `train.loop.Trainer.train_step` for each step (caption dropout, posterior sample,
-objective, backward, guard, clip, step, EMA), after `apply_perf` on the preset's UNet. `--baseline`
+objective, backward, guard, clip, step, EMA), after `apply_perf` on the preset's UNet (checkpointing and
+compile come with the backend's `prepare`, as in the trainer). `--baseline`
 also runs, in the same process, the plain diffusers-style loop of `shared/reference/gpu_anchor.py`
 ("diffusers-default": fp32 weights, bf16 autocast, foreach AdamW, SDPA) doing the same work as the
 fast path (gradient clipping and EMA as `train.grad_clip` / `train.ema.enabled` say; `work` in the
@@ -332,7 +333,7 @@ def compile_cache_state(cfg: Config) -> Optional[dict]:
     """The compile cache folder and whether it held anything before this process compiled (cold/warm)."""
     if cfg.perf.compile == "none":
         return None
-    from colodiffusion.train.perf import compile_cache_dir
+    from colodiffusion.parallel.parallelize import compile_cache_dir
 
     folder = compile_cache_dir(cfg.perf.compile_cache)
     if folder is None:

@@ -394,7 +394,8 @@ class ParallelConfig:
 
 @dataclass
 class PerfConfig:
-    """Speed and memory levers for the UNet training step (applied by `train/perf.py` and `train/optim.py`).
+    """Speed and memory levers for the UNet training step (applied by `train/perf.py`,
+    `parallel/parallelize.py` and `train/optim.py`).
     The defaults are the plain eager path; `colodiffusion bench --fast` and configs/sd15_gpu.yaml turn on
     the measured-faster set. What each lever buys, with the figures: docs/performance.md."""
     compile: str = choice("none", "none", "full")

@@ -2,8 +2,9 @@
 
 `backend.py` holds the interface and `single` (one process); `distributed.py` what every
 torch.distributed backend shares, and `ddp.py`, `fsdp.py` (with `tp.py`), `deepspeed.py` and
-`colossalai.py` one strategy each; `dims.py` owns the device mesh. This layer may import `config`,
-`storage`, `models` and `data`; never the loop (`train/`).
+`colossalai.py` one strategy each; `dims.py` owns the device mesh; `parallelize.py` applies tensor
+parallel, activation checkpointing, compile and FSDP, in that order, for every backend's `prepare`.
+This layer may import `config`, `storage`, `models` and `data`; never the loop (`train/`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from colodiffusion.config import Config
+from colodiffusion.parallel.parallelize import parallelize
 from colodiffusion.storage import checkpoint, consolidated
 
 
@@ -60,7 +61,17 @@ class Backend:
     def prepare(
         self, model: torch.nn.Module, make_optimizer: Callable
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = model.to(self.device)
+        """`model` on the device, parallelized (parallel/parallelize.py: tensor parallel, activation
+        checkpointing, compile, FSDP, as `layout` says), then wrapped for the strategy with its optimizer."""
+        model = parallelize(model.to(self.device), self.cfg.perf, self.cfg.model.gradient_checkpointing,
+                            **self.layout())
+        return self.wrap(model, make_optimizer)
+
+    def layout(self) -> dict:
+        """`parallelize`'s tensor-parallel mesh and FSDP plan: none on one process."""
+        return {}
+
+    def wrap(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         return model, make_optimizer(model.parameters())
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

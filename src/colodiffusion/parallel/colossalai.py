@@ -91,9 +91,7 @@ class ColossalAIBackend(DistributedBackend):
         return {"plugin": self.plugins.GeminiPlugin(**gemini_placement(p), precision=prec, max_norm=clip)}
 
     # -- model ----------------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, make_optimizer):
-        self.remember_architecture(model)
-        model = model.to(self.device)
+    def wrap(self, model: torch.nn.Module, make_optimizer):
         params = [q for q in model.parameters() if q.requires_grad]
         if self.cfg.parallel.plugin == "gemini":
             optimizer = make_optimizer(params, adamw=hybrid_adam())

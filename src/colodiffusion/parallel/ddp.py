@@ -11,9 +11,7 @@ from colodiffusion.parallel.distributed import DistributedBackend
 class DDPBackend(DistributedBackend):
     name = "ddp"
 
-    def prepare(self, model: torch.nn.Module, make_optimizer):
-        self.remember_architecture(model)
-        model = model.to(self.device)
+    def wrap(self, model: torch.nn.Module, make_optimizer):
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         return ddp, make_optimizer(ddp.parameters())

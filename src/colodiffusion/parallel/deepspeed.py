@@ -162,9 +162,7 @@ class DeepSpeedBackend(DistributedBackend):
         ours = ds_config(self.cfg, self.dp_size, self.device.type == "cuda")
         return user_ds_config(self.cfg, ours) if self.cfg.parallel.deepspeed_config else ours
 
-    def prepare(self, model: torch.nn.Module, make_optimizer):
-        self.remember_architecture(model)
-        model = model.to(self.device)
+    def wrap(self, model: torch.nn.Module, make_optimizer):
         optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
         config = self.config_dict()
         if self.is_main and self.cfg.parallel.deepspeed_config:

@@ -85,6 +85,10 @@ class DistributedBackend(Backend):
         if self.heartbeat is not None:
             self.heartbeat.stop()
 
+    def prepare(self, model: torch.nn.Module, make_optimizer):
+        self.remember_architecture(model)  # first: FSDP changes the model's class, the engines wrap it
+        return super().prepare(model, make_optimizer)
+
     def remember_architecture(self, model: torch.nn.Module) -> None:
         """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""
         cls, config = type(model), getattr(model, "config", None)

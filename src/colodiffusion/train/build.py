@@ -94,10 +94,8 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
         comps.vae.to(backend.device)
         if comps.is_sdxl:
             comps.text_encoder_2.to(backend.device)
-    if cfg.model.gradient_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-    # Activation checkpointing and the perf levers, torch.compile last (`nn.Module.compile` only marks
-    # the UNet: it compiles at the first forward); tensor parallel and FSDP follow in backend.prepare.
+    # The model conversions; tensor parallel, activation checkpointing, compile and FSDP follow in
+    # backend.prepare (parallel/parallelize.py), after the LoRA adapters.
     apply_perf(comps.unet, cfg, backend.device)
     return comps
 

@@ -1,17 +1,16 @@
-"""Speed and memory levers for the UNet, applied from outside the model in one place.
+"""The UNet's model conversions, applied from outside the model in one place.
 
-`apply_perf(unet, cfg, device)` runs where the trainer builds the model, before the backend wraps
-it, in torchtitan's order: model conversions (fp8 linears, attention kernels, dtype, memory
-format), then activation checkpointing, then torch.compile; data-parallel sharding (FSDP) comes
-after, in the backend. The optimizer side (fp32 master weights, CPU offload, 8-bit states) is in
-`train/optim.py` / `train/master_weights.py`. `docs/performance.md` says what each lever buys.
+`apply_perf(unet, cfg, device)` runs where the trainer builds the model, before the LoRA adapters and
+the backend: fp8 linears, attention kernels, parameter dtype, memory format (the first step of
+torchtitan's order). Tensor parallel, activation checkpointing, torch.compile and FSDP follow in the
+backend's `prepare`, in that order (parallel/parallelize.py). The optimizer side (fp32 master weights,
+CPU offload, 8-bit states) is in `train/optim.py` / `train/master_weights.py`. `docs/performance.md`
+says what each lever buys.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +45,6 @@ def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None =
             unet.add_embedding.register_forward_pre_hook(lambda _, args: tuple(a.to(torch.bfloat16) for a in args))
     if p.channels_last:
         unet.to(memory_format=torch.channels_last)
-    select_checkpointing(unet, p.activation_checkpointing)
-    if p.compile != "none":
-        use_compile_cache(p.compile_cache)
-    compile_unet(unet, p.compile, p.compile_mode, options=inductor_options(p))
     return unet
 
 
@@ -124,83 +119,6 @@ def _fused_attention(attn: Attention, x_BNC: torch.Tensor, context: torch.Tensor
     out = out.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     return out / attn.rescale_output_factor
-
-
-def select_checkpointing(unet: torch.nn.Module, mode: str) -> None:
-    """Activation checkpointing through diffusers' own flags: `full` sets them all; `attention` only
-    the transformer models (each BasicTransformerBlock is recomputed); `resnets` only the UNet blocks
-    (each ResnetBlock2D is recomputed)."""
-    if mode == "none":
-        return
-    if mode not in ("full", "attention", "resnets"):
-        raise ConfigError(f"perf.activation_checkpointing '{mode}' is unknown; use none, full, attention or resnets.")
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    unet.enable_gradient_checkpointing()
-    if mode == "full":
-        return
-    for module in unet.modules():
-        if module is unet or not hasattr(module, "gradient_checkpointing"):
-            continue
-        is_attention = isinstance(module, Transformer2DModel)
-        module.gradient_checkpointing = is_attention if mode == "attention" else not is_attention
-
-
-def compile_unet(unet: torch.nn.Module, how: str, mode: str = "default", backend: str = "inductor",
-                 options: dict | None = None) -> None:
-    """torch.compile the whole UNet in place (`nn.Module.compile`, so parameter names stay as they are).
-
-    Static shapes (dynamic=False): a training run sees one shape, and a dynamic-shape graph would
-    give up kernels specialised for it. `options` are Inductor settings for this compile only."""
-    if how == "none":
-        return
-    if how != "full":
-        raise ConfigError(f"perf.compile '{how}' is unknown; use none or full.")
-    kwargs: dict = {"dynamic": False, "backend": backend}
-    if options and backend == "inductor":
-        # torch.compile takes a mode or options, not both: spell the mode out as its options.
-        from torch._inductor import list_mode_options
-
-        kwargs["options"] = {**list_mode_options(mode), **options}
-    elif mode != "default":
-        kwargs["mode"] = mode
-    unet.compile(**kwargs)
-
-
-def inductor_options(p) -> dict:
-    """Inductor settings chosen in `perf` (empty: Inductor's defaults)."""
-    names = ("conv_1x1_as_mm", "coordinate_descent_tuning")
-    return {n: True for n in names if getattr(p, n)}
-
-
-def compile_cache_dir(setting: str) -> Path | None:
-    """Where compiled graphs persist (see PerfConfig.compile_cache); None leaves torch's default."""
-    if setting == "off":
-        return None
-    if setting != "auto":
-        return Path(setting).expanduser()
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "colodiffusion" / "torch_compile"
-
-
-def use_compile_cache(setting: str) -> Path | None:
-    """Point Inductor's FX-graph cache, AOTAutograd's cache and Triton's kernel cache at one folder
-    that outlives the process: a second run with the same model, shapes and torch skips code
-    generation (it still traces). Call before the first compile of the process."""
-    folder = compile_cache_dir(setting)
-    if folder is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    return folder
 
 
 def convert_fp8(unet: torch.nn.Module, device: torch.device | None = None) -> int:
