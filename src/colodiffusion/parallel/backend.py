@@ -21,6 +21,11 @@ from colodiffusion.storage import checkpoint, consolidated
 
 
 class Backend:
+    """What the trainer calls: the topology (device, rank, is_main, dp_rank, dp_size, barrier,
+    all_reduce_mean, shutdown, explain_failure), the model (prepare, unwrap, autocast, backward, step),
+    checkpoints (save, load) and export (full_state_dict, full_ema_state_dict, plain_model). Methods with
+    a leading underscore are the hooks a strategy overrides (`_layout`, `_wrap`, `_clip_grads`) and the
+    shared pieces of `load`."""
     name = "single"
 
     def __init__(self, cfg: Config):
@@ -62,16 +67,16 @@ class Backend:
         self, model: torch.nn.Module, make_optimizer: Callable
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """`model` on the device, parallelized (parallel/parallelize.py: tensor parallel, activation
-        checkpointing, compile, FSDP, as `layout` says), then wrapped for the strategy with its optimizer."""
+        checkpointing, compile, FSDP, as `_layout` says), then wrapped for the strategy with its optimizer."""
         model = parallelize(model.to(self.device), self.cfg.perf, self.cfg.model.gradient_checkpointing,
-                            **self.layout())
-        return self.wrap(model, make_optimizer)
+                            **self._layout())
+        return self._wrap(model, make_optimizer)
 
-    def layout(self) -> dict:
+    def _layout(self) -> dict:
         """`parallelize`'s tensor-parallel mesh and FSDP plan: none on one process."""
         return {}
 
-    def wrap(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def _wrap(self, model: torch.nn.Module, make_optimizer: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         return model, make_optimizer(model.parameters())
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +95,7 @@ class Backend:
         """Unscale, clip, step, zero grads; returns the pre-clip gradient norm (a device tensor)."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        norm = self.clip_grads(model, grad_clip)
+        norm = self._clip_grads(model, grad_clip)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -99,7 +104,7 @@ class Backend:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def clip_grads(self, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    def _clip_grads(self, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
         """Clip the global gradient norm to `grad_clip` (0: no clipping); return the pre-clip norm."""
         params = [p for p in model.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -112,7 +117,7 @@ class Backend:
             checkpoint.save_tensors(folder / "unet.safetensors", self.unwrap(model).state_dict())
             if ema is not None:
                 checkpoint.save_tensors(folder / "ema.safetensors", ema)
-            torch.save({**shared, "optimizer": optimizer.state_dict(), "backend": self.extra_state()},
+            torch.save({**shared, "optimizer": optimizer.state_dict(), "backend": self._extra_state()},
                        folder / "state.pt")
         torch.save(per_rank, folder / f"rank_{self.rank}.pt")
 
@@ -138,11 +143,11 @@ class Backend:
             raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
                              "or export it and start from the export via model.pretrained")
         if ema is not None and not has_ema:
-            self.warn_no_ema(folder)
-        self.load_extra_state(shared.pop("backend", {}))
-        return shared, self.load_rank_state(folder)
+            self._warn_no_ema(folder)
+        self._load_extra_state(shared.pop("backend", {}))
+        return shared, self._load_rank_state(folder)
 
-    def load_rank_state(self, folder: Path) -> dict:
+    def _load_rank_state(self, folder: Path) -> dict:
         """This rank's random streams; {} (with one warning) for a rank the saving run did not have."""
         own = folder / f"rank_{self.rank}.pt"
         saved = len(list(folder.glob("rank_*.pt")))
@@ -159,12 +164,12 @@ class Backend:
                   "an uninterrupted run would")
         return state
 
-    def warn_no_ema(self, folder: Path) -> None:
+    def _warn_no_ema(self, folder: Path) -> None:
         if self.is_main:
             print(f"warning: {folder} holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts "
                   "from the resumed weights")
 
-    def restore_ema(self, path: Path, model, ema: dict) -> None:
+    def _restore_ema(self, path: Path, model, ema: dict) -> None:
         """The EMA from the tensors at `path`; a checkpoint saved without them (train.ema.enabled=false)
         starts the EMA from the just-loaded weights, with one warning."""
         if path.exists():
@@ -172,10 +177,10 @@ class Backend:
             for k, v in ema.items():
                 v.copy_(src[k])
         else:
-            self.warn_no_ema(path.parent)
-            self.ema_from_model(model, ema)
+            self._warn_no_ema(path.parent)
+            self._ema_from_model(model, ema)
 
-    def ema_from_model(self, model, ema: dict) -> None:
+    def _ema_from_model(self, model, ema: dict) -> None:
         """EMA := the current (just loaded) weights, for a checkpoint that holds none."""
         with torch.no_grad():
             for name, p in self.unwrap(model).named_parameters():
@@ -196,10 +201,10 @@ class Backend:
         inference and export."""
         return plain_copy(self.unwrap(model))
 
-    def extra_state(self) -> dict:
+    def _extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
-    def load_extra_state(self, state: dict) -> None:
+    def _load_extra_state(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 

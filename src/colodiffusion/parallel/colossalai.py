@@ -91,7 +91,7 @@ class ColossalAIBackend(DistributedBackend):
         return {"plugin": self.plugins.GeminiPlugin(**gemini_placement(p), precision=prec, max_norm=clip)}
 
     # -- model ----------------------------------------------------------------------------------
-    def wrap(self, model: torch.nn.Module, make_optimizer):
+    def _wrap(self, model: torch.nn.Module, make_optimizer):
         params = [q for q in model.parameters() if q.requires_grad]
         if self.cfg.parallel.plugin == "gemini":
             optimizer = make_optimizer(params, adamw=hybrid_adam())
@@ -166,8 +166,8 @@ class ColossalAIBackend(DistributedBackend):
         except Exception as exc:
             raise safe_load.refused(io, exc) from None
         if ema is not None:
-            self.restore_ema(folder / "ema.safetensors", model, ema)
-        return shared, self.load_rank_state(folder)
+            self._restore_ema(folder / "ema.safetensors", model, ema)
+        return shared, self._load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

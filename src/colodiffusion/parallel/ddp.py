@@ -11,7 +11,7 @@ from colodiffusion.parallel.distributed import DistributedBackend
 class DDPBackend(DistributedBackend):
     name = "ddp"
 
-    def wrap(self, model: torch.nn.Module, make_optimizer):
+    def _wrap(self, model: torch.nn.Module, make_optimizer):
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         return ddp, make_optimizer(ddp.parameters())

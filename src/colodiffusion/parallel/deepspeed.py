@@ -162,7 +162,7 @@ class DeepSpeedBackend(DistributedBackend):
         ours = ds_config(self.cfg, self.dp_size, self.device.type == "cuda")
         return user_ds_config(self.cfg, ours) if self.cfg.parallel.deepspeed_config else ours
 
-    def wrap(self, model: torch.nn.Module, make_optimizer):
+    def _wrap(self, model: torch.nn.Module, make_optimizer):
         optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
         config = self.config_dict()
         if self.is_main and self.cfg.parallel.deepspeed_config:
@@ -234,8 +234,8 @@ class DeepSpeedBackend(DistributedBackend):
             raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'ds'}")
         if ema is not None:
             name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
-            self.restore_ema(folder / name, model, ema)
-        return shared, self.load_rank_state(folder)
+            self._restore_ema(folder / name, model, ema)
+        return shared, self._load_rank_state(folder)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

@@ -86,10 +86,10 @@ class DistributedBackend(Backend):
             self.heartbeat.stop()
 
     def prepare(self, model: torch.nn.Module, make_optimizer):
-        self.remember_architecture(model)  # first: FSDP changes the model's class, the engines wrap it
+        self._remember_architecture(model)  # first: FSDP changes the model's class, the engines wrap it
         return super().prepare(model, make_optimizer)
 
-    def remember_architecture(self, model: torch.nn.Module) -> None:
+    def _remember_architecture(self, model: torch.nn.Module) -> None:
         """Keep a way to build a plain copy for export (diffusers models rebuild from their config)."""
         cls, config = type(model), getattr(model, "config", None)
         adapters = dict(getattr(model, "peft_config", None) or {})  # LoRA: the same layers, so its weights load
@@ -102,14 +102,14 @@ class DistributedBackend(Backend):
         self._model_factory = build if config is not None and hasattr(cls, "from_config") else None
 
     # -- step -----------------------------------------------------------------------------------
-    def clip_grads(self, model, grad_clip: float) -> torch.Tensor:
+    def _clip_grads(self, model, grad_clip: float) -> torch.Tensor:
         return clip_grad_norm(list(model.parameters()), grad_clip)  # DTensor-aware, one reduction per mesh
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
         pending = save_sharded(folder, model, optimizer, ema, async_group=self._ckpt_group)
         if self.is_main:
-            torch.save({**shared, "backend": self.extra_state(), "format": "dcp",
+            torch.save({**shared, "backend": self._extra_state(), "format": "dcp",
                         "saved_by": {"strategy": self.name, "world_size": self.world_size}}, folder / "state.pt")
         torch.save(per_rank, folder / f"rank_{self.rank}.pt")
         return pending
@@ -128,9 +128,9 @@ class DistributedBackend(Backend):
             raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
                              f"or export it and start {self.name} from the export via model.pretrained")
         if ema is not None and not has_ema:
-            self.warn_no_ema(folder)
-        self.load_extra_state(shared.pop("backend", {}))
-        return shared, self.load_rank_state(folder)
+            self._warn_no_ema(folder)
+        self._load_extra_state(shared.pop("backend", {}))
+        return shared, self._load_rank_state(folder)
 
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
         return full_model_state(model)

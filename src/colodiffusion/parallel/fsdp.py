@@ -25,7 +25,7 @@ class FSDPBackend(DistributedBackend):
             raise ConfigError("parallel.strategy=fsdp trains in fp32 or bf16 (precision=bf16), not fp16.")
         super().__init__(cfg)
 
-    def layout(self) -> dict:
+    def _layout(self) -> dict:
         p = self.cfg.parallel
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if self.precision == "bf16" else MixedPrecisionPolicy())
