@@ -25,11 +25,27 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _environ(pid: int) -> bytes:
+def _read_environ(pid: int) -> bytes:
     try:
         return (PROC / str(pid) / "environ").read_bytes()
     except OSError:  # gone, or not ours to read
         return b""
+
+
+def _environ(pid: int, settle_s: float = 1.0) -> bytes:
+    """The environment `pid` started with. A child of this process can read as empty for a moment
+    after Popen returned: the kernel closes the close-on-exec pipe Popen waits on before it has set
+    up the new program's environment, and a test's teardown scan can land in between on a loaded
+    machine (seen once on CI: a leaked child went unnoticed until the session's end). Such a child
+    gets up to `settle_s` to finish its exec."""
+    env = _read_environ(pid)
+    if env or ppid(pid) != os.getpid():
+        return env
+    end = time.monotonic() + settle_s
+    while not env and _alive(pid) and time.monotonic() < end:
+        time.sleep(0.01)
+        env = _read_environ(pid)
+    return env
 
 
 def _alive(pid: int) -> bool:

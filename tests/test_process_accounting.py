@@ -78,3 +78,26 @@ def test_leftovers_fail_and_are_killed_and_other_sessions_are_left_alone(tmp_pat
     finally:
         foreign.send_signal(signal.SIGKILL)
         foreign.wait(10)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_whose_environment_reads_empty_for_a_moment_is_still_found(monkeypatch):
+    """The teardown scan can meet a just-started child before the kernel has set up its environment
+    (it reads as empty): the scan waits for it instead of missing it."""
+    test_id = procs.new_id()
+    monkeypatch.setenv(procs.TEST, test_id)
+    child = subprocess.Popen(SLEEPER)
+    real, reads = procs._read_environ, []
+
+    def empty_at_first(pid):
+        if pid == child.pid and len(reads) < 3:
+            reads.append(pid)
+            return b""
+        return real(pid)
+
+    monkeypatch.setattr(procs, "_read_environ", empty_at_first)
+    try:
+        assert procs.marked(procs.TEST, test_id) == [child.pid] and len(reads) == 3
+    finally:
+        child.kill()
+        child.wait(10)
