@@ -10,7 +10,7 @@
 Every backend's `prepare` calls `parallelize` with the steps its strategy has (single, DDP, DeepSpeed and
 Colossal-AI: 2 and 3; DDP wraps the result; FSDP: all four), after the model conversions of `train/perf.py`
 (fp8 linears, attention kernels, parameter dtype, memory format) and the LoRA adapters. Steps 2 and 3 act on
-the UNet alone when the model also holds the text encoder (train.train_text_encoder).
+the UNet alone when the model also holds the text encoder (model.train_text_encoder).
 """
 
 from __future__ import annotations
