@@ -182,11 +182,18 @@ def test_parallelize_applies_tp_checkpointing_compile_fsdp_in_that_order(monkeyp
 
 
 def test_every_backend_parallelizes_what_it_trains(monkeypatch):
-    """The single-process backend hands its model through parallelize (so does each distributed one:
-    tests/dist), with the run's perf options and model.gradient_checkpointing."""
+    """Backend.prepare hands the model through parallelize with the run's perf options and
+    model.gradient_checkpointing, and no strategy replaces it: each one only says its layout and how it
+    wraps (the distributed ones remember the architecture first, then call it)."""
+    import colodiffusion.parallel as parallel
     import colodiffusion.parallel.backend as backend_module
     from colodiffusion.parallel import Backend
+    from colodiffusion.parallel.distributed import DistributedBackend
 
+    parallel._register_distributed()  # the engine modules import DeepSpeed / Colossal-AI only when built
+    assert set(parallel.BACKENDS) == {"single", "ddp", "fsdp", "deepspeed", "colossalai"}
+    for cls in parallel.BACKENDS.values():
+        assert cls.prepare in (Backend.prepare, DistributedBackend.prepare), cls
     seen = []
     monkeypatch.setattr(backend_module, "parallelize", lambda m, perf, gc: seen.append((perf.compile, gc)) or m)
     cfg = load_config(None, ["perf.compile=full", "model.gradient_checkpointing=true"])
