@@ -29,7 +29,8 @@ def test_reduced_default_run_draws_the_colour_it_is_told(tmp_path):
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     try:
         run = loop.train(load_config(None, [f"run.dir={tmp_path / 'run'}", *REDUCED]))
-        result = evaluate_model(load_pipeline(run / "final", device=torch.device("cpu")), per_combo=4)
+        # DDIM, as the bound was measured (the judge's default sampler is now euler_a; colour is what this guards)
+        result = evaluate_model(load_pipeline(run / "final", device=torch.device("cpu")), per_combo=4, sampler="ddim")
     finally:
         torch.set_num_threads(threads)
     assert result["n"] == 48

@@ -162,13 +162,14 @@ def cmd_eval(args) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     plan = choose_scorer(args.model, args.data, native)
     print(plan.sentence, file=sys.stderr)
-    guidance = {} if args.guidance is None else {"guidance": args.guidance}  # else each scorer's own default
+    # Guidance and sampler left unset take each scorer's own default.
+    chosen = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
     if plan.scorer == "shapes":
         result = {"scorer": "shapes", **evaluate_model(pipe, per_combo=args.per_combo, steps=args.steps,
-                                                       sampler=args.sampler, out_dir=args.out, **guidance)}
+                                                       out_dir=args.out, **chosen)}
     else:
-        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, **guidance,
-                                   sampler=args.sampler, clip_model=args.clip_model, fid_model=args.fid_model,
+        result = evaluate_own_data(pipe, plan.cfg, num_images=args.num_images, steps=args.steps, **chosen,
+                                   clip_model=args.clip_model, fid_model=args.fid_model,
                                    out_dir=args.out)
         if "note" in result:
             print(result["note"] + ".", file=sys.stderr)
@@ -311,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 2 for the shapes judge, as measured in "
                         "bench/NOTES.md; 4 otherwise)")
-    e.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
+    e.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help="default: euler_a for the shapes judge (an ancestral sampler commits each shape to one "
+                        "place, bench/NOTES.md); ddim otherwise")
     e.add_argument("--out", help="also save the generated images here")
     e.add_argument("--data", help="score on this folder of images + captions (default: the run's own data; "
                                   "the shapes judge only for shapes data)")
