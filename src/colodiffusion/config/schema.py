@@ -276,8 +276,8 @@ class LoRAConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1500
-    """Optimizer steps to train for."""
+    max_steps: int = 3000
+    """Optimizer steps to train for (3,000: what the default tiny run needs to draw every shape, docs/defaults.md)."""
     seed: int = 0
     """Seed for weights, data order, noise and timesteps."""
     batch_size: int = 32
