@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_sdpa_backend_is_entered(monkeypatch):
 
 
 def test_sdpa_kernel_is_chosen_per_head_dim(monkeypatch):
-    """tiny attends with head dims 8 (first level) and 16 (second): each layer gets its own kernel."""
+    """tiny attends with head dims 4 (first attention level) and 8 (second): each layer gets its own kernel."""
     import colodiffusion.train.perf as perf
 
     chosen = []
@@ -112,13 +113,13 @@ def test_sdpa_kernel_is_chosen_per_head_dim(monkeypatch):
         return real(backends)
 
     monkeypatch.setattr(perf, "sdpa_kernel", recording)
-    cfg = load_config(None, ["perf.sdpa_by_head_dim='16:math'", "perf.fuse_qkv=true"])
+    cfg = load_config(None, ["perf.sdpa_by_head_dim='8:math'", "perf.fuse_qkv=true"])
     ref, unet = tiny_unet(), apply_perf(tiny_unet(), cfg, CPU)
     inputs = tiny_inputs()
     torch.testing.assert_close(unet(*inputs).sample, ref(*inputs).sample, rtol=1e-5, atol=1e-5)
     dims = [m.inner_dim // m.heads for m in unet.modules() if type(m).__name__ == "Attention"]
-    assert sorted(set(dims)) == [8, 16]
-    assert chosen == [torch.nn.attention.SDPBackend.MATH] * dims.count(16)  # head dim 8: PyTorch chooses
+    assert sorted(set(dims)) == [4, 8]
+    assert chosen == [torch.nn.attention.SDPBackend.MATH] * dims.count(8)  # head dim 4: PyTorch chooses
 
 
 # -- activation checkpointing -------------------------------------------------------------------------
@@ -504,9 +505,13 @@ def test_missing_8bit_and_fp8_libraries_give_one_sentence(monkeypatch):
 
 def test_fp8_conversion_when_torchao_is_installed():
     pytest.importorskip("torchao.float8")
-    unet = tiny_unet()
+    assert convert_fp8(tiny_unet()) == 0  # every tiny linear is under the 2^16 weights fp8 pays for
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    wider = {**preset.unet, "block_out_channels": (32, 64, 128), "norm_num_groups": 16}  # the tiny UNet before 2026-12-05
+    unet = build_unet(replace(preset, unet=wider))
     n = convert_fp8(unet)
-    assert n > 0 and any(type(m).__name__ == "Float8Linear" for m in unet.modules())
+    assert n > 0 and sum(type(m).__name__ == "Float8Linear" for m in unet.modules()) == n
 
 
 # -- bench ------------------------------------------------------------------------------------------
