@@ -508,7 +508,8 @@ def test_fp8_conversion_when_torchao_is_installed():
     assert convert_fp8(tiny_unet()) == 0  # every tiny linear is under the 2^16 weights fp8 pays for
     torch.manual_seed(0)
     preset = get_preset("tiny")
-    wider = {**preset.unet, "block_out_channels": (32, 64, 128), "norm_num_groups": 16}  # the tiny UNet before 2026-12-05
+    # the tiny UNet before 2026-12-05
+    wider = {**preset.unet, "block_out_channels": (32, 64, 128), "norm_num_groups": 16}
     unet = build_unet(replace(preset, unet=wider))
     n = convert_fp8(unet)
     assert n > 0 and sum(type(m).__name__ == "Float8Linear" for m in unet.modules()) == n
