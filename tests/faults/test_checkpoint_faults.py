@@ -283,6 +283,20 @@ def test_a_missing_rank_file_is_one_sentence_not_fresh_random_streams(run_copy):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_another_engine_is_refused_in_one_sentence_naming_it(run_copy):
+    folder = run_copy / "checkpoints" / "step_00000004"
+    (folder / "unet.safetensors").unlink()
+    (folder / "ds").mkdir()  # the layout DeepSpeed writes
+    torch.save({**torch.load(folder / "state.pt", weights_only=True),
+                "saved_by": {"strategy": "deepspeed", "world_size": 2, "zero": 2}}, folder / "state.pt")
+    _reseal(folder)
+    with pytest.raises(ConfigError, match="it was written by parallel.strategy=deepspeed; resume it with that "
+                       "strategy, or export it and start single from the export") as e:
+        _resume(run_copy, f"train.resume={folder}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
 def test_bad_step_counters_continue_across_a_resume(tmp_path, components):
     """Step 1's loss is NaN and skipped; after a resume from step 2 the metrics still count it."""
     from faultkit import metrics

@@ -110,42 +110,65 @@ class Backend:
         return torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
 
     # -- checkpoints ----------------------------------------------------------------------------
-    # `save` is called on every rank with the same temporary folder; `shared` is identical on all
-    # ranks (written once), `per_rank` differs (RNG streams) and is written by each rank.
-    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict) -> None:
+    # One frame for every strategy. `save` runs on every rank with the same temporary folder: the
+    # strategy writes its weights, optimizer and EMA in its own format (`_save_weights`), the main rank
+    # writes `state.pt` (the loop's `shared` state, who saved it, the backend's own state: the fp16
+    # scaler) and each rank `rank_<r>.pt` (its random streams). `load` reads the frame back, after the
+    # strategy has checked it can read what wrote the checkpoint (`reads`, `_check_saved_by`).
+    reads = ("single", "dcp")  # checkpoint kinds (storage/consolidated.py) this strategy resumes from
+
+    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+        """Returns the strategy's pending background write (a Future) or None."""
+        pending, state = self._save_weights(folder, model, optimizer, ema)
+        if self.is_main:
+            torch.save({**shared, **state, "backend": self._extra_state(), "saved_by": self._saved_by()},
+                       folder / "state.pt")
+        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+        return pending
+
+    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
+        """Restore model, optimizer and EMA (in place); return (shared, per_rank) state."""
+        kind = consolidated.kind(folder)
+        shared = checkpoint.load_state(folder / "state.pt")
+        shared.pop("format", None)  # checkpoints of earlier versions named their kind here too
+        saved_by = shared.pop("saved_by", {})
+        if kind not in self.reads:
+            raise ValueError(f"it was written by parallel.strategy={saved_by.get('strategy', kind)}; resume it with "
+                             f"that strategy, or export it and start {self.name} from the export via model.pretrained")
+        self._check_saved_by(saved_by)
+        has_ema = self._load_weights(folder, kind, shared, model, optimizer, ema)
+        if ema is not None and not has_ema and self.is_main:
+            print(f"warning: {folder} holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts "
+                  "from the resumed weights")
+        self._load_extra_state(shared.pop("backend", {}))
+        return shared, self._load_rank_state(folder)
+
+    def _saved_by(self) -> dict:
+        return {"strategy": self.name, "world_size": self.world_size}
+
+    def _check_saved_by(self, saved_by: dict) -> None:
+        """Raise ValueError when this run cannot resume a checkpoint of a readable kind (engines that
+        need the same world size or plugin say so here)."""
+
+    def _save_weights(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[object, dict]:
+        """Write model, optimizer and EMA (every rank); return (a pending write or None, what the main
+        rank adds to state.pt). One process: safetensors, the optimizer in state.pt."""
         if self.is_main:
             checkpoint.save_tensors(folder / "unet.safetensors", self.unwrap(model).state_dict())
             if ema is not None:
                 checkpoint.save_tensors(folder / "ema.safetensors", ema)
-            torch.save({**shared, "optimizer": optimizer.state_dict(), "backend": self._extra_state()},
-                       folder / "state.pt")
-        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+        return None, {"optimizer": optimizer.state_dict()}
 
-    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        """Restore model, optimizer and EMA (in place); return (shared, per_rank) state. Reads this
-        backend's checkpoints and those of ddp/fsdp/tp (DCP reshards them into this one process)."""
+    def _load_weights(self, folder: Path, kind: str, shared: dict, model, optimizer, ema: Optional[dict]) -> bool:
+        """Restore model, optimizer and EMA in place (a checkpoint without EMA seeds it from the
+        weights); False when it held no EMA. Reads ddp/fsdp/tp checkpoints too (DCP reshards them)."""
         from colodiffusion.parallel.sharded_checkpoint import load_sharded
 
-        written_by = consolidated.kind(folder)
-        if written_by == "dcp":
-            has_ema = load_sharded(folder, self.unwrap(model), optimizer, ema)
-            shared = checkpoint.load_state(folder / "state.pt")
-        elif written_by == "single":
-            self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
-            has_ema = (folder / "ema.safetensors").exists()
-            if ema is not None:
-                src = checkpoint.load_tensors(folder / ("ema.safetensors" if has_ema else "unet.safetensors"))
-                for k, v in ema.items():
-                    v.copy_(src[k])
-            shared = checkpoint.load_state(folder / "state.pt")
-            optimizer.load_state_dict(shared.pop("optimizer"))
-        else:
-            raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
-                             "or export it and start from the export via model.pretrained")
-        if ema is not None and not has_ema:
-            self._warn_no_ema(folder)
-        self._load_extra_state(shared.pop("backend", {}))
-        return shared, self._load_rank_state(folder)
+        if kind == "dcp":
+            return load_sharded(folder, self.unwrap(model), optimizer, ema)
+        self.unwrap(model).load_state_dict(checkpoint.load_tensors(folder / "unet.safetensors"))
+        optimizer.load_state_dict(shared.pop("optimizer"))
+        return self._restore_ema(folder / "ema.safetensors", model, ema)
 
     def _load_rank_state(self, folder: Path) -> dict:
         """This rank's random streams; {} (with one warning) for a rank the saving run did not have."""
@@ -164,21 +187,18 @@ class Backend:
                   "an uninterrupted run would")
         return state
 
-    def _warn_no_ema(self, folder: Path) -> None:
-        if self.is_main:
-            print(f"warning: {folder} holds no EMA weights (saved with train.ema.enabled=false), so the EMA starts "
-                  "from the resumed weights")
-
-    def _restore_ema(self, path: Path, model, ema: dict) -> None:
+    def _restore_ema(self, path: Path, model, ema: Optional[dict]) -> bool:
         """The EMA from the tensors at `path`; a checkpoint saved without them (train.ema.enabled=false)
-        starts the EMA from the just-loaded weights, with one warning."""
-        if path.exists():
-            src = checkpoint.load_tensors(path)
-            for k, v in ema.items():
-                v.copy_(src[k])
-        else:
-            self._warn_no_ema(path.parent)
+        starts it from the just-loaded weights (returns False: `load` warns)."""
+        if ema is None:
+            return True
+        if not path.exists():
             self._ema_from_model(model, ema)
+            return False
+        src = checkpoint.load_tensors(path)
+        for k, v in ema.items():
+            v.copy_(src[k])
+        return True
 
     def _ema_from_model(self, model, ema: dict) -> None:
         """EMA := the current (just loaded) weights, for a checkpoint that holds none."""

@@ -123,7 +123,17 @@ class ColossalAIBackend(DistributedBackend):
         return norm
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+    reads = ("colossalai",)
+
+    def _saved_by(self) -> dict:
+        return {**super()._saved_by(), "plugin": self.cfg.parallel.plugin}
+
+    def _check_saved_by(self, saved_by: dict) -> None:
+        if saved_by.get("plugin") != self.cfg.parallel.plugin:
+            raise ValueError(f"it was written by the {saved_by.get('plugin')} plugin; resume with "
+                             f"parallel.plugin={saved_by.get('plugin')}")
+
+    def _save_weights(self, folder: Path, model, optimizer, ema: Optional[dict]):
         io = folder / "colossalai"
         if self.is_main:
             io.mkdir()
@@ -132,13 +142,9 @@ class ColossalAIBackend(DistributedBackend):
         self.booster.save_optimizer(
             self.wrapped_optimizer, str(io / self.optimizer_name()), shard=self.sharded_optimizer
         )
-        if self.is_main:
-            if ema is not None:
-                checkpoint.save_tensors(folder / "ema.safetensors", ema)
-            torch.save({**shared, "format": "colossalai",
-                        "saved_by": {"strategy": self.name, "plugin": self.cfg.parallel.plugin,
-                                     "world_size": self.world_size}}, folder / "state.pt")
-        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+        if self.is_main and ema is not None:
+            checkpoint.save_tensors(folder / "ema.safetensors", ema)
+        return None, {}
 
     @property
     def sharded_optimizer(self) -> bool:
@@ -149,15 +155,7 @@ class ColossalAIBackend(DistributedBackend):
     def optimizer_name(self) -> str:
         return "optimizer" if self.sharded_optimizer else "optimizer.bin"
 
-    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        shared = checkpoint.load_state(folder / "state.pt")
-        saved = shared.pop("saved_by", {})
-        if shared.pop("format", None) != "colossalai":
-            raise ValueError("it was not written by parallel.strategy=colossalai; resume it with the strategy that "
-                             "wrote it")
-        if saved.get("plugin") != self.cfg.parallel.plugin:
-            raise ValueError(f"it was written by the {saved.get('plugin')} plugin; resume with "
-                             f"parallel.plugin={saved.get('plugin')}")
+    def _load_weights(self, folder: Path, kind: str, shared: dict, model, optimizer, ema: Optional[dict]) -> bool:
         io = folder / "colossalai"
         try:  # every torch.load inside the Booster's checkpoint I/O runs with weights_only=True
             with safe_load.weights_only():
@@ -165,9 +163,7 @@ class ColossalAIBackend(DistributedBackend):
                 self.booster.load_optimizer(self.wrapped_optimizer, str(io / self.optimizer_name()))
         except Exception as exc:
             raise safe_load.refused(io, exc) from None
-        if ema is not None:
-            self._restore_ema(folder / "ema.safetensors", model, ema)
-        return shared, self._load_rank_state(folder)
+        return self._restore_ema(folder / "ema.safetensors", model, ema)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

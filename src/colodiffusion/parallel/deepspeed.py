@@ -200,30 +200,30 @@ class DeepSpeedBackend(DistributedBackend):
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(self.device)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
+    reads = ("deepspeed",)
+
+    def _saved_by(self) -> dict:
+        return {**super()._saved_by(), "zero": self.zero_stage}
+
+    def _check_saved_by(self, saved_by: dict) -> None:
+        if saved_by.get("world_size") != self.world_size or saved_by.get("zero") != self.zero_stage:
+            raise ValueError(f"it was written by {saved_by.get('world_size')} process(es) with ZeRO stage "
+                             f"{saved_by.get('zero')}; resume with the same (this run: {self.world_size}, stage "
+                             f"{self.zero_stage})")
+
+    def _ema_file(self, folder: Path) -> Path:
+        return folder / (f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors")
+
+    def _save_weights(self, folder: Path, model, optimizer, ema: Optional[dict]):
         with _write_errors_after(self.engine) as errors:
             self.engine.save_checkpoint(str(folder / "ds"), tag=TAG, save_latest=False)
         if errors:
             raise errors[0]
         if ema is not None and (self.zero_stage == 3 or self.is_main):
-            name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
-            checkpoint.save_tensors(folder / name, ema)
-        if self.is_main:
-            torch.save({**shared, "format": "deepspeed",
-                        "saved_by": {"strategy": self.name, "world_size": self.world_size, "zero": self.zero_stage}},
-                       folder / "state.pt")
-        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
+            checkpoint.save_tensors(self._ema_file(folder), ema)
+        return None, {}
 
-    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        shared = checkpoint.load_state(folder / "state.pt")
-        saved = shared.pop("saved_by", {})
-        if shared.pop("format", None) != "deepspeed":
-            raise ValueError("it was not written by parallel.strategy=deepspeed (no ds/ folder); resume it with the "
-                             "strategy that wrote it, or start from its exported weights via model.pretrained")
-        if saved.get("world_size") != self.world_size or saved.get("zero") != self.zero_stage:
-            raise ValueError(f"it was written by {saved.get('world_size')} process(es) with ZeRO stage "
-                             f"{saved.get('zero')}; resume with the same (this run: {self.world_size}, stage "
-                             f"{self.zero_stage})")
+    def _load_weights(self, folder: Path, kind: str, shared: dict, model, optimizer, ema: Optional[dict]) -> bool:
         try:  # DeepSpeed's own torch.load(weights_only=False), forced to weights_only (storage/safe_load.py)
             with safe_load.weights_only(safe_load.deepspeed_globals()):
                 path, _ = self.engine.load_checkpoint(str(folder / "ds"), tag=TAG, load_optimizer_states=True,
@@ -232,10 +232,7 @@ class DeepSpeedBackend(DistributedBackend):
             raise safe_load.refused(folder / "ds" / TAG, exc) from None
         if path is None:
             raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'ds'}")
-        if ema is not None:
-            name = f"ema_rank_{self.rank}.safetensors" if self.zero_stage == 3 else "ema.safetensors"
-            self._restore_ema(folder / name, model, ema)
-        return shared, self._load_rank_state(folder)
+        return self._restore_ema(self._ema_file(folder), model, ema)
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:

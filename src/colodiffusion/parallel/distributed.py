@@ -25,7 +25,7 @@ from colodiffusion.parallel.sharded_checkpoint import (
     load_sharded,
     save_sharded,
 )
-from colodiffusion.storage import checkpoint, consolidated
+from colodiffusion.storage import checkpoint
 
 
 class DistributedBackend(Backend):
@@ -106,31 +106,17 @@ class DistributedBackend(Backend):
         return clip_grad_norm(list(model.parameters()), grad_clip)  # DTensor-aware, one reduction per mesh
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def save(self, folder: Path, model, optimizer, ema: Optional[dict], shared: dict, per_rank: dict):
-        pending = save_sharded(folder, model, optimizer, ema, async_group=self._ckpt_group)
-        if self.is_main:
-            torch.save({**shared, "backend": self._extra_state(), "format": "dcp",
-                        "saved_by": {"strategy": self.name, "world_size": self.world_size}}, folder / "state.pt")
-        torch.save(per_rank, folder / f"rank_{self.rank}.pt")
-        return pending
+    def _save_weights(self, folder: Path, model, optimizer, ema: Optional[dict]):
+        return save_sharded(folder, model, optimizer, ema, async_group=self._ckpt_group), {}
 
-    def load(self, folder: Path, model, optimizer, ema: Optional[dict]) -> tuple[dict, dict]:
-        written_by = consolidated.kind(folder)
-        if written_by == "dcp":
-            has_ema = load_sharded(folder, model, optimizer, ema)
-            shared = checkpoint.load_state(folder / "state.pt")
-        elif written_by == "single":  # full tensors on every rank, each keeps its shards
-            shared = checkpoint.load_state(folder / "state.pt")
-            has_ema = (folder / "ema.safetensors").exists()
-            load_full(model, optimizer, ema, checkpoint.load_tensors(folder / "unet.safetensors"),
-                      shared.pop("optimizer"), checkpoint.load_tensors(folder / "ema.safetensors") if has_ema else None)
-        else:
-            raise ValueError(f"it was written by parallel.strategy={written_by}; resume it with that strategy, "
-                             f"or export it and start {self.name} from the export via model.pretrained")
-        if ema is not None and not has_ema:
-            self._warn_no_ema(folder)
-        self._load_extra_state(shared.pop("backend", {}))
-        return shared, self._load_rank_state(folder)
+    def _load_weights(self, folder: Path, kind: str, shared: dict, model, optimizer, ema: Optional[dict]) -> bool:
+        if kind == "dcp":
+            return load_sharded(folder, model, optimizer, ema)
+        # a single-process checkpoint: full tensors on every rank, each keeps its shards
+        has_ema = (folder / "ema.safetensors").exists()
+        load_full(model, optimizer, ema, checkpoint.load_tensors(folder / "unet.safetensors"), shared.pop("optimizer"),
+                  checkpoint.load_tensors(folder / "ema.safetensors") if has_ema else None)
+        return has_ema
 
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
         return full_model_state(model)

@@ -30,7 +30,7 @@ from colodiffusion.train import dataset_info, preflight, run_folder, signals
 from colodiffusion.train.build import (State, apply_max_epochs, batches_per_epoch, build_evaluation, build_model,
                                        build_state, choose_sample_prompts, encode_once)
 from colodiffusion.train.outputs import write_epoch_model, write_final
-from colodiffusion.train.resume import choose_checkpoint
+from colodiffusion.train.resume import choose_checkpoint, rank_state, restore, shared_state
 from colodiffusion.train.telemetry import Telemetry
 from colodiffusion.train.trackers import Trackers, device_memory
 from colodiffusion.train.trackers import check_available as check_trackers
@@ -85,20 +85,6 @@ def train(cfg: Config) -> Path:
 def epochs_done(step: int, batches: int, grad_accum: int) -> int:
     """Whole epochs finished by `step` optimizer steps (epoch e ends at step e * batches // grad_accum)."""
     return ((step + 1) * grad_accum - 1) // batches if step else 0
-
-
-# -- what a checkpoint holds beside the weights ----------------------------------------------------
-def shared_state(state: State) -> dict:
-    return {"step": state.step, "lr_scheduler": state.lr_scheduler.state_dict(), "loader": state.loader.state_dict(),
-            "guard": state.guard.state_dict()}
-
-
-def rank_state(state: State) -> dict:
-    out = {"noise_gen": state.noise_gen.get_state(), "data_gen": state.data_gen.get_state(),
-           "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout etc. on the GPU
-        out["cuda_rng"] = torch.cuda.get_rng_state()
-    return out
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -234,16 +220,7 @@ class Trainer:
                                             state.ema.state_dict() if state.ema else None)
         except Exception as exc:
             raise ConfigError(f"cannot resume from '{path}': {exc}.") from None
-        state.step = int(shared["step"])
-        state.lr_scheduler.load_state_dict(shared["lr_scheduler"])
-        state.loader.load_state_dict(shared["loader"])
-        state.guard.load_state_dict(shared.get("guard", {}))
-        if per_rank:  # {} only for a rank the saving run did not have (the backend warned)
-            state.noise_gen.set_state(per_rank["noise_gen"])
-            state.data_gen.set_state(per_rank["data_gen"])
-            torch.set_rng_state(per_rank["torch_rng"])
-            if "cuda_rng" in per_rank and torch.cuda.is_available():
-                torch.cuda.set_rng_state(per_rank["cuda_rng"])
+        restore(state, shared, per_rank)
         if backend.is_main:
             print(f"resumed from {path} at step {state.step}")
 
