@@ -1,7 +1,10 @@
 """Constants shared by the tests (imported by name: `from common import TINY`)."""
 
+import contextlib
+import io
 import os
 import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +22,25 @@ TINY = [
     "data.num_samples=64", "train.batch_size=8", "first_stage.steps=2", "first_stage.scale_samples=16",
     "train.sample_every=0", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
 ]
+
+
+def run_cli(*argv) -> subprocess.CompletedProcess:
+    """`colodiffusion ARGV` through `colodiffusion.cli.main` in this process, its output captured: the
+    command's own code, without the ~6 CPU-s a new interpreter spends importing torch, diffusers and
+    transformers (a tiny `train` is ~7 CPU-s in a process of its own, ~1 here). What only a process of its
+    own shows stays in one: signals, the environment read at import (HF_HUB_OFFLINE), import noise, the
+    parser's imports, torchrun. An exception the CLI does not turn into a one-sentence error (exit 2)
+    propagates, failing the test with its traceback as a crash of the command would."""
+    from colodiffusion.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return subprocess.CompletedProcess(["colodiffusion", *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 def built_once(config, tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:

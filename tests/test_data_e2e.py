@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import run_cli  # noqa: E402
 from datagen import make_folder, make_parquet  # noqa: E402
 
 from colodiffusion.data.latents import mmap_safetensors  # noqa: E402
@@ -25,9 +26,12 @@ TINY = ["data.resolution=16", "first_stage.steps=2", "first_stage.scale_samples=
 
 
 def cli(*args, env=None, check=True):
-    e = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "colodiffusion", *map(str, args)], capture_output=True, text=True,
-                       env=e, timeout=240)
+    """The command in this process (common.run_cli); in a process of its own where `env` sets a fault to inject."""
+    if env is None:
+        p = run_cli(*args)
+    else:
+        p = subprocess.run([sys.executable, "-m", "colodiffusion", *map(str, args)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", **env}, timeout=240)
     if check and p.returncode != 0:
         raise AssertionError(p.stderr[-3000:])
     return p

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common import ROOT, TINY
+from common import ROOT, TINY, run_cli
 
 HEAVY = ("torch", "diffusers", "transformers")
 
@@ -98,9 +98,12 @@ def test_the_seed_line_verbatim_says_what_the_readme_says_before_importing_torch
 # -- model sources through `colodiffusion train` (item 1) ---------------------------------------------
 
 def colodiffusion(*argv, env=None, timeout=1800):
-    """`colodiffusion ARGV` as a user runs it (this checkout's code), one CPU thread. (A tiny run takes
-    a minute alone, ten under a load of 16 on two cores: the timeout is for a hang, not for speed.)"""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
+    """`colodiffusion ARGV`: in this process (common.run_cli) unless `env` is given, which a new process
+    reads at import (HF_HUB_OFFLINE, HF_HOME): then as a user runs it, this checkout's code, one CPU thread.
+    (A tiny run takes a minute alone, ten under a load of 16 on two cores: the timeout is for a hang.)"""
+    if env is None:
+        return run_cli(*argv)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-m", "colodiffusion", *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 

@@ -4,8 +4,6 @@ from local weights, and `eval` choosing its scorer by the data."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from colodiffusion.data.loader import ResumableLoader
 from colodiffusion.data.views import SampleView, caption_of
 from colodiffusion.diffusion import Objective
 
-from common import TINY, crash_at
+from common import TINY, crash_at, run_cli
 from datagen import make_folder, make_kohya_folder, make_tiny_clip, truncated_jpeg
 
 
@@ -258,8 +256,7 @@ def test_eval_chooses_its_scorer_by_the_data(tmp_path, run_dir):
                                   f"run.dir={run}"]))
 
     def evaluate(*args):
-        out = subprocess.run([sys.executable, "-m", "colodiffusion", "eval", *map(str, args), "--json", "--steps", "2"],
-                             capture_output=True, text=True, timeout=300)
+        out = run_cli("eval", *args, "--json", "--steps", "2")
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 

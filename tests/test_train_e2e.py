@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from colodiffusion.config import load_config
 from colodiffusion.train import loop
 
-from common import ROOT, TINY, crash_at
+from common import ROOT, TINY, crash_at, run_cli
 
 
 def cfg_for(run_dir, *extra):
@@ -79,8 +79,7 @@ def test_sample_and_eval_commands(run_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "s" / "00001.png").exists() and (tmp_path / "s" / "grid.png").exists()
     assert "torchvision" not in out.stderr and "kernels" not in out.stderr  # no import noise from the libraries
-    out = subprocess.run([sys.executable, "-m", "colodiffusion", "eval", str(run_dir), "--json", "--per-combo", "1",
-                          "--steps", "2", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
+    out = run_cli("eval", run_dir, "--json", "--per-combo", "1", "--steps", "2", "--out", tmp_path / "e")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 12
