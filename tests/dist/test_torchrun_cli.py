@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import python, torchrun  # noqa: E402
 
+from common import run_cli  # noqa: E402  (in this process: no process group, as the docstrings below say)
+
 pytestmark = pytest.mark.slow
 
 TINY = ["first_stage.steps=2", "first_stage.scale_samples=16", "train.batch_size=8", "data.num_samples=64",
@@ -39,8 +41,8 @@ def test_fsdp_run_under_torchrun_then_resume_on_one_process(tmp_path):
     assert (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     _exports_on_one_process(run, tmp_path)
 
-    proc = python(["-m", "colodiffusion", "train", f"run.dir={run}", "parallel.strategy=single",
-                   "train.resume=auto", "train.max_steps=6", *TINY])
+    proc = run_cli("train", f"run.dir={run}", "parallel.strategy=single", "train.resume=auto", "train.max_steps=6",
+                   *TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -58,13 +60,13 @@ def _exports_on_one_process(run: Path, tmp_path: Path) -> None:
 
     ckpt = run / "checkpoints" / "step_00000004"
     for fmt, out in (("diffusers", tmp_path / "d"), ("single-file", tmp_path / "m.safetensors")):
-        done = python(["-m", "colodiffusion", "export", str(ckpt), "--format", fmt, "--ema", "--out", str(out)])
+        done = run_cli("export", ckpt, "--format", fmt, "--ema", "--out", out)
         assert done.returncode == 0, done.stderr[-4000:]
     final = _unet(run / "final")
     for got in (_unet(tmp_path / "d"), load_model(tmp_path / "m.safetensors").unet.state_dict()):
         assert final.keys() == got.keys() and all(torch.equal(final[k], got[k]) for k in final)
-    done = python(["-m", "colodiffusion", "sample", str(ckpt), "--prompt", "a red circle", "--n-samples", "1",
-                   "--steps", "2", "--out", str(tmp_path / "s")])
+    done = run_cli("sample", ckpt, "--prompt", "a red circle", "--n-samples", "1", "--steps", "2",
+                   "--out", tmp_path / "s")
     assert done.returncode == 0 and (tmp_path / "s" / "00000.png").exists(), done.stderr[-4000:]
 
 
