@@ -1,12 +1,11 @@
 """Constants shared by the tests (imported by name: `from common import TINY`)."""
 
-import contextlib
 import io
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Callable
 
@@ -33,14 +32,15 @@ def run_cli(*argv) -> subprocess.CompletedProcess:
     propagates, failing the test with its traceback as a crash of the command would."""
     from colodiffusion.cli import main
 
+    args = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with redirect_stdout(out), redirect_stderr(err):
         try:
-            main([str(a) for a in argv])
+            main(args)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    return subprocess.CompletedProcess(["colodiffusion", *map(str, argv)], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(["colodiffusion", *args], code, out.getvalue(), err.getvalue())
 
 
 def built_once(config, tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:

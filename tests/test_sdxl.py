@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from colodiffusion.config import ConfigError, load_config
 from colodiffusion.train import loop
 
+from common import run_cli
+
 from common import crash_at
 from datagen import make_folder, make_tiny_clip
 from sdxlfolder import make_sdxl_folder
@@ -44,19 +46,10 @@ def weights(run_dir: Path, step: int, name: str = "unet") -> dict:
     return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / f"{name}.safetensors"))
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    from colodiffusion.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
-
-
 # -- a whole run: train, resume, sample grids, validation loss, final/, sample, eval, export -------
 
 @pytest.mark.slow
-def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, capsys):
+def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from colodiffusion.export import export
@@ -90,19 +83,18 @@ def test_sdxl_run_resumes_bitwise_samples_evaluates_and_exports(xl, tmp_path, ca
     assert image.shape == (1, RES, RES, 3) and image.std() > 0
 
     # the commands: sample (final/ and a checkpoint, img2img), eval (validation loss), export
-    code, out, err = run_cli(["sample", str(a), "--prompt", "a red circle --n blue", "--n-samples", "2", "--steps", "2",
-                              "--out", str(tmp_path / "s")], capsys)
-    assert code == 0, err
+    done = run_cli("sample", a, "--prompt", "a red circle --n blue", "--n-samples", "2", "--steps", "2",
+                   "--out", tmp_path / "s")
+    assert done.returncode == 0, done.stderr
     assert Image.open(tmp_path / "s" / "00001.png").size == (RES, RES)
-    code, _, err = run_cli(["sample", str(a / "checkpoints" / "step_00000004"), "--prompt", "a blue square",
-                            "--init-image", str(next(xl["data"].glob("*.png"))), "--n-samples", "1", "--steps", "2",
-                            "--out", str(tmp_path / "i2i")], capsys)
-    assert code == 0, err
+    done = run_cli("sample", a / "checkpoints" / "step_00000004", "--prompt", "a blue square",
+                   "--init-image", next(xl["data"].glob("*.png")), "--n-samples", "1", "--steps", "2",
+                   "--out", tmp_path / "i2i")
+    assert done.returncode == 0, done.stderr
     clip = make_tiny_clip(tmp_path / "clip")
-    code, out, err = run_cli(["eval", str(a), "--json", "--clip-model", str(clip), "--num-images", "2", "--steps", "2"],
-                             capsys)
-    assert code == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+    done = run_cli("eval", a, "--json", "--clip-model", clip, "--num-images", "2", "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["scorer"] == "data" and np.isfinite(result["val_loss"]) and result["held_out"]
     assert np.isfinite(result["clip_score"])
 
