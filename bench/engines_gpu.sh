@@ -130,7 +130,7 @@ prepare_data() {  # random-weight model folder of the preset (no download) and a
 }
 seed_command() {  # the seed's line with the recipe (gemini, fp16), 10 steps; then -r to 15
   fixture_overrides
-  FIXTURE+=("parallel.plugin=$SEED_PLUGIN")
+  FIXTURE+=("parallel.colossalai.plugin=$SEED_PLUGIN")
   prepare_data &&
     python3 main.py --logdir "$WORK/logs" -t --postfix gpu -b configs/train_colossalai.yaml "${FIXTURE[@]}" train.max_steps=10 &&
     local run && run=$(ls -d "$WORK"/logs/*_train_colossalai_gpu) &&
@@ -144,9 +144,9 @@ cli_llz() {  # `colodiffusion train` with the recipe on low_level_zero stage 2, 
   fixture_overrides
   [[ -d $WORK/cache ]] || prepare_data || return 1
   local run=$WORK/cli_llz
-  tr1 -m colodiffusion train -c configs/train_colossalai.yaml "parallel.plugin=$CLI_PLUGIN" parallel.zero=2 \
+  tr1 -m colodiffusion train -c configs/train_colossalai.yaml "parallel.colossalai.plugin=$CLI_PLUGIN" parallel.zero=2 \
     "run.dir=$run" "${FIXTURE[@]}" train.max_steps=10 &&
-    tr1 -m colodiffusion train -c configs/train_colossalai.yaml "parallel.plugin=$CLI_PLUGIN" parallel.zero=2 \
+    tr1 -m colodiffusion train -c configs/train_colossalai.yaml "parallel.colossalai.plugin=$CLI_PLUGIN" parallel.zero=2 \
       "run.dir=$run" "${FIXTURE[@]}" train.max_steps=15 train.resume=auto &&
     python3 bench/engines.py check-run "$run" --steps 15 --resumed-from 10 --name "cli-$CLI_PLUGIN" --out "$R"
 }

@@ -266,7 +266,7 @@ def test_a_prompt_file_gives_each_line_its_options_and_n_samples_counts_images(t
 
 # -- the seed's habits (item 6) -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe, overrides", [("train_colossalai", "parallel.plugin=torch_ddp precision=32 "
+@pytest.mark.parametrize("recipe, overrides", [("train_colossalai", "parallel.colossalai.plugin=torch_ddp precision=32 "
                                                                     "trainer.accelerator=cpu"),
                                               ("train_deepspeed", "precision=32 trainer.accelerator=cpu")])
 def test_a_gpu_recipe_on_a_cpu_is_one_sentence_before_any_process_starts(tmp_path, recipe, overrides):

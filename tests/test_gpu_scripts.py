@@ -309,7 +309,7 @@ def needs_of(cmd: str, plugin: str = "gemini") -> set[str]:
         overrides = engines.ENGINES[engine]
         need |= {"colossalai"} if "parallel.strategy=colossalai" in overrides else set()
         need |= {"deepspeed"} if "parallel.strategy=deepspeed" in overrides else set()
-        need |= {"kernels"} if "parallel.plugin=gemini" in overrides else set()
+        need |= {"kernels"} if "parallel.colossalai.plugin=gemini" in overrides else set()
     if "seed_command" in cmd:
         need |= {"colossalai"} | ({"kernels"} if plugin == "gemini" else set())
     if "cli_llz" in cmd:

@@ -92,7 +92,8 @@ def test_engine_bench_runs_and_refuses_on_cpu(tmp_path):
     assert by_engine["torch-ddp"]["ok"] and by_engine["torch-ddp"]["max_rel_diff"] <= 1e-6  # one rank: the same math
     assert not by_engine["llz-2"]["ok"] and "runs only on CUDA" in by_engine["llz-2"]["error"]
     table = python([str(ROOT / "bench" / "engines_summary.py"), str(out)])
-    assert "| torch-ddp |" in table.stdout and "error: ConfigError: parallel.plugin=gemini runs only" in table.stdout
+    assert "| torch-ddp |" in table.stdout
+    assert "error: ConfigError: parallel.colossalai.plugin=gemini runs only" in table.stdout
     assert "loss match torch-ddp vs single, 4 steps at batch 2: ok=True" in table.stdout
 
 

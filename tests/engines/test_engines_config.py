@@ -31,22 +31,41 @@ def test_zero_stages_per_strategy():
     with pytest.raises(ConfigError, match="parallel.zero"):
         load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=4"])
     with pytest.raises(ConfigError, match="gemini"):
-        load_config(None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=3"])
+        load_config(None, ["parallel.strategy=colossalai", "parallel.colossalai.plugin=low_level_zero",
+                           "parallel.zero=3"])
 
 
 def test_deepspeed_config_path_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="not a file"):
-        load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={tmp_path / 'nope.json'}"])
+        load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed.config={tmp_path / 'nope.json'}"])
     (tmp_path / "ds.json").write_text("{}")
     with pytest.raises(ConfigError, match="only read by parallel.strategy=deepspeed"):
-        load_config(None, ["parallel.strategy=ddp", f"parallel.deepspeed_config={tmp_path / 'ds.json'}"])
+        load_config(None, ["parallel.strategy=ddp", f"parallel.deepspeed.config={tmp_path / 'ds.json'}"])
+
+
+def test_an_engines_options_live_under_it_and_its_flat_keys_still_read(tmp_path):
+    """parallel.deepspeed.* / parallel.colossalai.*; the flat keys of earlier recipes are read as those."""
+    flat = load_config(None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=2"])
+    assert flat.parallel.colossalai.plugin == "low_level_zero"
+    (tmp_path / "old.yaml").write_text("parallel:\n  strategy: deepspeed\n  offload_params: true\n")
+    assert load_config(tmp_path / "old.yaml").parallel.deepspeed.offload_params is True
+    (tmp_path / "both.yaml").write_text("parallel:\n  strategy: colossalai\n  plugin: gemini\n"
+                                        "  colossalai:\n    plugin: torch_ddp\n")
+    with pytest.raises(ConfigError, match="sets both parallel.plugin and parallel.colossalai.plugin"):
+        load_config(tmp_path / "both.yaml")
+    with pytest.raises(ConfigError, match=r"^parallel.colossalai.plugin is only read by "
+                                          r"parallel.strategy=colossalai \(strategy is ddp\)"):
+        load_config(None, ["parallel.strategy=ddp", "parallel.colossalai.plugin=gemini"])
+    with pytest.raises(ConfigError, match="'parallel.deepspeed' in override .* is a section, not a value; its keys "
+                                          "are: offload_params, config"):
+        load_config(None, ["parallel.deepspeed=3"])
 
 
 def test_built_deepspeed_json():
     from colodiffusion.parallel.deepspeed import ds_config
 
     cfg = load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=3", "parallel.offload=cpu",
-                             "parallel.offload_params=true", "train.batch_size=32", "train.grad_accum=2",
+                             "parallel.deepspeed.offload_params=true", "train.batch_size=32", "train.grad_accum=2",
                              "precision=bf16", "train.grad_clip=0.5"])
     ds = ds_config(cfg, dp_size=4, on_cuda=False)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
@@ -68,7 +87,7 @@ def user_json(tmp_path, content, extra=()):
 
     path = tmp_path / "ds.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    cfg = load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={path}",
+    cfg = load_config(None, ["parallel.strategy=deepspeed", f"parallel.deepspeed.config={path}",
                              "train.batch_size=16", *extra])
     return user_ds_config(cfg, ds_config(cfg, dp_size=2, on_cuda=False))
 
@@ -112,9 +131,9 @@ def test_devices_and_accelerator_are_checked_against_the_launch(monkeypatch):
 def test_colossalai_zero_plugins_need_cuda(plugin):
     from colodiffusion.parallel import build_backend
 
-    with pytest.raises(ConfigError, match=f"parallel.plugin={plugin} runs only on CUDA"):
-        build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.plugin={plugin}", "parallel.zero=2",
-                                         "precision=bf16", "train.ema.enabled=false"]))
+    with pytest.raises(ConfigError, match=f"parallel.colossalai.plugin={plugin} runs only on CUDA"):
+        build_backend(load_config(None, ["parallel.strategy=colossalai", f"parallel.colossalai.plugin={plugin}",
+                                         "parallel.zero=2", "precision=bf16", "train.ema.enabled=false"]))
 
 
 def test_deepspeed_param_offload_needs_zero3():
@@ -122,7 +141,8 @@ def test_deepspeed_param_offload_needs_zero3():
 
     with pytest.raises(ConfigError, match="offload_params=true needs parallel.zero=3"):
         build_backend(
-            load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2", "parallel.offload_params=true"])
+            load_config(None, ["parallel.strategy=deepspeed", "parallel.zero=2",
+                               "parallel.deepspeed.offload_params=true"])
         )
 
 
@@ -140,7 +160,8 @@ def test_max_epochs_becomes_steps():
     assert capped.train.max_steps == 5
 
 
-GEMINI = ["parallel.strategy=colossalai", "parallel.plugin=gemini", "precision=bf16", "train.ema.enabled=false"]
+GEMINI = ["parallel.strategy=colossalai", "parallel.colossalai.plugin=gemini", "precision=bf16",
+          "train.ema.enabled=false"]
 
 
 @pytest.mark.parametrize(
@@ -170,30 +191,34 @@ GEMINI = ["parallel.strategy=colossalai", "parallel.plugin=gemini", "precision=b
 def test_gemini_takes_the_seeds_placement_policies(policy, want):
     from colodiffusion.parallel.colossalai import gemini_placement
 
-    assert gemini_placement(load_config(None, GEMINI + [f"parallel.placement_policy={policy}"]).parallel) == want
+    cfg = load_config(None, GEMINI + [f"parallel.colossalai.placement_policy={policy}"])
+    assert gemini_placement(cfg.parallel.colossalai) == want
 
 
 def test_gemini_static_fractions_and_their_conflicts():
     from colodiffusion.parallel.colossalai import gemini_placement
 
-    cfg = load_config(None, GEMINI + ["parallel.placement_policy=static", "parallel.offload_optim_frac=0.5"])
-    assert gemini_placement(cfg.parallel) == {"placement_policy": "static", "shard_param_frac": 1.0,
+    cfg = load_config(None, GEMINI + ["parallel.colossalai.placement_policy=static",
+                                      "parallel.colossalai.offload_optim_frac=0.5"])
+    assert gemini_placement(cfg.parallel.colossalai) == {"placement_policy": "static", "shard_param_frac": 1.0,
                                               "offload_optim_frac": 0.5, "offload_param_frac": 0.0}
-    with pytest.raises(ConfigError, match="parallel.offload_optim_frac is read only with "
-                                          "parallel.placement_policy=static"):
-        load_config(None, GEMINI + ["parallel.placement_policy=cpu", "parallel.offload_optim_frac=0.5"])
+    with pytest.raises(ConfigError, match="parallel.colossalai.offload_optim_frac is read only with "
+                                          "parallel.colossalai.placement_policy=static"):
+        load_config(None, GEMINI + ["parallel.colossalai.placement_policy=cpu",
+                                    "parallel.colossalai.offload_optim_frac=0.5"])
     with pytest.raises(ConfigError, match="allowed values are: static, cuda, cpu, auto"):
-        load_config(None, GEMINI + ["parallel.placement_policy=gpu"])
+        load_config(None, GEMINI + ["parallel.colossalai.placement_policy=gpu"])
 
 
 @pytest.mark.parametrize("precision", ["32", "fp32", "32-true"])
 def test_gemini_refuses_fp32_in_one_sentence(precision):
     with pytest.raises(
-        ConfigError, match=r"^parallel.plugin=gemini computes in fp16 or bf16 only \(precision is fp32\)"
+        ConfigError, match=r"^parallel.colossalai.plugin=gemini computes in fp16 or bf16 only \(precision is fp32\)"
     ):
         load_config(None, GEMINI + [f"precision={precision}"])
     load_config(
-        None, ["parallel.strategy=colossalai", "parallel.plugin=low_level_zero", "parallel.zero=2", "precision=32"]
+        None, ["parallel.strategy=colossalai", "parallel.colossalai.plugin=low_level_zero", "parallel.zero=2",
+               "precision=32"]
     )  # takes fp32
 
 

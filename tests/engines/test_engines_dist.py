@@ -44,14 +44,14 @@ def runs(tmp_path_factory):
     # One launch per phase (imports dominate on a small CPU box); Colossal-AI joins where it imports.
     first = {"ds_zero2": f"parallel.strategy=deepspeed:parallel.zero=2:save={harness.SAVE_AT}",
              "ds_zero3": f"parallel.strategy=deepspeed:parallel.zero=3:save={harness.SAVE_AT}",
-             "ds_user": f"parallel.strategy=deepspeed:parallel.deepspeed_config={user_json}"}
+             "ds_user": f"parallel.strategy=deepspeed:parallel.deepspeed.config={user_json}"}
     saved = {n: out / (n + "_ckpt") / f"step_{harness.SAVE_AT:08d}" for n in ("ds_zero2", "ds_zero3")}
     second = {
         f"{n}_resumed": f"parallel.strategy=deepspeed:parallel.zero={z}:load={saved[n]}"
         for n, z in (("ds_zero2", 2), ("ds_zero3", 3))
     }
     if not colossalai_missing():
-        first["cai"] = f"parallel.strategy=colossalai:parallel.plugin=torch_ddp:save={harness.SAVE_AT}"
+        first["cai"] = f"parallel.strategy=colossalai:parallel.colossalai.plugin=torch_ddp:save={harness.SAVE_AT}"
         second["cai_resumed"] = f"parallel.strategy=colossalai:load={out / 'cai_ckpt' / f'step_{harness.SAVE_AT:08d}'}"
     launch(out, first)
     launch(out, second)

@@ -26,7 +26,7 @@ RECIPES = {  # recipe: (strategy, precision, global batch, per-recipe check)
         "colossalai",
         "fp16",
         64,
-        lambda c: (c.parallel.plugin, c.parallel.placement_policy) == ("gemini", "cuda"),
+        lambda c: (c.parallel.colossalai.plugin, c.parallel.colossalai.placement_policy) == ("gemini", "cuda"),
     ),
     "train_ddp": ("ddp", "fp16", 64, lambda c: c.model.gradient_checkpointing),
     "train_deepspeed": ("deepspeed", "fp16", 16, lambda c: c.parallel.zero == 2),

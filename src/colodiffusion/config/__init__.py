@@ -12,17 +12,17 @@ Import from the package (`from colodiffusion.config import Config, load_config`)
 are its interface.
 """
 
-from colodiffusion.config.compat import (KOHYA_DATASET_KEYS, KOHYA_SUBSET_KEYS, PRECISION_ALIASES, SEED_KEYS,
-                                         SEED_OVERRIDES, folder_subsets)
+from colodiffusion.config.compat import (KOHYA_DATASET_KEYS, KOHYA_SUBSET_KEYS, MOVED_KEYS, PRECISION_ALIASES,
+                                         SEED_KEYS, SEED_OVERRIDES, folder_subsets)
 from colodiffusion.config.errors import ConfigError
 from colodiffusion.config.listing import describe, field_docs
 from colodiffusion.config.loading import load_config, refuse_interpolations, to_yaml
 from colodiffusion.config.prompts import (KARRAS_SAMPLERS, PROMPT_OPTIONS, SAMPLER_NAMES, PromptSpec, check_prompt,
                                           multiples_of_8, parse_prompt, read_prompt_file)
-from colodiffusion.config.schema import (TRACKERS, Config, DataConfig, DiffusionConfig, EMAConfig, EvalConfig,
-                                         FirstStageConfig, LoRAConfig, LogConfig, ModelConfig, ParallelConfig,
-                                         PerfConfig, RunConfig, SampleConfig, SubsetConfig, TrainConfig,
-                                         TrainerConfig, _walk, choice, report_to)
+from colodiffusion.config.schema import (TRACKERS, ColossalAIOptions, Config, DataConfig, DeepSpeedOptions,
+                                         DiffusionConfig, EMAConfig, EvalConfig, FirstStageConfig, LoRAConfig,
+                                         LogConfig, ModelConfig, ParallelConfig, PerfConfig, RunConfig, SampleConfig,
+                                         SubsetConfig, TrainConfig, TrainerConfig, _walk, choice, report_to)
 from colodiffusion.config.validation import (GEMINI_FRACTIONS, SDPA_KERNELS, is_hub_id, parse_sdpa_by_head_dim,
                                              validate)
 
@@ -30,8 +30,9 @@ __all__ = [
     "ConfigError",
     # schema
     "Config", "RunConfig", "ModelConfig", "FirstStageConfig", "DiffusionConfig", "SubsetConfig", "DataConfig",
-    "EMAConfig", "SampleConfig", "LoRAConfig", "TrainConfig", "ParallelConfig", "PerfConfig", "LogConfig",
-    "EvalConfig", "TrainerConfig", "TRACKERS", "choice", "report_to", "_walk",
+    "EMAConfig", "SampleConfig", "LoRAConfig", "TrainConfig", "ParallelConfig", "DeepSpeedOptions",
+    "ColossalAIOptions", "PerfConfig", "LogConfig", "EvalConfig", "TrainerConfig", "TRACKERS", "choice",
+    "report_to", "_walk",
     # prompts
     "PromptSpec", "PROMPT_OPTIONS", "SAMPLER_NAMES", "KARRAS_SAMPLERS", "parse_prompt", "read_prompt_file",
     "check_prompt", "multiples_of_8",
@@ -40,7 +41,8 @@ __all__ = [
     # loading
     "load_config", "to_yaml", "refuse_interpolations",
     # compatibility
-    "SEED_KEYS", "SEED_OVERRIDES", "PRECISION_ALIASES", "KOHYA_SUBSET_KEYS", "KOHYA_DATASET_KEYS", "folder_subsets",
+    "SEED_KEYS", "SEED_OVERRIDES", "MOVED_KEYS", "PRECISION_ALIASES", "KOHYA_SUBSET_KEYS", "KOHYA_DATASET_KEYS",
+    "folder_subsets",
     # listing
     "describe", "field_docs",
 ]

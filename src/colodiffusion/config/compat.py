@@ -39,10 +39,39 @@ SEED_KEYS = {
     "lightning.trainer.accelerator": "trainer.accelerator",
     "lightning.trainer.accumulate_grad_batches": "train.grad_accum",
     "lightning.trainer.gradient_clip_val": "train.grad_clip",
-    "lightning.strategy": "parallel.strategy (and parallel.plugin, parallel.placement_policy for Colossal-AI)",
+    "lightning.strategy": "parallel.strategy (and parallel.colossalai.plugin, parallel.colossalai.placement_policy)",
     "lightning.callbacks.image_logger": "train.sample_every",
     "lightning.modelcheckpoint": "train.checkpoint_every",
 }
+
+
+# An engine's own options live under it (parallel.deepspeed.*, parallel.colossalai.*); the flat spellings of
+# earlier recipes and commands are read as the key they now are.
+MOVED_KEYS = {
+    "parallel.offload_params": "parallel.deepspeed.offload_params",
+    "parallel.deepspeed_config": "parallel.deepspeed.config",
+    **{f"parallel.{k}": f"parallel.colossalai.{k}"
+       for k in ("plugin", "placement_policy", "shard_param_frac", "offload_optim_frac", "offload_param_frac")},
+}
+
+
+def moved_to_engine(data: Any, where: str) -> Any:
+    """A YAML file's `data` (a plain dict) with MOVED_KEYS' flat keys written under their engine."""
+    parallel = data.get("parallel") if isinstance(data, dict) else None
+    if not isinstance(parallel, dict) or not any(k.split(".", 1)[1] in parallel for k in MOVED_KEYS):
+        return data
+    parallel = dict(parallel)
+    for old, new in MOVED_KEYS.items():
+        name, (engine, key) = old.split(".", 1)[1], new.split(".")[1:]
+        if name not in parallel:
+            continue
+        section = parallel.get(engine) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"config key 'parallel.{engine}' in {where} must be a section of {engine}'s options.")
+        if key in section:
+            raise ConfigError(f"{where} sets both {old} and {new}; keep {new}.")
+        parallel[engine] = {**section, key: parallel.pop(name)}
+    return {**data, "parallel": parallel}
 
 
 # Keys of the seed's own recipes (config/train_colossalai.yaml) that users type as overrides.

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from colodiffusion.config.compat import SEED_KEYS, SEED_OVERRIDES, _flat_keys, _refuse_seed_layout
+from colodiffusion.config.compat import (MOVED_KEYS, SEED_KEYS, SEED_OVERRIDES, _flat_keys, _refuse_seed_layout,
+                                         moved_to_engine)
 from colodiffusion.config.errors import ConfigError
 from colodiffusion.config.schema import Config, _walk
 from colodiffusion.config.validation import validate
@@ -31,9 +32,13 @@ def _node_at(path: str) -> Any:
     return node
 
 
-def _friendly(exc: OmegaConfBaseException, where: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+def _friendly(exc: OmegaConfBaseException, where: str, given: str = "?") -> ConfigError:
+    key = getattr(exc, "full_key", None) or given
     msg = str(exc).splitlines()[0]
+    section = _node_at(key + ".x")
+    if "is not a subclass of" in msg and dataclasses.is_dataclass(section):
+        return ConfigError(f"config key '{key}' in {where} is a section, not a value; its keys are: "
+                           f"{_allowed_keys(section)}.")
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
         if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
@@ -96,7 +101,11 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         except Exception as exc:  # YAML syntax errors come in many types
             raise ConfigError(f"config file '{p}' is not valid YAML{_yaml_where(exc, p)}") from None
         _refuse_seed_layout(data, p)
-        refuse_interpolations(OmegaConf.to_container(data, resolve=False), f"'{p}'")
+        raw = OmegaConf.to_container(data, resolve=False)
+        refuse_interpolations(raw, f"'{p}'")
+        moved = moved_to_engine(raw, f"'{p}'")
+        if moved is not raw:
+            data = OmegaConf.create(moved)
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
@@ -108,12 +117,14 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200).")
         key = item.split("=", 1)[0]
+        if key in MOVED_KEYS:
+            key, item = MOVED_KEYS[key], MOVED_KEYS[key] + "=" + item.split("=", 1)[1]
         if "${" in item.split("=", 1)[1]:
             refuse_interpolations({key: item.split("=", 1)[1]}, f"override '{key}=...'")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _friendly(exc, f"override '{item}'") from None
+            raise _friendly(exc, f"override '{item}'", key) from None
         except Exception as exc:
             raise ConfigError(f"override '{item}' for key '{key}' could not be parsed: {exc}.") from None
         required.discard(key)

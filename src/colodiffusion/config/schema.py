@@ -348,37 +348,49 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedOptions:
+    """parallel.strategy=deepspeed only; its ZeRO stage is parallel.zero and its optimizer offload parallel.offload."""
+    offload_params: bool = False
+    """ZeRO-3 only: also keep the parameter partitions in host memory (ZeRO-Infinity, CPU)."""
+    config: Optional[str] = None
+    """Your own DeepSpeed JSON; its sections override the ones built from this config, but its batch sizes must
+    agree with train.batch_size / grad_accum (or be "auto") and it may not set optimizer/scheduler."""
+
+
+@dataclass
+class ColossalAIOptions:
+    """parallel.strategy=colossalai only; low_level_zero's stage is parallel.zero and its offload parallel.offload."""
+    plugin: str = choice("torch_ddp", "torch_ddp", "gemini", "low_level_zero")
+    """The Booster plugin: torch_ddp (CPU or GPU), gemini (chunked ZeRO-3 with placement policy) or
+    low_level_zero (ZeRO-1/2); the last two need CUDA."""
+    placement_policy: str = choice("static", "static", "cuda", "cpu", "auto")
+    """gemini: where the chunks live. The seed's values: cuda (all on the GPU), cpu (parameters and optimizer
+    state in host memory, moved to the GPU to compute) or auto (moved by measured memory); static sets the
+    three fractions below yourself (cuda and cpu are static with 0 or 1 offloaded)."""
+    shard_param_frac: float = 1.0
+    """gemini static: fraction of parameters sharded (1.0 = ZeRO-3, 0.0 = ZeRO-2)."""
+    offload_optim_frac: float = 0.0
+    """gemini static: fraction of optimizer state kept in host memory."""
+    offload_param_frac: float = 0.0
+    """gemini static: fraction of parameters kept in host memory (useful with offload_optim_frac=1.0)."""
+
+
+@dataclass
 class ParallelConfig:
+    """How the run is spread over processes. The keys here are read by every strategy that has the notion;
+    an engine's own options are under parallel.deepspeed and parallel.colossalai."""
     strategy: str = choice("single", "single", "ddp", "fsdp", "deepspeed", "colossalai")
     """How the model is distributed over processes: single (one process), ddp (replicated weights,
     all-reduced gradients), fsdp (FSDP2: weights, gradients and optimizer state sharded), deepspeed
-    (DeepSpeed ZeRO), colossalai (Colossal-AI's Booster with `parallel.plugin`)."""
+    (DeepSpeed ZeRO), colossalai (Colossal-AI's Booster with `parallel.colossalai.plugin`)."""
     zero: int = 3
-    """fsdp: 3 frees the gathered weights after forward (ZeRO-3), 2 keeps them until backward (ZeRO-2).
-    deepspeed: the ZeRO stage, 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters).
-    colossalai low_level_zero: the stage, 1 or 2."""
+    """What is sharded (the ZeRO stage): fsdp: 3 frees the gathered weights after forward, 2 keeps them until
+    backward. deepspeed: 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters). colossalai
+    low_level_zero: 1 or 2."""
     offload: str = choice("none", "none", "cpu")
-    """fsdp: 'cpu' keeps sharded weights, gradients and optimizer state in host memory. deepspeed:
-    'cpu' offloads the optimizer state and step (ZeRO-Offload); see offload_params for the weights.
-    colossalai low_level_zero: 'cpu' offloads the optimizer state."""
-    offload_params: bool = False
-    """deepspeed ZeRO-3 only: also keep the parameter partitions in host memory (ZeRO-Infinity, CPU)."""
-    deepspeed_config: Optional[str] = None
-    """deepspeed: your own DeepSpeed JSON; its sections override the ones built from this config, but its
-    batch sizes must agree with train.batch_size / grad_accum (or be "auto") and it may not set optimizer/scheduler."""
-    plugin: str = choice("torch_ddp", "torch_ddp", "gemini", "low_level_zero")
-    """colossalai: the Booster plugin: torch_ddp (CPU or GPU), gemini (chunked ZeRO-3 with placement
-    policy) or low_level_zero (ZeRO-1/2); the last two need CUDA."""
-    placement_policy: str = choice("static", "static", "cuda", "cpu", "auto")
-    """colossalai gemini: where the chunks live. The seed's values: cuda (all on the GPU), cpu (parameters
-    and optimizer state in host memory, moved to the GPU to compute) or auto (moved by measured memory);
-    static sets the three fractions below yourself (cuda and cpu are static with 0 or 1 offloaded)."""
-    shard_param_frac: float = 1.0
-    """colossalai gemini static: fraction of parameters sharded (1.0 = ZeRO-3, 0.0 = ZeRO-2)."""
-    offload_optim_frac: float = 0.0
-    """colossalai gemini static: fraction of optimizer state kept in host memory."""
-    offload_param_frac: float = 0.0
-    """colossalai gemini static: fraction of parameters kept in host memory (useful with offload_optim_frac=1.0)."""
+    """What lives in host memory: fsdp: 'cpu' keeps sharded weights, gradients and optimizer state there.
+    deepspeed: 'cpu' offloads the optimizer state and step (ZeRO-Offload); see deepspeed.offload_params for the
+    weights. colossalai low_level_zero: 'cpu' offloads the optimizer state (gemini: its fractions)."""
     dp_replicate: int = 1
     """fsdp only: replica groups for hybrid sharding (HSDP), e.g. the number of nodes; shards inside each."""
     tp: int = 1
@@ -390,6 +402,10 @@ class ParallelConfig:
     with an error naming the rank that stopped answering; the process group's timeout (torch's default for
     gloo; NCCL's own is 600). Raise it if one rank legitimately works alone for longer (e.g. the main rank
     training the tiny preset's first stage while the others wait)."""
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    """DeepSpeed's own options (read with strategy=deepspeed only)."""
+    colossalai: ColossalAIOptions = field(default_factory=ColossalAIOptions)
+    """Colossal-AI's own options (read with strategy=colossalai only)."""
 
 
 @dataclass

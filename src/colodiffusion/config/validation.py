@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -49,9 +50,9 @@ _RANGES = {
     "train.lora.alpha": (lambda v: v is None or v > 0, "a number > 0 or null"),
     "model.text_encoder_lr": (lambda v: v is None or v > 0, "a number > 0 or null"),
     "parallel.zero": (lambda v: v in (1, 2, 3), "1, 2 or 3 (1 only with deepspeed or colossalai)"),
-    "parallel.shard_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    "parallel.offload_optim_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    "parallel.offload_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "parallel.colossalai.shard_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "parallel.colossalai.offload_optim_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "parallel.colossalai.offload_param_frac": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "train.max_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: train.max_steps alone decides)"),
     "train.save_every_n_epochs": (lambda v: v >= 0, "a whole number >= 0 (0: no per-epoch models)"),
     "train.val_every": (lambda v: v >= 0, "a whole number >= 0 (0 disables)"),
@@ -292,9 +293,9 @@ def _check_parallel(cfg: Config) -> None:
     if p.zero == 1 and p.strategy == "fsdp":
         raise ConfigError("parallel.zero=1 is for deepspeed/colossalai; fsdp shards at least the gradients: "
                           "use 2 or 3.")
-    if p.strategy == "colossalai" and p.plugin == "low_level_zero" and p.zero == 3:
-        raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use parallel.plugin=gemini "
-                          "for ZeRO-3.")
+    if p.strategy == "colossalai" and p.colossalai.plugin == "low_level_zero" and p.zero == 3:
+        raise ConfigError("parallel.zero=3 is not a low_level_zero stage (1 or 2); use "
+                          "parallel.colossalai.plugin=gemini for ZeRO-3.")
     if p.strategy in ("ddp", "deepspeed", "colossalai") and (p.tp != 1 or p.dp_replicate != 1):
         raise ConfigError(f"parallel.strategy={p.strategy} replicates or shards over all ranks: parallel.tp ({p.tp}) "
                           f"and parallel.dp_replicate ({p.dp_replicate}) must be 1 (use strategy=fsdp to combine "
@@ -303,24 +304,25 @@ def _check_parallel(cfg: Config) -> None:
         _check_deepspeed(cfg)
     if p.strategy == "colossalai":
         _check_colossalai(cfg)
-    if p.strategy == "colossalai" and p.plugin == "gemini":
+    if p.strategy == "colossalai" and p.colossalai.plugin == "gemini":
         _check_gemini(cfg)
-    if p.deepspeed_config is not None:
-        if p.strategy != "deepspeed":
-            raise ConfigError("parallel.deepspeed_config is only read by parallel.strategy=deepspeed "
+    for engine, options in (("deepspeed", p.deepspeed), ("colossalai", p.colossalai)):
+        changed = [f.name for f in dataclasses.fields(options) if getattr(options, f.name) != f.default]
+        if changed and p.strategy != engine:
+            raise ConfigError(f"parallel.{engine}.{changed[0]} is only read by parallel.strategy={engine} "
                               f"(strategy is {p.strategy}).")
-        if not Path(p.deepspeed_config).is_file():
-            raise ConfigError(f"config key 'parallel.deepspeed_config' points to '{p.deepspeed_config}', "
-                              "which is not a file.")
+    if p.deepspeed.config is not None and not Path(p.deepspeed.config).is_file():
+        raise ConfigError(f"config key 'parallel.deepspeed.config' points to '{p.deepspeed.config}', "
+                          "which is not a file.")
 
 
 def _check_deepspeed(cfg: Config) -> None:
     p = cfg.parallel
     if p.async_checkpoint:
         raise ConfigError("parallel.async_checkpoint is for ddp/fsdp; deepspeed saves with its own save_checkpoint.")
-    if p.offload_params and p.zero != 3:
-        raise ConfigError(f"parallel.offload_params=true needs parallel.zero=3 (it is {p.zero}): only ZeRO-3 "
-                          "partitions parameters.")
+    if p.deepspeed.offload_params and p.zero != 3:
+        raise ConfigError(f"parallel.deepspeed.offload_params=true needs parallel.zero=3 (it is {p.zero}): only "
+                          "ZeRO-3 partitions parameters.")
     if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload or cfg.perf.optimizer != "adamw":
         raise ConfigError("parallel.strategy=deepspeed keeps its own fp32 masters and offload: leave "
                           "perf.param_dtype=fp32, perf.optimizer=adamw and perf.optimizer_offload=false (use precision "
@@ -329,12 +331,12 @@ def _check_deepspeed(cfg: Config) -> None:
 
 def _check_colossalai(cfg: Config) -> None:
     p = cfg.parallel
-    if p.plugin == "gemini" and cfg.train.ema.enabled:
-        raise ConfigError("parallel.plugin=gemini keeps the weights in chunks that the EMA cannot follow; "
-                          "set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
-    if p.plugin != "low_level_zero" and p.offload != "none":
-        raise ConfigError(f"parallel.offload is for low_level_zero; with {p.plugin} use the gemini fractions "
-                          "(parallel.offload_optim_frac / offload_param_frac) or none.")
+    if p.colossalai.plugin == "gemini" and cfg.train.ema.enabled:
+        raise ConfigError("parallel.colossalai.plugin=gemini keeps the weights in chunks that the EMA cannot "
+                          "follow; set train.ema.enabled=false, or use low_level_zero / deepspeed for an EMA.")
+    if p.colossalai.plugin != "low_level_zero" and p.offload != "none":
+        raise ConfigError(f"parallel.offload is for low_level_zero; with {p.colossalai.plugin} use the gemini "
+                          "fractions (parallel.colossalai.offload_optim_frac / offload_param_frac) or none.")
     if cfg.perf.param_dtype != "fp32" or cfg.perf.optimizer_offload:
         raise ConfigError("parallel.strategy=colossalai keeps its own precision and offload: leave "
                           "perf.param_dtype=fp32 and perf.optimizer_offload=false.")
@@ -344,17 +346,18 @@ GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload
 
 
 def _check_gemini(cfg: Config) -> None:
-    p = cfg.parallel
+    p = cfg.parallel.colossalai
     if cfg.precision not in ("fp16", "bf16"):
-        raise ConfigError(f"parallel.plugin=gemini computes in fp16 or bf16 only (precision is {cfg.precision}); "
-                          "set precision=16 (the seed's) or precision=bf16.")
+        raise ConfigError(f"parallel.colossalai.plugin=gemini computes in fp16 or bf16 only (precision is "
+                          f"{cfg.precision}); set precision=16 (the seed's) or precision=bf16.")
     if cfg.perf.optimizer != "adamw" or cfg.train.optimizer != "adamw":
-        raise ConfigError("parallel.plugin=gemini steps with Colossal-AI's HybridAdam: leave perf.optimizer=adamw "
-                          "and train.optimizer=adamw.")
+        raise ConfigError("parallel.colossalai.plugin=gemini steps with Colossal-AI's HybridAdam: leave "
+                          "perf.optimizer=adamw and train.optimizer=adamw.")
     changed = [k for k, default in GEMINI_FRACTIONS.items() if getattr(p, k) != default]
     if changed and p.placement_policy != "static":
-        raise ConfigError(f"parallel.{changed[0]} is read only with parallel.placement_policy=static "
-                          f"(it is {p.placement_policy}, which places the chunks itself); set one or the other.")
+        raise ConfigError(f"parallel.colossalai.{changed[0]} is read only with "
+                          f"parallel.colossalai.placement_policy=static (it is {p.placement_policy}, which places the "
+                          "chunks itself); set one or the other.")
 
 
 def _get(cfg: Any, path: str) -> Any:

@@ -55,8 +55,9 @@ def check_devices(cfg: Config) -> None:
     if torch.cuda.is_available():
         return
     p, needs = cfg.parallel, []
-    if p.strategy == "colossalai" and p.plugin in CUDA_ONLY_PLUGINS:
-        needs.append((f"parallel.plugin={p.plugin} runs only on CUDA GPUs in Colossal-AI", "parallel.plugin=torch_ddp"))
+    if p.strategy == "colossalai" and p.colossalai.plugin in CUDA_ONLY_PLUGINS:
+        needs.append((f"parallel.colossalai.plugin={p.colossalai.plugin} runs only on CUDA GPUs in Colossal-AI",
+                      "parallel.colossalai.plugin=torch_ddp"))
     if cfg.precision == "fp16" and p.strategy in ("deepspeed", "colossalai"):
         needs.append((f"precision=fp16 with parallel.strategy={p.strategy} runs only on CUDA GPUs", "precision=32"))
     if cfg.trainer.accelerator == "gpu":

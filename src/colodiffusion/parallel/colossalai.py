@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from colodiffusion.config import Config, ConfigError
+from colodiffusion.config import ColossalAIOptions, Config, ConfigError
 from colodiffusion.parallel.distributed import DistributedBackend, clip_grad_norm
 from colodiffusion.storage import checkpoint, safe_load
 
@@ -33,8 +33,8 @@ PLACEMENTS = {"cuda": {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offl
               "cpu": {"shard_param_frac": 1.0, "offload_optim_frac": 1.0, "offload_param_frac": 1.0}}
 
 
-def gemini_placement(p) -> dict:
-    """GeminiPlugin's placement arguments for `parallel.placement_policy` (and the static fractions)."""
+def gemini_placement(p: ColossalAIOptions) -> dict:
+    """GeminiPlugin's placement arguments for `parallel.colossalai.placement_policy` (and the static fractions)."""
     if p.placement_policy == "auto":
         return {"placement_policy": "auto"}
     fractions = PLACEMENTS.get(p.placement_policy) or {
@@ -63,9 +63,9 @@ def hybrid_adam():
         FusedOptimizerLoader().load()
     except Exception as exc:  # a failed nvcc/ninja build raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("parallel.plugin=gemini needs Colossal-AI's HybridAdam kernels, which did not build "
-                          f"({first}); they compile on first use with nvcc of torch's CUDA major version and ninja "
-                          "(docs/engines.md), or use parallel.plugin=low_level_zero.") from exc
+        raise ConfigError("parallel.colossalai.plugin=gemini needs Colossal-AI's HybridAdam kernels, which did not "
+                          f"build ({first}); they compile on first use with nvcc of torch's CUDA major version and "
+                          "ninja (docs/engines.md), or use parallel.colossalai.plugin=low_level_zero.") from exc
     return HybridAdam
 
 
@@ -82,18 +82,18 @@ class ColossalAIBackend(DistributedBackend):
 
     def booster_kwargs(self) -> dict:
         p, prec, clip = self.cfg.parallel, self.cfg.precision, self.cfg.train.grad_clip
-        if p.plugin == "torch_ddp":
+        if p.colossalai.plugin == "torch_ddp":
             return {"plugin": self.plugins.TorchDDPPlugin(),
                     "mixed_precision": None if prec == "fp32" else prec}
-        if p.plugin == "low_level_zero":
+        if p.colossalai.plugin == "low_level_zero":
             return {"plugin": self.plugins.LowLevelZeroPlugin(stage=p.zero, precision=prec, max_norm=clip,
                                                                cpu_offload=p.offload == "cpu")}
-        return {"plugin": self.plugins.GeminiPlugin(**gemini_placement(p), precision=prec, max_norm=clip)}
+        return {"plugin": self.plugins.GeminiPlugin(**gemini_placement(p.colossalai), precision=prec, max_norm=clip)}
 
     # -- model ----------------------------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module, make_optimizer):
         params = [q for q in model.parameters() if q.requires_grad]
-        if self.cfg.parallel.plugin == "gemini":
+        if self.cfg.parallel.colossalai.plugin == "gemini":
             optimizer = make_optimizer(params, adamw=hybrid_adam())
         else:
             optimizer = make_optimizer(params)
@@ -112,7 +112,7 @@ class ColossalAIBackend(DistributedBackend):
 
     def step(self, model, optimizer, grad_clip: float) -> torch.Tensor:
         opt = self.wrapped_optimizer
-        if self.cfg.parallel.plugin == "torch_ddp":
+        if self.cfg.parallel.colossalai.plugin == "torch_ddp":
             if self.precision == "fp16":  # torch AMP's scaler: clip the true gradients
                 opt.unscale_grad()
             norm = clip_grad_norm(list(self.unwrap(model).parameters()), grad_clip)
@@ -126,12 +126,12 @@ class ColossalAIBackend(DistributedBackend):
     reads = ("colossalai",)
 
     def _saved_by(self) -> dict:
-        return {**super()._saved_by(), "plugin": self.cfg.parallel.plugin}
+        return {**super()._saved_by(), "plugin": self.cfg.parallel.colossalai.plugin}
 
     def _check_saved_by(self, saved_by: dict) -> None:
-        if saved_by.get("plugin") != self.cfg.parallel.plugin:
+        if saved_by.get("plugin") != self.cfg.parallel.colossalai.plugin:
             raise ValueError(f"it was written by the {saved_by.get('plugin')} plugin; resume with "
-                             f"parallel.plugin={saved_by.get('plugin')}")
+                             f"parallel.colossalai.plugin={saved_by.get('plugin')}")
 
     def _save_weights(self, folder: Path, model, optimizer, ema: Optional[dict]):
         io = folder / "colossalai"
@@ -150,7 +150,7 @@ class ColossalAIBackend(DistributedBackend):
     def sharded_optimizer(self) -> bool:
         # torch_ddp: every rank holds the whole AdamW state, so one file (Colossal-AI's sharded
         # loader also synchronizes a device, which its CPU accelerator refuses)
-        return self.cfg.parallel.plugin != "torch_ddp"
+        return self.cfg.parallel.colossalai.plugin != "torch_ddp"
 
     def optimizer_name(self) -> str:
         return "optimizer" if self.sharded_optimizer else "optimizer.bin"
@@ -167,7 +167,7 @@ class ColossalAIBackend(DistributedBackend):
 
     # -- export ---------------------------------------------------------------------------------
     def full_state_dict(self, model, optimizer=None) -> dict[str, torch.Tensor]:
-        if self.cfg.parallel.plugin == "gemini":  # gathers the chunks (collective)
+        if self.cfg.parallel.colossalai.plugin == "gemini":  # gathers the chunks (collective)
             state = model.state_dict(only_rank_0=True)
         else:
             state = self.unwrap(model).state_dict()

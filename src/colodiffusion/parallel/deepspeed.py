@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stage 1/2/3, optimizer/parameter offload, fp16/bf16) behind the backend interface.
 
 The engine is built from our config (`ds_config`), or from a user's DeepSpeed JSON
-(`parallel.deepspeed_config`) checked against it. The trainer's AdamW (torch's, no compiled op) and
+(`parallel.deepspeed.config`) checked against it. The trainer's AdamW (torch's, no compiled op) and
 LR schedule are handed to the engine; accumulation, clipping and loss scaling are DeepSpeed's:
 `backward` calls `engine.backward` then `engine.step` on every micro-batch but the last, so the
 engine reduces gradients only at the accumulation boundary. Checkpoints are DeepSpeed's own
@@ -50,7 +50,7 @@ def ds_config(cfg: Config, dp_size: int, on_cuda: bool) -> dict:
     zero: dict = {"stage": p.zero}
     if p.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
-    if p.offload_params:
+    if p.deepspeed.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
     return {
         "train_batch_size": t.batch_size,
@@ -74,27 +74,27 @@ _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
 def user_ds_config(cfg: Config, ours: dict) -> dict:
     """A user's DeepSpeed JSON over ours: its sections win, but batch sizes must agree with train.*
     (our loader and LR schedule depend on them) and its precision with `precision`."""
-    path = Path(cfg.parallel.deepspeed_config)
+    path = Path(cfg.parallel.deepspeed.config)
     try:
         theirs = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"parallel.deepspeed_config '{path}' is not a readable JSON file ({exc}).") from None
+        raise ConfigError(f"parallel.deepspeed.config '{path}' is not a readable JSON file ({exc}).") from None
     if not isinstance(theirs, dict):
-        raise ConfigError(f"parallel.deepspeed_config '{path}' must hold a JSON object.")
+        raise ConfigError(f"parallel.deepspeed.config '{path}' must hold a JSON object.")
     for key in ("optimizer", "scheduler"):
         if key in theirs:
-            raise ConfigError(f"parallel.deepspeed_config '{path}' has an '{key}' section; remove it: the trainer "
+            raise ConfigError(f"parallel.deepspeed.config '{path}' has an '{key}' section; remove it: the trainer "
                               "builds AdamW and its LR schedule from train.* (lr, adam_beta*, weight_decay, "
                               "warmup_steps).")
     for key in _BATCH_KEYS:
         if key in theirs and theirs[key] != "auto" and theirs[key] != ours[key]:
             raise ConfigError(
-                f"parallel.deepspeed_config '{path}' sets {key}={theirs[key]}, but train.batch_size / grad_accum and "
+                f"parallel.deepspeed.config '{path}' sets {key}={theirs[key]}, but train.batch_size / grad_accum and "
                 f"the number of processes give {ours[key]}; change the JSON, set it to \"auto\", or change train.*.")
     for mode in ("fp16", "bf16"):
         enabled = bool(theirs.get(mode, {}).get("enabled", False)) if isinstance(theirs.get(mode), dict) else False
         if mode in theirs and enabled != (cfg.precision == mode):
-            raise ConfigError(f"parallel.deepspeed_config '{path}' has {mode}.enabled={str(enabled).lower()} but "
+            raise ConfigError(f"parallel.deepspeed.config '{path}' has {mode}.enabled={str(enabled).lower()} but "
                               f"precision={cfg.precision}; make them agree.")
     merged = {**ours, **{k: v for k, v in theirs.items() if v != "auto"}}
     if "zero_optimization" in theirs:
@@ -160,13 +160,13 @@ class DeepSpeedBackend(DistributedBackend):
     # -- model ----------------------------------------------------------------------------------
     def config_dict(self) -> dict:
         ours = ds_config(self.cfg, self.dp_size, self.device.type == "cuda")
-        return user_ds_config(self.cfg, ours) if self.cfg.parallel.deepspeed_config else ours
+        return user_ds_config(self.cfg, ours) if self.cfg.parallel.deepspeed.config else ours
 
     def _wrap(self, model: torch.nn.Module, make_optimizer):
         optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad])
         config = self.config_dict()
-        if self.is_main and self.cfg.parallel.deepspeed_config:
-            print(f"deepspeed: using {self.cfg.parallel.deepspeed_config} over the built config "
+        if self.is_main and self.cfg.parallel.deepspeed.config:
+            print(f"deepspeed: using {self.cfg.parallel.deepspeed.config} over the built config "
                   f"(ZeRO stage {config['zero_optimization'].get('stage')})")
         self.engine, _, _, _ = self.ds.initialize(model=model, optimizer=optimizer, config=config,
                                                   dist_init_required=False)
