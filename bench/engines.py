@@ -96,7 +96,7 @@ class Engine:
             unet, lambda params, **kw: build_optimizer(params, cfg, device, **kw))
         prediction_type = cfg.model.prediction_type or self.preset.prediction_type
         acp = alphas_cumprod(build_noise_scheduler(cfg.diffusion, prediction_type)).to(device)
-        self.objective = build_objective(cfg, acp, prediction_type)
+        self.objective = build_objective(cfg.diffusion, acp, prediction_type)
 
     def step_fn(self, batch: int, resolution: Optional[int]) -> Callable[[], torch.Tensor]:
         b, model, cfg = self.backend, self.model, self.cfg

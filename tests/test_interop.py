@@ -463,7 +463,7 @@ def test_lora_and_text_encoder_options_choose_what_trains():
 
     cfg = load_config(None, ["train.lora.rank=2"])
     c = comps()
-    model = build_trainable(cfg, c)
+    model = build_trainable(cfg.model, cfg.train.lora, c)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(p.requires_grad for p in c.text_encoder.parameters())
@@ -473,7 +473,7 @@ def test_lora_and_text_encoder_options_choose_what_trains():
 
     cfg = load_config(None, ["model.train_text_encoder=true", "model.text_encoder_lr=0.5"])
     c = comps()
-    model = build_trainable(cfg, c)
+    model = build_trainable(cfg.model, cfg.train.lora, c)
     assert isinstance(model, UNetWithTextEncoder) and all(p.requires_grad for p in model.parameters())
     opt = build_optimizer(model.parameters(), cfg, torch.device("cpu"), frozenset(text_encoder_param_ids(model)))
     assert [g["lr"] for g in opt.param_groups] == [cfg.train.lr, 0.5]

@@ -18,7 +18,7 @@ from common import TINY
 def lrs(*overrides, steps=10):
     cfg = load_config(None, ["train.lr=1.0", "train.max_steps=10", "train.warmup_steps=2", *overrides])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
-    sched = build_lr_scheduler(opt, cfg)
+    sched = build_lr_scheduler(opt, cfg.train)
     out = []
     for _ in range(steps):
         out.append(sched.get_last_lr()[0])

@@ -210,7 +210,7 @@ def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: tor
     state = loop.build_state(cfg, backend, comps, SyntheticLatents(preset, batch * steps, resolution, seed))
     prediction_type = cfg.model.prediction_type or preset.prediction_type
     schedule = build_noise_scheduler(cfg.diffusion, prediction_type)
-    objective = build_objective(cfg, alphas_cumprod(schedule), prediction_type)
+    objective = build_objective(cfg.diffusion, alphas_cumprod(schedule), prediction_type)
     state.model.train()
     if keep is not None:
         keep.update(model=state.model, optimizer=state.optimizer, ema=state.ema.shadow if state.ema else None,

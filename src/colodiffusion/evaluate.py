@@ -397,7 +397,8 @@ def evaluate_own_data(pipe, cfg: Config, num_images: int = 64, steps: int = 25, 
 
     view, held_out = evaluation_view(cfg)
     device, unet = pipe.device, pipe.unet
-    objective = build_objective(cfg, pipe.scheduler.alphas_cumprod.float(), pipe.scheduler.config.prediction_type)
+    objective = build_objective(cfg.diffusion, pipe.scheduler.alphas_cumprod.float(),
+                                pipe.scheduler.config.prediction_type)
     vset = build_validation(view, cfg.train.val_samples, pipe.vae, device)
     total, count = validation_loss(
         objective, lambda x_t, t, c: unet_call(unet, x_t.to(unet.dtype), t, context_to(c, dtype=unet.dtype)).float(),

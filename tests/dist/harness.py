@@ -58,7 +58,7 @@ class Run:
         torch.manual_seed(0)
         unet = build_unet(get_preset("tiny"))
         self.model, self.opt = b.prepare(unet, lambda p: build_optimizer(p, cfg, b.device))
-        self.sched = build_lr_scheduler(self.opt, cfg)
+        self.sched = build_lr_scheduler(self.opt, cfg.train)
         self.ema = EMA(b.unwrap(self.model).named_parameters(), cfg.train.ema.decay, cfg.train.ema.warmup)
         self.objective = Objective(alphas_cumprod(build_noise_scheduler(cfg.diffusion, "epsilon")), "epsilon")
         self.step = 0

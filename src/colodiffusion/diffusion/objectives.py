@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from colodiffusion.config import DiffusionConfig
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -94,6 +96,5 @@ class Objective:
         return per_sample.mean()
 
 
-def build_objective(cfg, alphas_cumprod: torch.Tensor, prediction_type: str) -> Objective:
-    d = cfg.diffusion
+def build_objective(d: DiffusionConfig, alphas_cumprod: torch.Tensor, prediction_type: str) -> Objective:
     return Objective(alphas_cumprod, prediction_type, d.min_snr_gamma, d.offset_noise, d.high_noise_weight)

@@ -194,7 +194,7 @@ def load_checkpoint_model(ckpt: Path, ema: Optional[bool]) -> Model:
     bounds.check_links(run_dir)  # a received run folder is read only inside itself
     cfg = load_config(run_dir / "config.yaml")
     comps = build_components(cfg, run_dir / "components", captions=_refuse_training, train_vae=_refuse_training)
-    trainable = build_trainable(cfg, comps)
+    trainable = build_trainable(cfg.model, cfg.train.lora, comps)
     try:
         trainable.load_state_dict(consolidated.read_model(ckpt))
     except RuntimeError as exc:  # missing or misshaped keys: the run's config.yaml no longer fits

@@ -30,12 +30,12 @@ def trains_text_encoder(model: ModelConfig, lc: LoRAConfig) -> bool:
     return model.train_text_encoder or (lc.rank > 0 and lc.text_encoder)
 
 
-def build_trainable(cfg, comps: Components) -> torch.nn.Module:
+def build_trainable(model: ModelConfig, lora: LoRAConfig, comps: Components) -> torch.nn.Module:
     """Apply LoRA (if configured) and return the module whose trainable parameters are optimized."""
-    if cfg.model.train_text_encoder:
+    if model.train_text_encoder:
         comps.text_encoder.requires_grad_(True)
-    apply_lora(comps.unet, comps.text_encoder, cfg.train.lora, cfg.model.train_text_encoder)
-    if trains_text_encoder(cfg.model, cfg.train.lora):
+    apply_lora(comps.unet, comps.text_encoder, lora, model.train_text_encoder)
+    if trains_text_encoder(model, lora):
         return UNetWithTextEncoder(comps.unet, comps.text_encoder)
     return comps.unet
 
@@ -45,12 +45,13 @@ def text_encoder_param_ids(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in model.text_encoder.parameters()} if isinstance(model, UNetWithTextEncoder) else set()
 
 
-def text_input(cfg, comps: Components, captions: list[str], device: torch.device,
+def text_input(token_ids: bool, comps: Components, captions: list[str], device: torch.device,
                time_ids: Optional[torch.Tensor] = None) -> torch.Tensor | dict:
-    """The trained model's text input: token ids when it holds the text encoder, else the frozen
-    encoder's output (computed without autograd); for SDXL the dict of the UNet's conditioning
-    arguments, both encoders' outputs with the batch's (B, 6) size/crop `time_ids`."""
-    if trains_text_encoder(cfg.model, cfg.train.lora):
+    """The trained model's text input: token ids when it holds the text encoder (`token_ids`, from
+    `trains_text_encoder`), else the frozen encoder's output (computed without autograd); for SDXL the
+    dict of the UNet's conditioning arguments, both encoders' outputs with the batch's (B, 6) size/crop
+    `time_ids`."""
+    if token_ids:
         tok = comps.tokenizer
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(device)

@@ -139,7 +139,8 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
             f"rank(s) and train.grad_accum ({train_cfg.grad_accum}) micro-batches."
         )
     torch.manual_seed(train_cfg.seed)  # global-RNG users (LoRA init) start the same however the components were made
-    trainable = build_trainable(cfg, comps)  # the UNet, with LoRA adapters and/or the text encoder if configured
+    # the UNet, with LoRA adapters and/or the text encoder if configured
+    trainable = build_trainable(cfg.model, cfg.train.lora, comps)
     te_params = frozenset(text_encoder_param_ids(trainable))
     guard = guards.NumericalGuard(cfg, backend)
     model, optimizer = backend.prepare(
@@ -153,7 +154,7 @@ def build_state(cfg: Config, backend: Backend, comps: Components, dataset) -> St
                              pin_memory=backend.device.type == "cuda")
     noise_gen = torch.Generator(backend.device).manual_seed(train_cfg.seed * 7919 + 1 + backend.dp_rank)
     data_gen = torch.Generator("cpu").manual_seed(train_cfg.seed * 7919 + 2 + backend.dp_rank)
-    return State(model, optimizer, build_lr_scheduler(optimizer, cfg), ema, loader, noise_gen, data_gen, guard)
+    return State(model, optimizer, build_lr_scheduler(optimizer, cfg.train), ema, loader, noise_gen, data_gen, guard)
 
 
 def build_evaluation(cfg: Config, backend: Backend, comps: Components, state: State, val_data) -> None:

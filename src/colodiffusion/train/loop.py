@@ -23,7 +23,7 @@ from colodiffusion.diffusion import alphas_cumprod, build_objective, drop_captio
 from colodiffusion.generate import make_pipeline, render, save_grid
 from colodiffusion.models import Components, encode_images
 from colodiffusion.models.components import unet_call
-from colodiffusion.models.trainable import split, text_input
+from colodiffusion.models.trainable import split, text_input, trains_text_encoder
 from colodiffusion.parallel import Backend, build_backend
 from colodiffusion.storage import checkpoint
 from colodiffusion.train import dataset_info, preflight, run_folder, signals
@@ -57,7 +57,7 @@ def train(cfg: Config) -> Path:
         dataset = encode_once(cfg, backend, comps, dataset)  # data.cache_latents (shapes)
         state = build_state(cfg, backend, comps, dataset)
         build_evaluation(cfg, backend, comps, state, val_data)
-        objective = build_objective(cfg, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
+        objective = build_objective(cfg.diffusion, alphas_cumprod(comps.noise_scheduler), comps.prediction_type)
         trainer = Trainer(cfg, backend, comps, state, run_dir, objective)
         trainer.resume()
         if trainer.run():
@@ -95,6 +95,7 @@ class Trainer:
     def __init__(self, cfg: Config, backend: Backend, comps: Components, state: State, run_dir: Path, objective):
         self.cfg, self.backend, self.comps, self.state = cfg, backend, comps, state
         self.run_dir, self.objective = run_dir, objective
+        self.token_ids = trains_text_encoder(cfg.model, cfg.train.lora)  # the trained model encodes the captions
         self.telemetry: Optional[Telemetry] = None
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,7 @@ class Trainer:
                                                        state.noise_gen)
             else:
                 time_ids = size_conditioning(batch) if comps.is_sdxl else None  # SDXL: sizes and crop of each image
-                context = text_input(cfg, comps, captions, backend.device, time_ids)
+                context = text_input(self.token_ids, comps, captions, backend.device, time_ids)
                 if "latent_mean" in batch:  # data.cache_latents: the image's posterior, encoded before training
                     latents = sample_latents(batch, comps.scaling_factor, backend.device, state.noise_gen)
                 else:
@@ -232,8 +233,8 @@ class Trainer:
         state.model.eval()
         total, count = validation_loss(
             self.objective, lambda x_t, timesteps, context: unet_call(state.model, x_t, timesteps, context),
-            lambda captions, time_ids: text_input(cfg, self.comps, captions, backend.device, time_ids), state.val,
-            micro, backend.device, backend.dp_rank, backend.dp_size, backend.autocast)
+            lambda captions, time_ids: text_input(self.token_ids, self.comps, captions, backend.device, time_ids),
+            state.val, micro, backend.device, backend.dp_rank, backend.dp_size, backend.autocast)
         state.model.train()
         mean = backend.all_reduce_mean(total) / backend.all_reduce_mean(count)
         return {"val_loss": mean.item(), "val_n": len(state.val)}

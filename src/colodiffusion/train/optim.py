@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from colodiffusion.config import ConfigError
+from colodiffusion.config import ConfigError, TrainConfig
 
 # Schedules taken from diffusers (cosine and constant are this module's own, below).
 DIFFUSERS_SCHEDULES = ("constant_with_warmup", "linear", "cosine_with_restarts", "polynomial")
@@ -54,10 +54,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     raise ConfigError(f"train.optimizer '{train.optimizer}' is not supported.")
 
 
-def diffusers_scheduler(optimizer, cfg):
+def diffusers_scheduler(optimizer, train: TrainConfig):
     from diffusers.optimization import get_scheduler
 
-    train = cfg.train
     return get_scheduler(
         train.lr_schedule,
         optimizer,
@@ -156,9 +155,7 @@ def make_adamw8bit(params, device: torch.device, kwargs: dict) -> torch.optim.Op
     return AdamW8bit(params, **kwargs)
 
 
-def lr_lambda(cfg):
-    train = cfg.train
-
+def lr_lambda(train: TrainConfig):
     def f(step: int) -> float:
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
@@ -170,10 +167,10 @@ def lr_lambda(cfg):
     return f
 
 
-def build_lr_scheduler(optimizer, cfg):
-    if cfg.train.lr_schedule in DIFFUSERS_SCHEDULES:
-        return diffusers_scheduler(optimizer, cfg)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+def build_lr_scheduler(optimizer, train: TrainConfig):
+    if train.lr_schedule in DIFFUSERS_SCHEDULES:
+        return diffusers_scheduler(optimizer, train)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
 
 
 class EMA:
