@@ -91,7 +91,7 @@ class Engine:
         self.preset = get_preset(cfg.model.preset)
         self.backend = build_backend(cfg)
         device = self.device = self.backend.device
-        unet = apply_perf(make_unet(self.preset, device, seed), cfg, device)
+        unet = apply_perf(make_unet(self.preset, device, seed), cfg.perf, cfg.precision, device)
         self.model, self.opt = self.backend.prepare(
             unet, lambda params, **kw: build_optimizer(params, cfg, device, **kw))
         prediction_type = cfg.model.prediction_type or self.preset.prediction_type

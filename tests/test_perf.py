@@ -114,7 +114,7 @@ def test_sdpa_kernel_is_chosen_per_head_dim(monkeypatch):
 
     monkeypatch.setattr(perf, "sdpa_kernel", recording)
     cfg = load_config(None, ["perf.sdpa_by_head_dim='8:math'", "perf.fuse_qkv=true"])
-    ref, unet = tiny_unet(), apply_perf(tiny_unet(), cfg, CPU)
+    ref, unet = tiny_unet(), apply_perf(tiny_unet(), cfg.perf, cfg.precision, CPU)
     inputs = tiny_inputs()
     torch.testing.assert_close(unet(*inputs).sample, ref(*inputs).sample, rtol=1e-5, atol=1e-5)
     dims = [m.inner_dim // m.heads for m in unet.modules() if type(m).__name__ == "Attention"]
@@ -274,7 +274,7 @@ def test_compiled_unet_matches_eager():
 def test_apply_perf_channels_last_and_bf16_params():
     cfg = load_config(None, ["precision=bf16", "perf.param_dtype=bf16", "perf.channels_last=true",
                              "perf.fuse_qkv=true"])
-    unet = apply_perf(tiny_unet(), cfg, CPU)
+    unet = apply_perf(tiny_unet(), cfg.perf, cfg.precision, CPU)
     assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(unet.attn_processors[next(iter(unet.attn_processors))], FastAttnProcessor)
@@ -476,7 +476,7 @@ def test_ema_follows_the_fp32_masters_in_place():
 
 def test_plain_copy_takes_full_precision_master_weights():
     cfg = load_config(None, ["precision=bf16", "perf.param_dtype=bf16"])
-    unet = apply_perf(tiny_unet(), cfg, CPU)
+    unet = apply_perf(tiny_unet(), cfg.perf, cfg.precision, CPU)
     opt = build_optimizer(unet.parameters(), cfg, CPU)
     with torch.no_grad():
         opt.masters[0].add_(1e-4)  # below bf16 resolution: only the master sees it

@@ -205,7 +205,7 @@ def trainer_step(cfg: Config, batch: int, resolution: Optional[int], device: tor
     cfg.train.seed = seed
     backend = Backend(cfg)
     backend.device = device
-    unet = apply_perf(make_unet(preset, device, seed), cfg, device)
+    unet = apply_perf(make_unet(preset, device, seed), cfg.perf, cfg.precision, device)
     comps = SimpleNamespace(unet=unet, text_encoder=None, scaling_factor=0.18215)
     state = loop.build_state(cfg, backend, comps, SyntheticLatents(preset, batch * steps, resolution, seed))
     prediction_type = cfg.model.prediction_type or preset.prediction_type

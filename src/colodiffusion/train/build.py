@@ -96,7 +96,7 @@ def build_model(cfg: Config, backend: Backend, run_dir: Path, dataset) -> Compon
             comps.text_encoder_2.to(backend.device)
     # The model conversions; tensor parallel, activation checkpointing, compile and FSDP follow in
     # backend.prepare (parallel/parallelize.py), after the LoRA adapters.
-    apply_perf(comps.unet, cfg, backend.device)
+    apply_perf(comps.unet, cfg.perf, cfg.precision, backend.device)
     return comps
 
 

@@ -1,7 +1,7 @@
 """The UNet's model conversions, applied from outside the model in one place.
 
-`apply_perf(unet, cfg, device)` runs where the trainer builds the model, before the LoRA adapters and
-the backend: fp8 linears, attention kernels, parameter dtype, memory format (the first step of
+`apply_perf(unet, cfg.perf, cfg.precision, device)` runs where the trainer builds the model, before the
+LoRA adapters and the backend: fp8 linears, attention kernels, parameter dtype, memory format (the first step of
 torchtitan's order). Tensor parallel, activation checkpointing, torch.compile and FSDP follow in the
 backend's `prepare`, in that order (parallel/parallelize.py). The optimizer side (fp32 master weights,
 CPU offload, 8-bit states) is in `train/optim.py` / `train/master_weights.py`. `docs/performance.md`
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from colodiffusion.config import Config, ConfigError, parse_sdpa_by_head_dim
+from colodiffusion.config import ConfigError, PerfConfig, parse_sdpa_by_head_dim
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -27,11 +27,11 @@ SDPA_BACKENDS = {
 }
 
 
-def apply_perf(unet: torch.nn.Module, cfg: Config, device: torch.device | None = None) -> torch.nn.Module:
-    """Apply `cfg.perf` to the UNet in place (and return it)."""
-    p = cfg.perf
+def apply_perf(unet: torch.nn.Module, p: PerfConfig, precision: str, device: torch.device | None = None
+               ) -> torch.nn.Module:
+    """Apply the `perf` levers to the UNet in place (and return it); `precision` sets CUDA's TF32 flags."""
     if device is not None and device.type == "cuda":
-        cuda_kernel_flags(p.cudnn_benchmark, cfg.precision)
+        cuda_kernel_flags(p.cudnn_benchmark, precision)
     if p.fp8:
         convert_fp8(unet, device)
     by_head_dim = parse_sdpa_by_head_dim(p.sdpa_by_head_dim)
