@@ -375,9 +375,10 @@ def evaluation_view(cfg: Config):
     from colodiffusion.data import build_dataset, build_datasets, dataset_args
     from colodiffusion.data.views import Part, SampleView
 
-    _, val = build_datasets(*dataset_args(cfg))
-    if val is not None:
-        return val, True
+    if cfg.data.val_fraction or cfg.data.val_path:  # (otherwise nothing is held out: no split to build)
+        _, val = build_datasets(*dataset_args(cfg))
+        if val is not None:
+            return val, True
     dataset = build_dataset(*dataset_args(cfg))
     return SampleView([Part(dataset, list(range(len(dataset))))]), False
 
