@@ -17,10 +17,11 @@ from pathlib import Path
 
 from colodiffusion import lifeline  # first: it records the launcher's pid before anything slow
 
-# transformers warns at import about optional image processors we never use; bitsandbytes (imported
-# by diffusers) about an optional CPU kernel package.
+# transformers warns at import about optional image processors we never use; bitsandbytes and torchao
+# (imported by diffusers when installed) about optional kernel packages they cannot load.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 from colodiffusion.config import ConfigError  # noqa: E402
 
@@ -44,6 +45,7 @@ def cmd_train(args) -> int:
     from colodiffusion.train.loop import train
 
     _threads()
+    _quiet()
     run_dir = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {run_dir}")
@@ -60,6 +62,7 @@ def cmd_cache(args) -> int:
     from colodiffusion.train.first_stage import frozen_components
 
     _threads()
+    _quiet()
 
     def components(dataset, device, show):  # the run's frozen parts (trained here for a preset without them)
         return frozen_components(cfg, dataset, Path(cfg.run.dir) / "components", device, show)
@@ -216,7 +219,8 @@ def cmd_bench(args) -> int:
 
 
 def _quiet() -> None:
-    """No "Loading pipeline components" / "Loading weights" bars: noise on every command."""
+    """No "Loading pipeline components" / "Loading weights" / "Writing model shards" bars from the libraries
+    (our own bars show the run's phases): noise on every command."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
