@@ -33,6 +33,7 @@ def test_yaml_file_and_roundtrip(tmp_path):
     ("data.source=folder", "data.path"),
     ("train.resume=/no/such/ckpt", "train.resume"),
     ("train", "key=value"),
+    ("train.ema=0.99", "'train.ema' in override 'train.ema=0.99' is a section, not a value; its keys are: enabled"),
 ])
 def test_bad_input_is_one_sentence(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -46,6 +47,22 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     p.write_text("train:\n  batchsize: 4\n")
     with pytest.raises(ConfigError, match="train.batchsize.*bad.yaml"):
         load_config(p)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train:\n  ema: 0.99\n", "config key 'train.ema' in '{p}' is a section, not a value; its keys are: enabled, "),
+    ("parallel:\n  deepspeed: 3\n", "config key 'parallel.deepspeed' in '{p}' is a section, not a value"),
+    ("- train\n- data\n", "config file '{p}' holds a list; a config is a mapping of sections"),
+])
+def test_a_yaml_section_given_a_value_is_named_and_an_empty_one_is_its_defaults(tmp_path, text, fragment):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert fragment.format(p=p) in str(e.value) and "\n" not in str(e.value)
+    p.write_text("train:\n  # max_steps: 10 (commented out: the section is empty)\nprecision: bf16\n")
+    cfg = load_config(p)
+    assert cfg.precision == "bf16" and cfg.train.max_steps == load_config(None).train.max_steps
 
 
 @pytest.mark.parametrize("args, fragment", [

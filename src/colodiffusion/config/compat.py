@@ -67,7 +67,7 @@ def moved_to_engine(data: Any, where: str) -> Any:
             continue
         section = parallel.get(engine) or {}
         if not isinstance(section, dict):
-            raise ConfigError(f"config key 'parallel.{engine}' in {where} must be a section of {engine}'s options.")
+            raise ConfigError(f"config key 'parallel.{engine}' in {where} is a section, not a value.")
         if key in section:
             raise ConfigError(f"{where} sets both {old} and {new}; keep {new}.")
         parallel[engine] = {**section, key: parallel.pop(name)}

@@ -36,9 +36,8 @@ def _friendly(exc: OmegaConfBaseException, where: str, given: str = "?") -> Conf
     key = getattr(exc, "full_key", None) or given
     msg = str(exc).splitlines()[0]
     section = _node_at(key + ".x")
-    if "is not a subclass of" in msg and dataclasses.is_dataclass(section):
-        return ConfigError(f"config key '{key}' in {where} is a section, not a value; its keys are: "
-                           f"{_allowed_keys(section)}.")
+    if dataclasses.is_dataclass(section):  # a section (train.ema, parallel.deepspeed) given a value
+        return _section_error(key, where, section)
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
         if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
@@ -50,6 +49,30 @@ def _friendly(exc: OmegaConfBaseException, where: str, given: str = "?") -> Conf
         return ConfigError(f"config key '{key}' in {where} has the wrong type ({msg}).")
     return ConfigError(f"config key '{key}' in {where} is invalid: {msg}")
 
+
+
+def _section_error(key: str, where: str, section: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}' in {where} is a section, not a value; its keys are: "
+                       f"{_allowed_keys(section)}.")
+
+
+def _checked_sections(raw: Any, where: str, node: Any = None, prefix: str = "") -> Any:
+    """A YAML file's `raw` dict with its empty sections (`train:` with every key commented out) dropped; a
+    section given a value (`parallel: {deepspeed: 3}`) is one sentence naming its keys (OmegaConf's merge
+    error does not say which key)."""
+    node = Config() if node is None else node
+    if not isinstance(raw, dict):
+        return raw
+    out = {}
+    for key, value in raw.items():
+        child = getattr(node, key, None) if isinstance(key, str) else None
+        if dataclasses.is_dataclass(child) and value is None:
+            continue  # an empty section: its defaults
+        if dataclasses.is_dataclass(child) and not isinstance(value, dict):
+            raise _section_error(prefix + key, where, child)
+        out[key] = _checked_sections(value, where, child, f"{prefix}{key}.") if dataclasses.is_dataclass(child) \
+            else value
+    return out
 
 
 def _yaml_where(exc: Exception, path: Path) -> str:
@@ -100,12 +123,15 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
             data = OmegaConf.load(p)
         except Exception as exc:  # YAML syntax errors come in many types
             raise ConfigError(f"config file '{p}' is not valid YAML{_yaml_where(exc, p)}") from None
+        if not OmegaConf.is_dict(data):
+            raise ConfigError(f"config file '{p}' holds a {type(OmegaConf.to_container(data)).__name__}; a config "
+                              "is a mapping of sections (run:, model:, data:, train:, ...), see configs/.")
         _refuse_seed_layout(data, p)
         raw = OmegaConf.to_container(data, resolve=False)
         refuse_interpolations(raw, f"'{p}'")
-        moved = moved_to_engine(raw, f"'{p}'")
-        if moved is not raw:
-            data = OmegaConf.create(moved)
+        checked = _checked_sections(moved_to_engine(raw, f"'{p}'"), f"'{p}'")
+        if checked != raw:
+            data = OmegaConf.create(checked)
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
