@@ -33,6 +33,7 @@ def test_yaml_file_and_roundtrip(tmp_path):
     ("data.source=folder", "data.path"),
     ("train.resume=/no/such/ckpt", "train.resume"),
     ("train", "key=value"),
+    ("sample.prompts=5", "config key 'sample.prompts' in override 'sample.prompts=5' must be a list"),
     ("train.ema=0.99", "'train.ema' in override 'train.ema=0.99' is a section, not a value; its keys are: enabled"),
 ])
 def test_bad_input_is_one_sentence(override, fragment):

@@ -38,6 +38,9 @@ def _friendly(exc: OmegaConfBaseException, where: str, given: str = "?") -> Conf
     section = _node_at(key + ".x")
     if dataclasses.is_dataclass(section):  # a section (train.ema, parallel.deepspeed) given a value
         return _section_error(key, where, section)
+    if "is not a ListConfig" in msg:
+        return ConfigError(f"config key '{key}' in {where} must be a list (a YAML list, or {key}='[a, b]' on "
+                           "the command line).")
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         ours = SEED_OVERRIDES.get(key) or SEED_KEYS.get(key)
         if ours:  # a key of the seed's (or latent-diffusion's) configs: name ours
