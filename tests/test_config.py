@@ -66,6 +66,17 @@ def test_a_yaml_section_given_a_value_is_named_and_an_empty_one_is_its_defaults(
     assert cfg.precision == "bf16" and cfg.train.max_steps == load_config(None).train.max_steps
 
 
+@pytest.mark.parametrize("text", ["hf_SECRETtoken123\n", "user:x:0:0:root:/root:/bin/bash\npassword hunter2\n"],
+                         ids=["token", "passwd"])
+def test_a_text_file_given_as_config_is_refused_without_echoing_it(tmp_path, text):
+    p = tmp_path / "token.txt"  # e.g. `-c ~/.cache/huggingface/token` by mistake: its content is not printed
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "is not a config: its top level is not a mapping of sections" in str(e.value)
+    assert "SECRET" not in str(e.value) and "hunter2" not in str(e.value) and "/bin/bash" not in str(e.value)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["train.max_stepz=3"], "train.max_stepz"),
     (["train.batch_size=many"], "train.batch_size"),

@@ -129,6 +129,11 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         if not OmegaConf.is_dict(data):
             raise ConfigError(f"config file '{p}' holds a {type(OmegaConf.to_container(data)).__name__}; a config "
                               "is a mapping of sections (run:, model:, data:, train:, ...), see configs/.")
+        if len(data) and ":" not in p.read_text(encoding="utf-8", errors="replace") or any(
+                not isinstance(k, str) or len(k) > 64 or not k.strip() or any(c.isspace() for c in k) for k in data):
+            # (a text file read as YAML is one key, the text: not echoed, it may be a token or a password file)
+            raise ConfigError(f"config file '{p}' is not a config: its top level is not a mapping of sections "
+                              "(run:, model:, data:, train:, ...); see configs/.")
         _refuse_seed_layout(data, p)
         raw = OmegaConf.to_container(data, resolve=False)
         refuse_interpolations(raw, f"'{p}'")
