@@ -56,7 +56,8 @@ MOVED_KEYS = {
 
 
 def moved_to_engine(data: Any, where: str) -> Any:
-    """A YAML file's `data` (a plain dict) with MOVED_KEYS' flat keys written under their engine."""
+    """A YAML file's `data` (a plain dict whose sections are dicts, loading.py's `_checked_sections`) with
+    MOVED_KEYS' flat keys written under their engine."""
     parallel = data.get("parallel") if isinstance(data, dict) else None
     if not isinstance(parallel, dict) or not any(k.split(".", 1)[1] in parallel for k in MOVED_KEYS):
         return data
@@ -65,9 +66,7 @@ def moved_to_engine(data: Any, where: str) -> Any:
         name, (engine, key) = old.split(".", 1)[1], new.split(".")[1:]
         if name not in parallel:
             continue
-        section = parallel.get(engine) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"config key 'parallel.{engine}' in {where} is a section, not a value.")
+        section = parallel.get(engine, {})
         if key in section:
             raise ConfigError(f"{where} sets both {old} and {new}; keep {new}.")
         parallel[engine] = {**section, key: parallel.pop(name)}

@@ -78,6 +78,15 @@ def _checked_sections(raw: Any, where: str, node: Any = None, prefix: str = "") 
     return out
 
 
+def _text_not_mapping(data: Any, path: Path) -> bool:
+    """Whether a file YAML read as a mapping is text: its keys are not names (a line of words), or it is one
+    bare word (`{word: None}`, which a file without any ':' is; read again only in that case)."""
+    if any(not isinstance(k, str) or len(k) > 64 or not k.strip() or any(c.isspace() for c in k) for k in data):
+        return True
+    bare = len(data) == 1 and next(iter(data.values())) is None
+    return bare and ":" not in path.read_text(encoding="utf-8", errors="replace")
+
+
 def _yaml_where(exc: Exception, path: Path) -> str:
     """' at line L, column C: what was wrong' from a YAML error (1-based, as editors count)."""
     mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
@@ -129,15 +138,13 @@ def load_config(path: Optional[str | os.PathLike | list] = None, overrides: list
         if not OmegaConf.is_dict(data):
             raise ConfigError(f"config file '{p}' holds a {type(OmegaConf.to_container(data)).__name__}; a config "
                               "is a mapping of sections (run:, model:, data:, train:, ...), see configs/.")
-        if len(data) and ":" not in p.read_text(encoding="utf-8", errors="replace") or any(
-                not isinstance(k, str) or len(k) > 64 or not k.strip() or any(c.isspace() for c in k) for k in data):
-            # (a text file read as YAML is one key, the text: not echoed, it may be a token or a password file)
+        if _text_not_mapping(data, p):  # not echoed: it may be a token or a password file given by mistake
             raise ConfigError(f"config file '{p}' is not a config: its top level is not a mapping of sections "
                               "(run:, model:, data:, train:, ...); see configs/.")
         _refuse_seed_layout(data, p)
         raw = OmegaConf.to_container(data, resolve=False)
         refuse_interpolations(raw, f"'{p}'")
-        checked = _checked_sections(moved_to_engine(raw, f"'{p}'"), f"'{p}'")
+        checked = moved_to_engine(_checked_sections(raw, f"'{p}'"), f"'{p}'")
         if checked != raw:
             data = OmegaConf.create(checked)
         try:

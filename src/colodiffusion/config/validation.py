@@ -13,7 +13,7 @@ from typing import Any, Optional
 from colodiffusion.config.compat import PRECISION_ALIASES, folder_subsets
 from colodiffusion.config.errors import ConfigError
 from colodiffusion.config.prompts import KARRAS_SAMPLERS, check_prompt
-from colodiffusion.config.schema import TRACKERS, Config, DataConfig, _walk, report_to
+from colodiffusion.config.schema import TRACKERS, ColossalAIOptions, Config, DataConfig, _walk, report_to
 
 # Values that must be positive / within a range: key path -> (predicate, what is allowed).
 _RANGES = {
@@ -342,7 +342,7 @@ def _check_colossalai(cfg: Config) -> None:
                           "perf.param_dtype=fp32 and perf.optimizer_offload=false.")
 
 
-GEMINI_FRACTIONS = {"shard_param_frac": 1.0, "offload_optim_frac": 0.0, "offload_param_frac": 0.0}
+GEMINI_FRACTIONS = ("shard_param_frac", "offload_optim_frac", "offload_param_frac")  # read with static placement
 
 
 def _check_gemini(cfg: Config) -> None:
@@ -353,7 +353,7 @@ def _check_gemini(cfg: Config) -> None:
     if cfg.perf.optimizer != "adamw" or cfg.train.optimizer != "adamw":
         raise ConfigError("parallel.colossalai.plugin=gemini steps with Colossal-AI's HybridAdam: leave "
                           "perf.optimizer=adamw and train.optimizer=adamw.")
-    changed = [k for k, default in GEMINI_FRACTIONS.items() if getattr(p, k) != default]
+    changed = [k for k in GEMINI_FRACTIONS if getattr(p, k) != getattr(ColossalAIOptions(), k)]
     if changed and p.placement_policy != "static":
         raise ConfigError(f"parallel.colossalai.{changed[0]} is read only with "
                           f"parallel.colossalai.placement_policy=static (it is {p.placement_policy}, which places the "
